@@ -1,0 +1,43 @@
+# postwarden: `make run` starts a working server on loopback, `make test` tests it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+VAR    := var
+CONFIG := $(VAR)/postwarden.toml
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench clean venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(CONFIG): | $(STAMP)
+	$(BIN)/postwarden init --non-interactive --dir $(VAR) --domain example.test \
+	    --hostname mail.example.test --listen-host 127.0.0.1 \
+	    --mx-port 2525 --submission-port 5870 --submissions-port 4650
+
+run: $(STAMP) $(CONFIG)
+	@echo
+	@echo "postwarden is starting on 127.0.0.1: mx 2525, submission 5870 (STARTTLS), submissions 4650 (TLS)."
+	@echo "Send a first mail (use the postmaster password printed by init):"
+	@echo "  swaks --server 127.0.0.1:5870 --tls --tls-verify=no --auth PLAIN \\"
+	@echo "        --auth-user postmaster@example.test --auth-password 'PASSWORD' \\"
+	@echo "        --from postmaster@example.test --to postmaster@example.test"
+	@echo "It lands in $(VAR)/data/mail/example.test/postmaster/Maildir/new/"
+	@echo
+	$(BIN)/postwarden -c $(CONFIG) serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

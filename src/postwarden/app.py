@@ -1,0 +1,140 @@
+"""Composition root: builds every object explicitly and runs the service.
+
+:class:`Server` wires config -> storage (queue store, directory) -> policy
+-> TLS contexts -> listeners and the queue runner, starts them, and stops
+them in the reverse order.  :func:`serve` runs a server until SIGTERM/SIGINT;
+SIGHUP reloads the TLS certificate without dropping connections.
+
+Security exposure: decides what listens where.  Nothing listens that the
+config does not name; submission listeners refuse to start without TLS
+(checked by :mod:`postwarden.config`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+from postwarden import __version__
+from postwarden.auth.passwords import hash_password, verify_password_async
+from postwarden.config import Config, ConfigError
+from postwarden.delivery.maildir import MaildirDelivery
+from postwarden.delivery.router import Router
+from postwarden.observe import log as logmod
+from postwarden.observe.log import get_logger
+from postwarden.policy import default_policy
+from postwarden.queue.runner import QueueRunner
+from postwarden.smtp.listener import Listener
+from postwarden.smtp.session import ServerContext
+from postwarden.smtp.tls import TlsContexts
+from postwarden.storage.sqlite_directory import SqliteDirectory
+from postwarden.storage.sqlite_queue import SqliteQueueStore
+
+log = get_logger("app")
+
+
+class Server:
+    """A whole postwarden instance, startable and stoppable in-process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.listeners: list[Listener] = []
+        self.runner: QueueRunner | None = None
+        self.store: SqliteQueueStore | None = None
+        self.directory: SqliteDirectory | None = None
+        self.tls = TlsContexts(config.tls)
+        self._stopped = asyncio.Event()
+
+    def port(self, name: str) -> int:
+        for lst in self.listeners:
+            if lst.config.name == name:
+                return lst.port
+        raise KeyError(name)
+
+    async def start(self) -> None:
+        cfg = self.config
+        for d in (cfg.data_dir, cfg.spool_dir, cfg.mail_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
+        self.store = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
+        await self.store.start()
+        ctx = ServerContext(config=cfg, tls=self.tls, directory=self.directory,
+                            queue=self.store, policy=default_policy(),
+                            verify_password=verify_password_async,
+                            dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()))
+        self.context = ctx
+        if cfg.queue.workers > 0:  # workers = 0: an accept-only node
+            router = Router(self.directory.is_local_domain)
+            self.runner = QueueRunner(self.store, router, MaildirDelivery(cfg.mail_dir),
+                                      cfg.queue)
+            await self.runner.start()
+        try:
+            for lc in cfg.listeners:
+                if not lc.enabled:
+                    continue
+                lst = Listener(lc, ctx)
+                await lst.start()
+                self.listeners.append(lst)
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(f"listeners.{lc.name}.address",
+                              f"cannot listen on {lc.host}:{lc.port}: {exc.strerror}") from None
+        log.info("ready", version=__version__, hostname=cfg.hostname,
+                 listeners={lst.config.name: lst.port for lst in self.listeners})
+
+    def reload(self) -> None:
+        """SIGHUP: pick up a renewed certificate; sessions in progress go on."""
+        self.tls.reload()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if hasattr(self, "context"):
+            self.context.shutting_down = True
+        for lst in self.listeners:
+            await lst.close()
+        await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
+        self.listeners.clear()
+        if self.runner is not None:
+            await self.runner.stop()
+            self.runner = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        if self.directory is not None:
+            self.directory.close()
+            self.directory = None
+        log.info("stopped")
+
+
+async def _run(config: Config) -> int:
+    server = Server(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    await stop.wait()
+    log.info("shutdown", reason="signal")
+    await server.stop()
+    return 0
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    stream = sys.stderr
+    if config.log.file is not None:
+        config.log.file.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(config.log.file, "a", encoding="utf-8")  # noqa: SIM115
+    logmod.configure(config.log.format, config.log.level, stream)
+    try:
+        return asyncio.run(_run(config))
+    except ConfigError as exc:
+        print(f"postwarden: config error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            if stream is not sys.stderr:
+                stream.close()

@@ -1,0 +1,542 @@
+"""The ``postwarden`` command line: init, serve, check-config and the
+administration of domains, accounts and aliases.
+
+Every failure is one line on standard error (``postwarden: ...``) and an
+exit status: 0 success, 1 a problem with the request, the config or the
+system, 2 a usage error (argparse).  No traceback reaches the user unless
+``POSTWARDEN_DEBUG=1`` is set.
+
+Security exposure: run by the administrator, so its input is trusted, but it
+creates secrets: ``init`` writes the TLS private key (mode 0600) and the data
+directory (0700); generated passwords are printed once and never stored in
+clear; ``--password-stdin`` keeps a password out of the process list and
+the shell history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import sqlite3
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from postwarden import __version__
+from postwarden import config as _config
+from postwarden.auth import passwords
+from postwarden.limits import Limits
+from postwarden.storage.sqlite_directory import DirectoryError, SqliteDirectory, check_domain
+
+PROG = "postwarden"
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+# Passwords shorter than this get a warning (they are still accepted).
+SHORT_PASSWORD = 12
+
+
+class CliError(Exception):
+    """A failure to report as one line, exit status 1."""
+
+
+# --- helpers --------------------------------------------------------------
+
+
+def _err(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace, *, check_files: bool = True) -> _config.Config:
+    path = args.config or _config.default_path()
+    return _config.load(path, check_files=check_files)
+
+
+def _directory(cfg: _config.Config) -> SqliteDirectory:
+    try:
+        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create data directory {cfg.data_dir}: {exc.strerror}") from None
+    return SqliteDirectory(cfg.db_path, cfg.domains)
+
+
+def _read_password(stdin: TextIO) -> str:
+    line = stdin.readline()
+    password = line.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise CliError("empty password on standard input")
+    if any(ord(c) < 32 or ord(c) == 127 for c in password):
+        raise CliError("the password contains control characters")
+    if len(password) < SHORT_PASSWORD:
+        _err(f"warning: password shorter than {SHORT_PASSWORD} characters")
+    return password
+
+
+def _new_password(args: argparse.Namespace) -> tuple[str, bool]:
+    """The password to set and whether it was generated (and must be shown)."""
+    if args.password_stdin:
+        return _read_password(sys.stdin), False
+    return passwords.generate_password(), True
+
+
+def _show_password(address: str, password: str) -> None:
+    print(f"\nPassword for {address} (shown only this once; store it now):\n")
+    print(f"    {password}\n")
+
+
+# --- init -----------------------------------------------------------------
+
+
+CONFIG_TEMPLATE = """\
+# postwarden configuration, written by 'postwarden init'.
+# Check it with: postwarden -c {config_path} check-config
+# Relative paths are relative to the directory of this file.
+
+# The name this server gives in its greeting and EHLO, and the name its TLS
+# certificate is for.  Publish an A (and AAAA) record for it, and point the
+# MX record of each domain below at it.
+hostname = "{hostname}"
+
+# The queue, the account database (postwarden.db) and local mailboxes.
+# Keep it private (mode 0700).
+data_dir = "data"
+
+# Domains this server receives mail for.  More can be added without editing
+# this file: postwarden domain add DOMAIN (stored in the database).
+domains = ["{domain}"]
+
+# Listeners: address = "HOST:PORT", "[IPv6]:PORT", or "*:PORT" for all
+# addresses.  A listener can be switched off with enabled = false.
+
+# Mail from other servers (MX).  STARTTLS is offered; no AUTH.
+[listeners.mx]
+address = "{mx_address}"
+
+# Mail from your users' clients and applications: STARTTLS, then AUTH
+# (RFC 6409).  Both are required.
+[listeners.submission]
+address = "{submission_address}"
+
+# The same with implicit TLS (RFC 8314), preferred by modern clients.
+[listeners.submissions]
+address = "{submissions_address}"
+
+[tls]
+# A self-signed certificate made by 'postwarden init' (valid 2 years).  Mail
+# clients will warn about it: replace both files with a certificate from a
+# public CA (for example Let's Encrypt) for {hostname}.
+cert = "tls/cert.pem"
+key = "tls/key.pem"  # must not be readable by others (chmod 600)
+min_version = "TLSv1.2"  # TLSv1.2 or TLSv1.3
+
+[log]
+format = "json"  # json or logfmt
+level = "info"  # debug, info, warning or error
+# file = "postwarden.log"  # default: standard error
+
+# Protocol limits and timeouts (seconds).  The defaults are shown; remove the
+# '#' to change one.
+[limits]
+{limits}
+
+# The delivery queue (times in seconds).
+[queue]
+{queue}
+"""
+
+
+def _commented_defaults(cls: type) -> str:
+    """``# name = default`` lines for each field of a config dataclass."""
+    return "\n".join(f"# {f.name} = {f.default!r}" for f in dataclasses.fields(cls))
+
+
+def render_config(*, hostname: str, domain: str, listen_host: str, mx_port: int,
+                  submission_port: int, submissions_port: int,
+                  config_path: str = _config.DEFAULT_CONFIG) -> str:
+    """The text of a new config file (values are validated by the caller)."""
+    host = f"[{listen_host}]" if ":" in listen_host else listen_host
+    return CONFIG_TEMPLATE.format(
+        config_path=config_path, hostname=hostname, domain=domain,
+        mx_address=f"{host}:{mx_port}",
+        submission_address=f"{host}:{submission_port}",
+        submissions_address=f"{host}:{submissions_port}",
+        limits=_commented_defaults(Limits), queue=_commented_defaults(_config.QueueConfig))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    directory: Path = args.dir.resolve()
+    domain: str = args.domain
+    hostname: str = args.hostname or f"mail.{domain}"
+    path = directory / _config.DEFAULT_CONFIG
+    # Check, then proceed: everything is validated before the first write.
+    if path.exists() and not args.force:
+        raise CliError(f"{path} already exists (use --force to overwrite it)")
+    text = render_config(hostname=hostname, domain=domain, listen_host=args.listen_host,
+                         mx_port=args.mx_port, submission_port=args.submission_port,
+                         submissions_port=args.submissions_port, config_path=str(path))
+    cfg = _config.parse(tomllib.loads(text), path)
+    if cfg.tls.cert is None or cfg.tls.key is None:  # pragma: no cover - the template has both
+        raise CliError("internal error: the config template has no [tls]")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_pem, key_pem = self_signed_certificate(hostname, args.listen_host)
+    cfg.tls.cert.parent.mkdir(parents=True, exist_ok=True)
+    _write_file(cfg.tls.key, key_pem, 0o600)
+    _write_file(cfg.tls.cert, cert_pem, 0o644)
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(cfg.data_dir, 0o700)
+    _write_file(path, text.encode("utf-8"), 0o644)
+    print(f"wrote {path}")
+    print(f"wrote a self-signed certificate for {hostname}: {cfg.tls.cert} (key {cfg.tls.key})")
+
+    postmaster = f"postmaster@{domain}"
+    with _directory(cfg) as d:
+        if d.find_account(postmaster) is not None:
+            print(f"account {postmaster} already exists; password unchanged "
+                  f"(postwarden user passwd {postmaster} sets a new one)")
+            password = None
+        else:
+            password = passwords.generate_password()
+            d.add_user(postmaster, passwords.hash_password(password))
+            print(f"created account {postmaster}")
+    if password is not None:
+        _show_password(postmaster, password)
+    print("Next steps:")
+    print(f"  postwarden -c {path} check-config")
+    print(f"  postwarden -c {path} serve")
+    return EXIT_OK
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` atomically (temporary file, fsync, rename) with ``mode``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)  # the file may have existed with other permissions
+        f.write(data)
+        f.flush()
+        os.fsync(fd)
+    os.replace(tmp, path)
+
+
+# Self-signed certificate: EC P-256 (fast, accepted by every current client).
+CERT_VALID_DAYS = 2 * 365
+
+
+def self_signed_certificate(hostname: str, listen_host: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate and its private key, both PEM.
+
+    Subject alternative names: ``hostname``, ``localhost`` and the listen
+    address when it is a specific IP (not ``*`` or an unspecified address).
+    """
+    # cryptography takes a while to import; only init needs it.
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    ips = {ipaddress.ip_address("127.0.0.1")}
+    if listen_host not in ("*", "localhost"):
+        ip = ipaddress.ip_address(listen_host)
+        if not ip.is_unspecified:
+            ips.add(ip)
+    names += [x509.IPAddress(ip) for ip in sorted(ips, key=str)]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False,
+            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert_pem, key_pem
+
+
+# --- serve / check-config -------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    # The composition root, imported late (it pulls in the whole server).
+    from postwarden.app import serve  # type: ignore[import-untyped, unused-ignore]
+
+    status: int = serve(cfg)
+    return status
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(f"config OK: {cfg.path}")
+    print(f"  hostname: {cfg.hostname}")
+    print(f"  data_dir: {cfg.data_dir}")
+    print(f"  domains: {', '.join(cfg.domains) if cfg.domains else '(none in config)'}")
+    print("  listeners:")
+    for lst in cfg.listeners:
+        host = f"[{lst.host}]" if ":" in lst.host else lst.host
+        notes = [lst.mode]
+        if lst.implicit_tls:
+            notes.append("implicit TLS")
+        elif cfg.tls.cert is not None:
+            notes.append("STARTTLS")
+        if lst.auth_required:
+            notes.append("AUTH required")
+        if not lst.enabled:
+            notes.append("disabled")
+        print(f"    {lst.name:<12} {host}:{lst.port:<6} ({', '.join(notes)})")
+    if cfg.tls.cert is not None:
+        print(f"  tls: cert {cfg.tls.cert}, key {cfg.tls.key}, min {cfg.tls.min_version}")
+    else:
+        print("  tls: none (STARTTLS not offered)")
+    return EXIT_OK
+
+
+# --- user -----------------------------------------------------------------
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    password, generated = _new_password(args)
+    with _directory(cfg) as d:
+        address = d.add_user(args.address, passwords.hash_password(password))
+    print(f"created account {address}")
+    if generated:
+        _show_password(address, password)
+    return EXIT_OK
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    password, generated = _new_password(args)
+    with _directory(cfg) as d:
+        address = d.set_password(args.address, passwords.hash_password(password))
+    print(f"password changed for {address}")
+    if generated:
+        _show_password(address, password)
+    return EXIT_OK
+
+
+def cmd_user_del(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        address = d.del_user(args.address)
+    print(f"deleted account {address}")
+    return EXIT_OK
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        for acc in d.list_users():
+            print(acc.address if acc.enabled else f"{acc.address} (disabled)")
+    return EXIT_OK
+
+
+# --- domain ---------------------------------------------------------------
+
+
+def cmd_domain_add(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        name = d.add_domain(args.domain)
+    print(f"added domain {name}")
+    return EXIT_OK
+
+
+def cmd_domain_del(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        name = d.del_domain(args.domain)
+        still = d.is_local(name)
+    print(f"deleted domain {name}" + (" (still local: listed in the config file)"
+                                      if still else ""))
+    return EXIT_OK
+
+
+def cmd_domain_list(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        for name in d.list_domains():
+            origin = "config" if name in d.config_domains else "database"
+            print(f"{name}\t({origin})")
+    return EXIT_OK
+
+
+# --- alias ----------------------------------------------------------------
+
+
+def cmd_alias_add(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        alias = d.add_alias(args.source, args.targets)
+    print(f"alias {alias.source} -> {', '.join(alias.targets)}")
+    return EXIT_OK
+
+
+def cmd_alias_del(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        source = d.del_alias(args.source)
+    print(f"deleted alias {source}")
+    return EXIT_OK
+
+
+def cmd_alias_list(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        for alias in d.list_aliases():
+            print(f"{alias.source} -> {', '.join(alias.targets)}")
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range 0-65535")
+    return port
+
+
+def _domain_arg(text: str) -> str:
+    try:
+        return check_domain(text)
+    except DirectoryError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen_host(text: str) -> str:
+    if text in ("localhost", "*"):
+        return text
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="A secure, self-hosted SMTP server.")
+    p.add_argument("-c", "--config", type=Path, default=None, metavar="PATH",
+                   help=f"config file (default: ${_config.CONFIG_ENV} or "
+                        f"./{_config.DEFAULT_CONFIG})")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="write a config, a certificate and the first account")
+    init.add_argument("--dir", type=Path, required=True, help="directory to set up")
+    init.add_argument("--domain", type=_domain_arg, required=True,
+                      help="the mail domain (the part after @)")
+    init.add_argument("--hostname", type=_domain_arg, default=None,
+                      help="this server's name (default: mail.DOMAIN)")
+    init.add_argument("--listen-host", type=_listen_host, default="127.0.0.1",
+                      help="IP address to listen on (default: 127.0.0.1; '*' for all)")
+    init.add_argument("--mx-port", type=_port, default=_config.DEFAULT_PORTS["mx"])
+    init.add_argument("--submission-port", type=_port,
+                      default=_config.DEFAULT_PORTS["submission"])
+    init.add_argument("--submissions-port", type=_port,
+                      default=_config.DEFAULT_PORTS["submissions"])
+    init.add_argument("--non-interactive", action="store_true",
+                      help="never prompt (the only mode for now)")
+    init.add_argument("--force", action="store_true",
+                      help="overwrite an existing config and certificate")
+    init.set_defaults(func=cmd_init)
+
+    sub.add_parser("serve", help="run the server").set_defaults(func=cmd_serve)
+    sub.add_parser("check-config", help="validate the config file").set_defaults(
+        func=cmd_check_config)
+
+    user = sub.add_parser("user", help="manage accounts").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    for name, func, what in (("add", cmd_user_add, "create an account"),
+                             ("passwd", cmd_user_passwd, "set a new password")):
+        sp = user.add_parser(name, help=what)
+        sp.add_argument("address")
+        sp.add_argument("--password-stdin", action="store_true",
+                        help="read the password from one line of standard input "
+                             "(default: generate one and print it)")
+        sp.set_defaults(func=func)
+    sp = user.add_parser("del", help="delete an account")
+    sp.add_argument("address")
+    sp.set_defaults(func=cmd_user_del)
+    user.add_parser("list", help="list accounts").set_defaults(func=cmd_user_list)
+
+    domain = sub.add_parser("domain", help="manage local domains").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    for name, func in (("add", cmd_domain_add), ("del", cmd_domain_del)):
+        sp = domain.add_parser(name, help=f"{name} a local domain")
+        sp.add_argument("domain")
+        sp.set_defaults(func=func)
+    domain.add_parser("list", help="list local domains").set_defaults(func=cmd_domain_list)
+
+    alias = sub.add_parser("alias", help="manage aliases").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    sp = alias.add_parser("add", help="create an alias or add targets to it")
+    sp.add_argument("source", help="local@domain, or @domain for a catch-all")
+    sp.add_argument("targets", nargs="+", metavar="TARGET")
+    sp.set_defaults(func=cmd_alias_add)
+    sp = alias.add_parser("del", help="delete an alias")
+    sp.add_argument("source")
+    sp.set_defaults(func=cmd_alias_del)
+    alias.add_parser("list", help="list aliases").set_defaults(func=cmd_alias_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _config.ConfigError as exc:
+        _err(f"config error: {exc}")
+    except (CliError, DirectoryError) as exc:
+        _err(str(exc))
+    except sqlite3.Error as exc:
+        _err(f"database error: {exc}")
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        _err(f"error:{where}: {exc.strerror or exc}")
+    except tomllib.TOMLDecodeError as exc:
+        _err(f"error: {exc}")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("POSTWARDEN_DEBUG") == "1":
+            raise
+        _err(f"internal error: {type(exc).__name__}: {exc} (set POSTWARDEN_DEBUG=1 "
+             "for a traceback)")
+    return EXIT_FAIL

@@ -1,0 +1,318 @@
+"""The configuration file: the only module that reads it.
+
+One TOML file (``./postwarden.toml`` by default, ``-c/--config`` or the
+``POSTWARDEN_CONFIG`` environment variable) is parsed into typed, frozen
+values.  Every problem is reported as a :class:`ConfigError` that names the
+key and what is wrong with it; nothing is half-applied.
+
+Relative paths in the file are relative to the directory of the file.
+
+Security exposure: the file is trusted (written by the administrator), but
+it names key material; :func:`load` refuses a TLS key that others can read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from postwarden import limits as _limits
+
+DEFAULT_CONFIG = "postwarden.toml"
+CONFIG_ENV = "POSTWARDEN_CONFIG"
+
+# Listener modes (RFC 6409 for submission, RFC 8314 for implicit TLS).
+MODE_MX = "mx"
+MODE_SUBMISSION = "submission"
+MODE_SUBMISSIONS = "submissions"
+MODES = (MODE_MX, MODE_SUBMISSION, MODE_SUBMISSIONS)
+DEFAULT_PORTS = {MODE_MX: 25, MODE_SUBMISSION: 587, MODE_SUBMISSIONS: 465}
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+LOG_FORMATS = ("json", "logfmt")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A problem in the configuration, naming the key: ``key: problem``."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    mode: str
+    host: str
+    port: int
+    enabled: bool = True
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.mode == MODE_SUBMISSIONS
+
+    @property
+    def auth_required(self) -> bool:
+        return self.mode in (MODE_SUBMISSION, MODE_SUBMISSIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path | None
+    key: Path | None
+    min_version: str = "TLSv1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "json"
+    level: str = "info"
+    file: Path | None = None  # None: standard error
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    # Seconds between scans of the queue for due deliveries.
+    scan_interval: float = 5.0
+    # First retry after this many seconds; doubles up to retry_max.
+    retry_min: float = 60.0
+    retry_max: float = 3600.0
+    # After this long in the queue a recipient bounces.
+    lifetime: float = 5 * 24 * 3600.0
+    # Concurrent delivery workers.
+    workers: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    hostname: str
+    data_dir: Path
+    domains: tuple[str, ...]
+    listeners: tuple[ListenerConfig, ...]
+    tls: TlsConfig
+    limits: _limits.Limits = _limits.Limits()
+    log: LogConfig = LogConfig()
+    queue: QueueConfig = QueueConfig()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "postwarden.db"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    def listener(self, name: str) -> ListenerConfig | None:
+        for lst in self.listeners:
+            if lst.name == name:
+                return lst
+        return None
+
+
+def default_path() -> Path:
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else Path(DEFAULT_CONFIG)
+
+
+def parse_hostport(key: str, value: object) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[IPv6]:PORT``."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be a string HOST:PORT")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(key, f"{value!r} is not [IPv6]:PORT")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(key, f"{value!r} is not HOST:PORT")
+        if ":" in host:
+            raise ConfigError(key, f"{value!r}: write IPv6 addresses as [ADDR]:PORT")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(key, f"port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} is out of range 0-65535")
+    if host not in ("localhost", "*"):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(key, f"{host!r} is not an IP address") from None
+    return host, port
+
+
+def _check_hostname(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be a non-empty string")
+    name = value.rstrip(".").lower()
+    if not name.isascii():
+        # RFC 5321 2.3.5: names in SMTP are ASCII (A-labels for IDNs).
+        raise ConfigError(key, f"{value!r}: write internationalised names in their "
+                               "xn-- (A-label) form")
+    labels = name.split(".")
+    for label in labels:
+        if not label or len(label) > 63 or not all(c.isalnum() or c == "-" for c in label):
+            raise ConfigError(key, f"{value!r} is not a valid domain name")
+        if label.startswith("-") or label.endswith("-"):
+            raise ConfigError(key, f"{value!r} is not a valid domain name")
+    return name
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a table")
+    return value
+
+
+def _unknown(table: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+    for k in table:
+        if k not in allowed:
+            raise ConfigError(f"{prefix}{k}", "unknown key")
+
+
+def _path(base: Path, key: str, value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be a path string")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _number(key: str, value: object, *, minimum: float = 0, integer: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, "must be a number")
+    if integer and not isinstance(value, int):
+        raise ConfigError(key, "must be an integer")
+    if value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}")
+    return value
+
+
+def _dataclass_section(cls: Any, table: Mapping[str, Any], prefix: str) -> Any:
+    values: dict[str, Any] = {}
+    names = {f.name: f for f in fields(cls)}
+    for k, v in table.items():
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}", "unknown key")
+        default = names[k].default
+        values[k] = _number(f"{prefix}{k}", v, integer=isinstance(default, int), minimum=0)
+    return cls(**values)
+
+
+def parse(data: Mapping[str, Any], path: Path) -> Config:
+    """Validate the parsed TOML ``data`` of the file at ``path``."""
+    base = path.resolve().parent
+    top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
+           "delivery"}
+    _unknown(data, top, "")
+
+    if "hostname" not in data:
+        raise ConfigError("hostname", "is required")
+    hostname = _check_hostname("hostname", data["hostname"])
+
+    data_dir = _path(base, "data_dir", data.get("data_dir", "data"))
+
+    raw_domains = data.get("domains", [])
+    if not isinstance(raw_domains, list) or not all(isinstance(d, str) for d in raw_domains):
+        raise ConfigError("domains", "must be a list of domain names")
+    domains = tuple(_check_hostname("domains", d) for d in raw_domains)
+
+    listeners_t = _table(data, "listeners")
+    listeners: list[ListenerConfig] = []
+    for name, table in listeners_t.items():
+        prefix = f"listeners.{name}."
+        if not isinstance(table, dict):
+            raise ConfigError(f"listeners.{name}", "must be a table")
+        _unknown(table, {"address", "mode", "enabled"}, prefix)
+        mode = table.get("mode", name)
+        if mode not in MODES:
+            raise ConfigError(prefix + "mode", f"must be one of {', '.join(MODES)}")
+        if "address" not in table:
+            raise ConfigError(prefix + "address", "is required (HOST:PORT)")
+        host, port = parse_hostport(prefix + "address", table["address"])
+        enabled = table.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError(prefix + "enabled", "must be true or false")
+        listeners.append(ListenerConfig(name, mode, host, port, enabled))
+
+    tls_t = _table(data, "tls")
+    _unknown(tls_t, {"cert", "key", "min_version"}, "tls.")
+    cert = _path(base, "tls.cert", tls_t["cert"]) if "cert" in tls_t else None
+    key = _path(base, "tls.key", tls_t["key"]) if "key" in tls_t else None
+    if (cert is None) != (key is None):
+        raise ConfigError("tls", "cert and key must be given together")
+    min_version = tls_t.get("min_version", "TLSv1.2")
+    if min_version not in TLS_VERSIONS:
+        raise ConfigError("tls.min_version", f"must be one of {', '.join(TLS_VERSIONS)}")
+    tls = TlsConfig(cert, key, min_version)
+    for lst in listeners:
+        if lst.enabled and lst.mode != MODE_MX and cert is None:
+            raise ConfigError(
+                f"listeners.{lst.name}",
+                "needs TLS ([tls] cert and key): submission requires encryption")
+
+    limits = _dataclass_section(_limits.Limits, _table(data, "limits"), "limits.")
+    queue = _dataclass_section(QueueConfig, _table(data, "queue"), "queue.")
+
+    log_t = _table(data, "log")
+    _unknown(log_t, {"format", "level", "file"}, "log.")
+    fmt = log_t.get("format", "json")
+    if fmt not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
+    level = log_t.get("level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+    log_file = _path(base, "log.file", log_t["file"]) if "file" in log_t else None
+
+    extra = {"delivery": _table(data, "delivery")}
+    return Config(path=path, hostname=hostname, data_dir=data_dir, domains=domains,
+                  listeners=tuple(listeners), tls=tls, limits=limits,
+                  log=LogConfig(fmt, level, log_file), queue=queue, extra=extra)
+
+
+def load(path: Path | None = None, *, check_files: bool = True) -> Config:
+    """Read and validate the config file; raise :class:`ConfigError`."""
+    path = path or default_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {path} not found (run 'postwarden init')") from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+    cfg = parse(data, path)
+    if check_files:
+        check_tls_files(cfg)
+    return cfg
+
+
+def check_tls_files(cfg: Config) -> None:
+    """The certificate and key exist, are readable, and the key is private."""
+    if cfg.tls.cert is None or cfg.tls.key is None:
+        return
+    for key, p in (("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)):
+        if not p.is_file():
+            raise ConfigError(key, f"file {p} does not exist")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(key, f"file {p} is not readable")
+    mode = cfg.tls.key.stat().st_mode
+    if mode & 0o077:
+        raise ConfigError("tls.key", f"file {cfg.tls.key} is readable by others (chmod 600 it)")

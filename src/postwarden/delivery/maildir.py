@@ -1,0 +1,206 @@
+"""Local delivery into Maildir (https://cr.yp.to/proto/maildir.html).
+
+A message for ``local@domain`` is written to
+``<mail_dir>/<domain>/<local>/Maildir/tmp/<unique>``, fsync'ed, renamed
+into ``new/``, and ``new/`` is fsync'ed: only then is the delivery reported
+done (the queue marks the recipient delivered after that, so delivery is at
+least once).  A ``Return-Path:`` (RFC 5321 4.4) and a ``Delivered-To:`` line
+are prepended.  The message is stored as received, with CRLF line ends
+(Dovecot and other readers accept them).
+
+Every OS error is a temporary failure: the recipient stays queued and is
+retried; only an unusable mailbox name is a permanent one.
+
+Security exposure: the mailbox name comes from the envelope (untrusted).
+Both parts are lower-cased and refused unless they are safe as one path
+component (no ``/``, ``\\``, NUL or control characters, no leading dot),
+so nothing escapes ``mail_dir``; files are created ``O_EXCL | O_NOFOLLOW``,
+mode 0600, in 0700 directories.  Header values are stripped of CR, LF and
+NUL so that an envelope cannot inject header lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from postwarden.delivery.result import DeliveryResult
+from postwarden.observe.log import get_logger
+from postwarden.storage.spool import fsync_dir, write_all
+
+log = get_logger("maildir")
+
+NAME_MAX = 255
+# Chunks are gathered up to this size before a write (fewer thread hops).
+WRITE_BUFFER = 256 * 1024
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_counter = itertools.count()
+
+
+class UnsafeMailbox(ValueError):
+    """The mailbox name cannot be used as a path."""
+
+
+def _check_part(part: str, what: str) -> str:
+    if not part:
+        raise UnsafeMailbox(f"empty {what}")
+    if part.startswith("."):
+        raise UnsafeMailbox(f"{what} starts with a dot")
+    if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+        raise UnsafeMailbox(f"{what} is too long")
+    for c in part:
+        if c in "/\\" or ord(c) < 0x21 or ord(c) == 0x7F or c in "\u2028\u2029":
+            raise UnsafeMailbox(f"{what} contains {c!r}")
+    return part
+
+
+def mailbox_parts(mailbox: str) -> tuple[str, str]:
+    """``(domain, local)``, lower-cased and safe as path components."""
+    local, sep, domain = mailbox.rpartition("@")
+    if not sep:
+        raise UnsafeMailbox("no domain")
+    domain = domain.lower()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    _check_part(domain, "domain")
+    # RFC 5321 2.3.5: a domain is dot-separated labels; no empty label.
+    if ".." in domain or not all(c.isalnum() or c in "-." for c in domain):
+        raise UnsafeMailbox("domain is not a host name")
+    return domain, _check_part(local.lower(), "local part")
+
+
+def unique_name() -> str:
+    """``time.MusecPpidRrandQn.host`` (maildir spec, "unique names")."""
+    now = time.time()
+    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
+    return (f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}"
+            f"R{secrets.token_hex(8)}Q{next(_counter)}.{host}")
+
+
+def _header_value(text: str) -> str:
+    return "".join(c for c in text if c not in "\r\n\0")
+
+
+def trace_headers(mailbox: str, sender: str) -> bytes:
+    """The lines prepended to the stored message."""
+    return (f"Return-Path: <{_header_value(sender)}>\r\n"
+            f"Delivered-To: {_header_value(mailbox)}\r\n").encode("utf-8", "surrogateescape")
+
+
+@dataclass(slots=True)
+class _Target:
+    maildir: Path
+    tmp: Path
+    new: Path
+
+
+def _makedirs(path: Path, stop: Path) -> None:
+    """Create ``path`` (0700) and its missing parents below ``stop``, making
+    each new directory entry durable."""
+    if path.is_dir():
+        return
+    if path != stop and path.parent != path:
+        _makedirs(path.parent, stop)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    fsync_dir(path.parent)
+
+
+class MaildirDelivery:
+    """Writes messages into ``<mail_dir>/<domain>/<local>/Maildir``."""
+
+    def __init__(self, mail_dir: Path) -> None:
+        self.mail_dir = Path(mail_dir)
+
+    def path_for(self, mailbox: str) -> Path:
+        """The Maildir of ``mailbox``; raises :class:`UnsafeMailbox`."""
+        domain, local = mailbox_parts(mailbox)
+        path = self.mail_dir / domain / local / "Maildir"
+        # Defence in depth: the checks above already make escape impossible.
+        if path.parent.parent.parent != self.mail_dir:
+            raise UnsafeMailbox("path escapes the mail directory")
+        return path
+
+    async def deliver(self, mailbox: str, sender: str,
+                      message: AsyncIterable[bytes]) -> DeliveryResult:
+        """Store ``message`` (the chunks of the queued message) for ``mailbox``.
+
+        Exceptions raised by ``message`` itself (a corrupt queue file) are
+        re-raised after the partial tmp file is removed; nothing is left in
+        ``new/``.
+        """
+        try:
+            maildir = self.path_for(mailbox)
+        except UnsafeMailbox as exc:
+            log.warning("unsafe_mailbox", mailbox=mailbox, reason=str(exc))
+            return DeliveryResult.failed("5.1.3", "bad destination mailbox address")
+        name = unique_name()
+        target = _Target(maildir, maildir / "tmp" / name, maildir / "new" / name)
+        fd: int | None = None
+        try:
+            fd = await asyncio.to_thread(self._open_tmp, target)
+            buf = bytearray(trace_headers(mailbox.lower(), sender))
+            async for chunk in message:
+                buf += chunk
+                if len(buf) >= WRITE_BUFFER:
+                    await asyncio.to_thread(write_all, fd, buf)
+                    buf = bytearray()
+            if buf:
+                await asyncio.to_thread(write_all, fd, buf)
+            to_close, fd = fd, None
+            await asyncio.to_thread(self._commit, to_close, target)
+        except OSError as exc:
+            await asyncio.to_thread(self._cleanup, fd, target)
+            log.warning("maildir_error", mailbox=mailbox, errno=exc.errno,
+                        error=exc.strerror or str(exc))
+            return temporary_result(exc)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self._cleanup, fd, target))
+            raise
+        return DeliveryResult.delivered("delivered to maildir")
+
+    def _open_tmp(self, target: _Target) -> int:
+        for sub in ("tmp", "new", "cur"):
+            _makedirs(target.maildir / sub, self.mail_dir)
+        return os.open(target.tmp, _O_CREATE, 0o600)
+
+    @staticmethod
+    def _commit(fd: int, target: _Target) -> None:
+        # maildir spec: the file must be complete on disk before it
+        # appears in new/, and its new/ entry durable before we say so.
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(target.tmp, target.new)
+        fsync_dir(target.new.parent)
+
+    @staticmethod
+    def _cleanup(fd: int | None, target: _Target) -> None:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(target.tmp)
+
+
+def temporary_result(exc: OSError) -> DeliveryResult:
+    """RFC 3463: X.2.2 mailbox full, X.3.1 system storage, else X.2.0/X.3.0."""
+    if exc.errno == errno.EDQUOT:
+        return DeliveryResult.deferred("4.2.2", "mailbox full")
+    if exc.errno in (errno.ENOSPC, errno.EFBIG):
+        return DeliveryResult.deferred("4.3.1", "insufficient system storage")
+    return DeliveryResult.deferred("4.3.0", "mailbox temporarily unavailable")

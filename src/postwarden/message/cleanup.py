@@ -1,0 +1,114 @@
+"""Cleanup: the header lines postwarden adds before a message is queued.
+
+Owns the ``Received:`` trace header (RFC 5321 4.4, with-protocol names from
+RFC 3848 and RFC 6531 3.7.3) and, for mail from our own users (submission,
+RFC 6409 8.2/8.3), the ``Message-ID:`` and ``Date:`` a client left out.
+
+The body is never rewritten: added lines are stored as a prefix beside the
+streamed body.  :class:`HeaderScanner` looks only at the header block (up to
+``HEADER_SCAN_MAX`` bytes), with buffer scans, as chunks pass by.
+
+Security exposure: HELO names and addresses in the Received header come from
+the client; they are stripped of control characters so that no client can
+inject header lines.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from email.utils import format_datetime, formatdate
+from datetime import datetime, timezone
+
+from postwarden.envelope import ConnectionInfo
+from postwarden.limits import HEADER_SCAN_MAX
+
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\]")
+
+
+class HeaderScanner:
+    """Collect the header field names of a message as its chunks stream by."""
+
+    def __init__(self, limit: int = HEADER_SCAN_MAX) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self.done = False
+        self.names: set[str] = set()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        start = max(0, len(self._buf) - 3)
+        self._buf += chunk
+        if self._buf.startswith(b"\r\n") or self._buf.startswith(b"\n"):
+            self._finish(0)
+            return
+        end = self._buf.find(b"\r\n\r\n", start)
+        end_lf = self._buf.find(b"\n\n", start)
+        ends = [e for e in (end, end_lf) if e >= 0]
+        if ends:
+            self._finish(min(ends))
+        elif len(self._buf) >= self.limit:
+            self._finish(len(self._buf))
+
+    def close(self) -> None:
+        if not self.done:
+            self._finish(len(self._buf))
+
+    def _finish(self, end: int) -> None:
+        block = bytes(self._buf[:end])
+        self.names = {m.group(1).decode("ascii").lower() for m in _HEADER_NAME.finditer(block)}
+        self._buf = bytearray()
+        self.done = True
+
+    def has(self, name: str) -> bool:
+        return name.lower() in self.names
+
+
+def _clean(text: str) -> str:
+    return _UNSAFE.sub("?", text)[:255]
+
+
+def with_protocol(conn: ConnectionInfo, utf8: bool) -> str:
+    """RFC 3848 / RFC 6531 3.7.3 with-protocol keyword."""
+    if utf8:
+        base = "UTF8SMTP"
+    else:
+        base = "ESMTP" if conn.esmtp else "SMTP"
+    if conn.tls:
+        base += "S"
+    if conn.auth_user:
+        base += "A"
+    return base
+
+
+def received_header(hostname: str, conn: ConnectionInfo, queue_id: str, recipient: str | None,
+                    utf8: bool = False, now: float | None = None) -> bytes:
+    """The Received line for this hop (RFC 5321 4.4), folded, CRLF-ended."""
+    peer = f"[{conn.peer_ip}]" if ":" not in conn.peer_ip else f"[IPv6:{conn.peer_ip}]"
+    parts = [f"Received: from {_clean(conn.helo) or 'unknown'} ({peer})"]
+    by = f"\tby {hostname} (postwarden) with {with_protocol(conn, utf8)} id {queue_id}"
+    parts.append(by)
+    if conn.tls:
+        parts.append(f"\t(using {_clean(conn.tls_version)} with cipher {_clean(conn.tls_cipher)})")
+    if recipient:
+        parts.append(f"\tfor <{_clean(recipient)}>")
+    date = formatdate(now if now is not None else time.time(), localtime=False)
+    parts[-1] += f"; {date}"
+    return ("\r\n".join(parts) + "\r\n").encode("utf-8")
+
+
+def message_id(hostname: str) -> str:
+    return f"<{time.strftime('%Y%m%d%H%M%S', time.gmtime())}.{secrets.token_hex(8)}@{hostname}>"
+
+
+def submission_headers(scanner: HeaderScanner, hostname: str) -> bytes:
+    """Message-ID and Date a submitted message lacks (RFC 6409 8.2, 8.3)."""
+    out = b""
+    if not scanner.has("message-id"):
+        out += f"Message-ID: {message_id(hostname)}\r\n".encode()
+    if not scanner.has("date"):
+        out += f"Date: {format_datetime(datetime.now(timezone.utc))}\r\n".encode()
+    return out

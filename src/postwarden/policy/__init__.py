@@ -1,0 +1,100 @@
+"""Policy checks: small async functions registered for a stage of the session.
+
+A check gets a :class:`CheckContext` and returns a :class:`Verdict` with one
+of four outcomes (accept, no opinion, reject, tempfail).  :class:`Policy`
+runs the checks of a stage in order until one gives a final verdict.  A
+check that raises or times out is a temporary failure (4xx), never an accept
+and never a 5xx: temporary unless proven permanent.
+
+Security exposure: this is where relaying and sender spoofing are refused;
+a stage whose checks all have no opinion falls back to the stage's default,
+which for recipients is *reject* (deny by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from postwarden import reply as R
+from postwarden.config import Config, ListenerConfig
+from postwarden.envelope import ConnectionInfo, Envelope, MailParams, RcptParams
+from postwarden.observe.log import get_logger
+from postwarden.smtp.address import Path
+from postwarden.storage.base import Directory
+
+log = get_logger("policy")
+
+CHECK_TIMEOUT = 30.0
+
+
+class Stage(enum.Enum):
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+@dataclass(slots=True)
+class CheckContext:
+    """What a check may look at.  ``path``/``params`` are those of the
+    command being checked (MAIL or RCPT)."""
+
+    config: Config
+    listener: ListenerConfig
+    conn: ConnectionInfo
+    directory: Directory
+    envelope: Envelope | None = None
+    path: Path | None = None
+    mail_params: MailParams | None = None
+    rcpt_params: RcptParams | None = None
+    # Filled by the recipient check: the local mailboxes or the relayed address.
+    targets: list[str] = field(default_factory=list)
+
+
+Check = Callable[[CheckContext], Awaitable[R.Verdict]]
+
+
+class Policy:
+    """The ordered checks of every stage, and each stage's default verdict."""
+
+    def __init__(self) -> None:
+        self.checks: dict[Stage, list[Check]] = {s: [] for s in Stage}
+        self.defaults: dict[Stage, R.Verdict] = {s: R.accept("default") for s in Stage}
+
+    def register(self, stage: Stage, check: Check) -> None:
+        self.checks[stage].append(check)
+
+    async def run(self, stage: Stage, ctx: CheckContext) -> R.Verdict:
+        for check in self.checks[stage]:
+            name = getattr(check, "__name__", repr(check))
+            try:
+                verdict = await asyncio.wait_for(check(ctx), CHECK_TIMEOUT)
+            except TimeoutError:
+                log.warning("check_timeout", check=name, session=ctx.conn.session_id)
+                return R.tempfail(f"{name} timed out")
+            except Exception as exc:  # a broken check must not accept mail
+                log.error("check_failed", check=name, session=ctx.conn.session_id,
+                          error=f"{type(exc).__name__}: {exc}")
+                return R.tempfail(f"{name} failed")
+            if verdict.final:
+                if verdict.outcome is not R.Outcome.ACCEPT and verdict.reply is None:
+                    return R.Verdict(verdict.outcome, R.TEMP_FAILURE if verdict.outcome is
+                                     R.Outcome.TEMPFAIL else R.ACCESS_DENIED, verdict.reason)
+                return verdict
+        return self.defaults[stage]
+
+
+def default_policy() -> Policy:
+    """The checks every installation runs (deny by default for recipients)."""
+    from postwarden.policy import relay, sender
+
+    policy = Policy()
+    policy.register(Stage.MAIL, sender.require_auth_on_submission)
+    policy.register(Stage.MAIL, sender.bind_sender_to_login)
+    policy.register(Stage.RCPT, relay.check_recipient)
+    policy.defaults[Stage.RCPT] = R.reject(R.RELAY_DENIED, "no check accepted the recipient")
+    return policy

@@ -1,0 +1,495 @@
+"""One SMTP connection: timeouts, STARTTLS, AUTH, policy, and DATA/BDAT
+streamed to the queue.
+
+The session drives :class:`~postwarden.smtp.protocol.ServerProtocol`: it reads
+from the socket, hands bytes to the engine, answers each event (asking the
+policy, the directory, the queue), and writes replies once per pipelined
+batch (RFC 2920 3.1: the server flushes before it waits for input).
+
+Check, then proceed: the engine has checked syntax and sequence before an
+event reaches this module; policy decides before any state changes here.
+
+Security exposure: talks to untrusted clients.  AUTH is offered and accepted
+only over TLS (RFC 4954 4 / RFC 8314); failed AUTH is answered after a
+delay; plaintext read before the TLS handshake is discarded (RFC 3207 6);
+every read has a timeout; message bodies go straight to the body writer
+(bounded memory) and the 250 is sent only after the queue's commit returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from postwarden import reply as R
+from postwarden.config import Config, ListenerConfig
+from postwarden.envelope import Address, ConnectionInfo, Envelope, RcptParams, Recipient
+from postwarden.limits import READ_CHUNK
+from postwarden.message import cleanup
+from postwarden.observe.log import get_logger
+from postwarden.policy import CheckContext, Policy, Stage
+from postwarden.smtp import protocol as P
+from postwarden.smtp import sasl
+from postwarden.smtp.address import xtext_encode
+from postwarden.smtp.tls import TlsContexts
+from postwarden.storage.base import (
+    BodyWriter,
+    CommitMeta,
+    Directory,
+    QueueStore,
+    StorageError,
+    StorageFull,
+)
+
+log = get_logger("smtp")
+
+AUTH_NOT_ENABLED = R.Reply(503, "5.5.1", "Authentication not enabled")
+
+
+@dataclass(slots=True)
+class ServerContext:
+    """What every session shares; built by :mod:`postwarden.app`."""
+
+    config: Config
+    tls: TlsContexts
+    directory: Directory
+    queue: QueueStore
+    policy: Policy
+    verify_password: object  # async (hash, password) -> bool
+    dummy_hash: str = ""
+    shutting_down: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(5)
+
+
+class _Transaction:
+    """The mail transaction in progress (RFC 5321 3.3)."""
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.original: list[Recipient] = []
+        self.expanded: dict[str, Recipient] = {}
+        self.body: BodyWriter | None = None
+        self.scanner = cleanup.HeaderScanner()
+        self.size = 0
+        self.too_big = False
+        self.failure: R.Reply | None = None
+        self.failure_detail = ""
+
+
+class Session:
+    def __init__(self, ctx: ServerContext, listener: ListenerConfig,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.listener = listener
+        self.limits = ctx.config.limits
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername") or ("", 0)
+        sock = writer.get_extra_info("sockname") or ("", 0)
+        self.conn = ConnectionInfo(
+            session_id=new_session_id(), listener=listener.name,
+            peer_ip=str(peer[0]), peer_port=int(peer[1]),
+            local_ip=str(sock[0]), local_port=int(sock[1]))
+        self.proto = P.ServerProtocol(self.limits)
+        self.tx: _Transaction | None = None
+        self.sasl: sasl.Mechanism | None = None
+        self.accepted = 0
+        self.started = time.monotonic()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def run(self) -> None:
+        c = self.conn
+        log.info("connect", session=c.session_id, listener=c.listener, client=c.peer_ip,
+                 port=c.peer_port)
+        try:
+            if self.listener.implicit_tls and not await self._handshake():
+                return
+            if self.ctx.shutting_down:
+                self.proto.send(R.SHUTTING_DOWN)
+            else:
+                self.proto.send(R.Reply(220, "", f"{self.cfg.hostname} ESMTP ready"))
+            await self._loop()
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            log.info("connection_lost", session=c.session_id, error=type(exc).__name__)
+        except asyncio.CancelledError:
+            # Shutdown after the grace period: tell the client to come back.
+            if not self.writer.is_closing():
+                self.writer.write(R.SHUTTING_DOWN.to_bytes())
+        finally:
+            self._abort_transaction()
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 5)
+            except (OSError, TimeoutError, ssl.SSLError):
+                pass
+            log.info("disconnect", session=c.session_id, client=c.peer_ip,
+                     accepted=self.accepted, errors=self.proto.errors,
+                     commands=self.proto.commands,
+                     seconds=round(time.monotonic() - self.started, 3))
+
+    async def _flush(self) -> None:
+        out = self.proto.data_to_send()
+        if out:
+            self.writer.write(out)
+            await self.writer.drain()
+
+    async def _loop(self) -> None:
+        proto = self.proto
+        while True:
+            ev = proto.next_event()
+            if ev is P.NEED_DATA:
+                await self._flush()
+                if proto.closed:
+                    return
+                if proto.state is P.State.TLS:
+                    if not await self._handshake():
+                        return
+                    proto.tls_started()
+                    continue
+                in_data = proto.state in (P.State.DATA, P.State.CHUNK)
+                timeout = self.limits.data_timeout if in_data else self.limits.command_timeout
+                try:
+                    data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+                except TimeoutError:
+                    log.info("timeout", session=self.conn.session_id, state=proto.state.value)
+                    proto.send(R.TIMEOUT)
+                    await self._flush()
+                    return
+                if not data:
+                    if proto.state is not P.State.GREETED or proto.buffered:
+                        log.info("client_eof", session=self.conn.session_id,
+                                 state=proto.state.value)
+                    return
+                proto.receive(data)
+                continue
+            await self._handle(ev)
+
+    async def _handshake(self) -> bool:
+        ctx = self.ctx.tls.server
+        if ctx is None:
+            return False
+        try:
+            await self.writer.start_tls(ctx, ssl_handshake_timeout=self.limits.
+                                        tls_handshake_timeout)
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+            log.info("tls_failed", session=self.conn.session_id, error=str(exc)[:200])
+            return False
+        # RFC 3207 6: anything the client sent before the handshake completed
+        # was plaintext pipelined after STARTTLS: discard it.
+        leftover = self.reader._buffer  # noqa: SLF001 (asyncio keeps no public API)
+        if leftover:
+            log.warning("tls_injection_discarded", session=self.conn.session_id,
+                        bytes=len(leftover))
+            leftover.clear()
+        obj = self.writer.get_extra_info("ssl_object")
+        if obj is not None:
+            self.conn.tls_version = obj.version() or ""
+            cipher = obj.cipher()
+            self.conn.tls_cipher = cipher[0] if cipher else ""
+        log.info("tls", session=self.conn.session_id, version=self.conn.tls_version,
+                 cipher=self.conn.tls_cipher)
+        return True
+
+    # ---- events ----------------------------------------------------------
+
+    async def _handle(self, ev: P.Event) -> None:
+        if isinstance(ev, P.DataChunk):
+            self._body_chunk(ev.data)
+        elif isinstance(ev, P.Ehlo):
+            await self._ehlo(ev)
+        elif isinstance(ev, P.Mail):
+            await self._mail(ev)
+        elif isinstance(ev, P.Rcpt):
+            await self._rcpt(ev)
+        elif isinstance(ev, P.Data):
+            self._open_body()
+            self.proto.respond(R.START_DATA)
+        elif isinstance(ev, P.DataEnd):
+            self.proto.respond(await self._finish(ev.long_lines))
+        elif isinstance(ev, P.BdatEnd):
+            await self._bdat_end(ev)
+        elif isinstance(ev, P.Rset):
+            self._abort_transaction()
+            self.proto.respond(R.RESET_OK)
+        elif isinstance(ev, P.Vrfy):
+            self.proto.respond(R.VRFY_CANNOT)  # RFC 5321 3.5.3
+        elif isinstance(ev, P.StartTls):
+            self._starttls()
+        elif isinstance(ev, P.Auth):
+            await self._auth_start(ev)
+        elif isinstance(ev, P.AuthResponse):
+            await self._auth_step(ev.line)
+        elif isinstance(ev, P.Quit):
+            pass
+
+    def _check_context(self) -> CheckContext:
+        return CheckContext(config=self.cfg, listener=self.listener, conn=self.conn,
+                            directory=self.ctx.directory,
+                            envelope=self.tx.envelope if self.tx else None)
+
+    def _verdict_reply(self, stage: Stage, verdict: R.Verdict, ok: R.Reply, **fields: object
+                       ) -> R.Reply:
+        if verdict.outcome in (R.Outcome.ACCEPT, R.Outcome.NO_OPINION):
+            return ok
+        reply = verdict.reply or R.TEMP_FAILURE
+        log.info("rejected", session=self.conn.session_id, client=self.conn.peer_ip,
+                 stage=stage.value, code=reply.code, dsn=reply.enhanced,
+                 reason=verdict.reason, **fields)
+        return reply
+
+    def _extensions(self) -> list[str]:
+        ext = ["PIPELINING", f"SIZE {self.limits.message_size_max}", "8BITMIME", "SMTPUTF8",
+               "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"]
+        if not self.conn.tls and self.ctx.tls.server is not None:
+            ext.append("STARTTLS")
+        if self.listener.mode != "mx" and self.conn.tls and not self.conn.auth_user:
+            ext.append("AUTH " + " ".join(sasl.MECHANISMS))
+        return ext
+
+    async def _ehlo(self, ev: P.Ehlo) -> None:
+        self._abort_transaction()
+        self.conn.helo = ev.domain
+        self.conn.esmtp = ev.extended
+        ctx = self._check_context()
+        verdict = await self.ctx.policy.run(Stage.HELO, ctx)
+        if ev.extended:
+            ok = P.ehlo_reply(self.cfg.hostname, self.conn.peer_ip, self._extensions())
+        else:
+            ok = R.Reply(250, "", self.cfg.hostname)
+        self.proto.respond(self._verdict_reply(Stage.HELO, verdict, ok, helo=ev.domain))
+
+    async def _mail(self, ev: P.Mail) -> None:
+        ctx = self._check_context()
+        ctx.path = ev.path
+        ctx.mail_params = ev.params
+        sender = str(ev.path.address) if ev.path.address else ""
+        verdict = await self.ctx.policy.run(Stage.MAIL, ctx)
+        reply = self._verdict_reply(Stage.MAIL, verdict, R.SENDER_OK, sender=sender)
+        if reply.positive:
+            self.tx = _Transaction(Envelope(ev.path.address, ev.params))
+        self.proto.respond(reply)
+
+    async def _rcpt(self, ev: P.Rcpt) -> None:
+        tx = self.tx
+        assert tx is not None  # the engine allows RCPT only after MAIL
+        ctx = self._check_context()
+        ctx.path = ev.path
+        ctx.rcpt_params = ev.params
+        rcpt = str(ev.path.address)
+        verdict = await self.ctx.policy.run(Stage.RCPT, ctx)
+        reply = self._verdict_reply(Stage.RCPT, verdict, R.RCPT_OK, rcpt=rcpt,
+                                    sender=str(tx.envelope.sender or ""))
+        if reply.positive and ev.path.address is not None:
+            original = Recipient(ev.path.address, ev.params)
+            tx.original.append(original)
+            for target in ctx.targets:
+                addr = Address.parse_simple(target)
+                if addr.key in tx.expanded:
+                    continue
+                params = ev.params
+                if params.orcpt is None and addr.key != ev.path.address.key:
+                    # RFC 3461 4.2: keep the original recipient across expansion.
+                    params = RcptParams(params.notify,
+                                        f"rfc822;{xtext_encode(str(ev.path.address))}")
+                tx.expanded[addr.key] = Recipient(addr, params)
+        self.proto.respond(reply)
+
+    # ---- message content -------------------------------------------------
+
+    def _open_body(self) -> None:
+        tx = self.tx
+        assert tx is not None
+        if tx.body is None and tx.failure is None:
+            try:
+                tx.body = self.ctx.queue.new_body()
+            except StorageError as exc:
+                self._fail(tx, exc)
+
+    def _fail(self, tx: _Transaction, exc: Exception) -> None:
+        tx.failure = R.STORAGE_FULL if isinstance(exc, StorageFull) else R.TEMP_FAILURE
+        tx.failure_detail = f"{type(exc).__name__}: {exc}"
+        if tx.body is not None:
+            tx.body.abort()
+            tx.body = None
+
+    def _body_chunk(self, data: bytes) -> None:
+        tx = self.tx
+        if tx is None:
+            return
+        if tx.body is None and tx.failure is None and not tx.too_big:
+            self._open_body()
+        tx.size += len(data)
+        if tx.too_big or tx.failure is not None:
+            return
+        if tx.size > self.limits.message_size_max:
+            tx.too_big = True
+            if tx.body is not None:
+                tx.body.abort()
+                tx.body = None
+            return
+        tx.scanner.feed(data)
+        if tx.body is not None:
+            try:
+                tx.body.write(data)
+            except StorageError as exc:
+                self._fail(tx, exc)
+
+    async def _bdat_end(self, ev: P.BdatEnd) -> None:
+        tx = self.tx
+        if tx is None:  # the engine only allows BDAT in a transaction
+            self.proto.respond(R.BAD_SEQUENCE)
+            return
+        if ev.last:
+            self.proto.respond(await self._finish(ev.long_lines))
+            return
+        error = self._content_error(tx, ev.long_lines)
+        if error is not None:
+            self._abort_transaction()
+            self.proto.respond(error)
+        else:
+            self.proto.respond(R.Reply(250, "2.0.0", f"{ev.size} octets received"))
+
+    def _content_error(self, tx: _Transaction, long_lines: bool) -> R.Reply | None:
+        if tx.too_big:
+            return R.MESSAGE_TOO_BIG
+        if tx.failure is not None:
+            return tx.failure
+        if long_lines:
+            return R.LINE_LIMIT_EXCEEDED
+        return None
+
+    async def _finish(self, long_lines: bool) -> R.Reply:
+        """End of content: the commit point.  250 only once it is durable."""
+        tx = self.tx
+        self.tx = None
+        if tx is None:
+            return R.BAD_SEQUENCE
+        sid = self.conn.session_id
+        sender = str(tx.envelope.sender or "")
+        error = self._content_error(tx, long_lines)
+        if tx.body is None and error is None:
+            self._open_body()
+            error = self._content_error(tx, long_lines)
+        if error is not None or tx.body is None:
+            reply = error or R.TEMP_FAILURE
+            if tx.body is not None:
+                tx.body.abort()
+            log.info("rejected", session=sid, client=self.conn.peer_ip, stage="data",
+                     code=reply.code, dsn=reply.enhanced, sender=sender, size=tx.size,
+                     reason=tx.failure_detail or ("message too big" if tx.too_big else
+                                                  "line too long" if long_lines else ""))
+            return reply
+        tx.scanner.close()
+        queue_id = new_queue_id()
+        envelope = Envelope(tx.envelope.sender, tx.envelope.params, list(tx.expanded.values()))
+        only = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
+        prepend = cleanup.received_header(
+            self.cfg.hostname, self.conn, queue_id, str(only) if only else None,
+            utf8=envelope.params.smtputf8)
+        if self.conn.auth_user:
+            prepend += cleanup.submission_headers(tx.scanner, self.cfg.hostname)
+        meta = CommitMeta(client_ip=self.conn.peer_ip, helo=self.conn.helo,
+                          auth_user=self.conn.auth_user, listener=self.listener.name,
+                          session_id=sid, queue_id=queue_id)
+        try:
+            queue_id = await self.ctx.queue.commit(tx.body, envelope, prepend, meta)
+        except StorageError as exc:
+            reply = R.STORAGE_FULL if isinstance(exc, StorageFull) else R.TEMP_FAILURE
+            log.error("commit_failed", session=sid, error=f"{type(exc).__name__}: {exc}",
+                      code=reply.code)
+            return reply
+        self.accepted += 1
+        log.info("accepted", session=sid, queue_id=queue_id, client=self.conn.peer_ip,
+                 sender=sender, user=self.conn.auth_user or None,
+                 nrcpt=len(envelope.recipients), size=tx.size,
+                 rcpts=[str(r.address) for r in envelope.recipients][:20])
+        return R.Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _abort_transaction(self) -> None:
+        tx = self.tx
+        self.tx = None
+        if tx is not None and tx.body is not None:
+            tx.body.abort()
+
+    # ---- STARTTLS and AUTH ----------------------------------------------
+
+    def _starttls(self) -> None:
+        if self.ctx.tls.server is None:
+            self.proto.respond(R.TLS_UNAVAILABLE)
+            return
+        self._abort_transaction()
+        self.proto.respond(R.READY_TLS)
+
+    async def _auth_start(self, ev: P.Auth) -> None:
+        if self.listener.mode == "mx":
+            self.proto.respond(AUTH_NOT_ENABLED)
+            return
+        if not self.conn.tls:
+            # RFC 4954 4: never accept a password in the clear.
+            self.proto.respond(R.AUTH_NEEDS_TLS)
+            return
+        mech = sasl.mechanism(ev.mechanism)
+        if mech is None:
+            self.proto.respond(R.MECH_UNSUPPORTED)
+            return
+        self.sasl = mech
+        self.conn.auth_mechanism = mech.name
+        await self._auth_result(mech.start(ev.initial))
+
+    async def _auth_step(self, line: str) -> None:
+        if self.sasl is None:
+            self.proto.respond(R.BAD_SEQUENCE)
+            return
+        await self._auth_result(self.sasl.step(line))
+
+    async def _auth_result(self, step: sasl.Step) -> None:
+        sid = self.conn.session_id
+        if isinstance(step, sasl.Challenge):
+            self.proto.respond(step.reply())
+            return
+        self.sasl = None
+        if isinstance(step, sasl.Failure):
+            log.info("auth_failed", session=sid, client=self.conn.peer_ip, reason=step.reason,
+                     mechanism=self.conn.auth_mechanism)
+            if step.reply.code == 535:
+                await asyncio.sleep(self.limits.auth_fail_delay)
+            self.proto.respond(step.reply)
+            return
+        username = step.username.strip().lower()
+        try:
+            account = await self.ctx.directory.get_account(username)
+            hashed = account.password_hash if account and account.enabled else self.ctx.dummy_hash
+            verify = self.ctx.verify_password
+            ok = await verify(hashed, step.password)  # type: ignore[operator]
+            ok = bool(ok) and account is not None and account.enabled
+        except Exception as exc:  # storage down: temporary, never an accept
+            log.error("auth_error", session=sid, user=username, error=type(exc).__name__)
+            self.proto.respond(R.AUTH_TEMPFAIL)
+            return
+        if not ok:
+            log.info("auth_failed", session=sid, client=self.conn.peer_ip, user=username,
+                     mechanism=self.conn.auth_mechanism, reason="bad credentials")
+            await asyncio.sleep(self.limits.auth_fail_delay)
+            self.proto.respond(R.AUTH_FAILED)
+            return
+        assert account is not None
+        self.conn.auth_user = account.address
+        log.info("auth", session=sid, client=self.conn.peer_ip, user=account.address,
+                 mechanism=self.conn.auth_mechanism)
+        self.proto.respond(R.AUTH_OK)
+
+
+def new_queue_id() -> str:
+    """A queue id: 10 bytes of randomness, upper-case base32 (16 characters)."""
+    import base64
+
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii")

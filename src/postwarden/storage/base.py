@@ -1,0 +1,158 @@
+"""The storage interface: what every backend (SQLite now, PostgreSQL later)
+provides to the rest of postwarden.
+
+Two seams:
+
+* :class:`QueueStore` owns the commit point.  ``commit`` returns only once the
+  message body, the header lines prepended by cleanup and the envelope are on
+  stable storage.  Bodies are written through a :class:`BodyWriter` while the
+  client streams DATA/BDAT, so memory per session stays bounded.
+* :class:`Directory` owns domains, accounts (with password hashes) and aliases.
+
+Security exposure: stores untrusted message content and envelope strings; it
+must treat them as opaque data (parameterised SQL, no paths built from them).
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from postwarden.envelope import Address, Envelope, MailParams, RcptParams
+
+
+class StorageError(Exception):
+    """Storage failed (temporary: the client is told 4xx)."""
+
+
+class StorageFull(StorageError):
+    """No space left on the device holding the spool or database."""
+
+
+class BodyWriter(Protocol):
+    """Receives a message body chunk by chunk before the commit."""
+
+    @property
+    def size(self) -> int: ...
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``; raises :class:`StorageFull` or :class:`StorageError`."""
+
+    def abort(self) -> None:
+        """Discard what was written (message not accepted)."""
+
+
+class RcptStatus(enum.Enum):
+    QUEUED = "queued"  # never tried
+    DEFERRED = "deferred"  # tried, temporary failure, will retry
+    DELIVERED = "delivered"
+    FAILED = "failed"  # permanent failure (bounce to be sent)
+
+
+@dataclass(slots=True)
+class QueuedRecipient:
+    id: int
+    address: str  # as given in RCPT TO (local@domain)
+    params: RcptParams
+    status: RcptStatus = RcptStatus.QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    queue_id: str
+    sender: str  # "" is the null reverse-path <>
+    params: MailParams
+    recipients: list[QueuedRecipient]
+    received_at: float
+    size: int  # bytes of prepended headers + body
+    client_ip: str = ""
+    helo: str = ""
+    auth_user: str = ""
+    listener: str = ""
+    held: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CommitMeta:
+    """Facts about the submission stored with the envelope."""
+
+    client_ip: str = ""
+    helo: str = ""
+    auth_user: str = ""
+    listener: str = ""
+    session_id: str = ""
+    # The queue id to use (the session names it in the Received header before
+    # the commit); empty: the store generates one.
+    queue_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """The outcome of one delivery attempt for one recipient."""
+
+    rcpt_id: int
+    status: RcptStatus
+    reply: str = ""  # the remote/local reply or error, for logs and bounces
+    next_attempt: float = 0.0  # for DEFERRED
+
+
+class QueueStore(Protocol):
+    def new_body(self) -> BodyWriter:
+        """A writer for a new message body (no storage is committed yet)."""
+
+    async def commit(self, body: BodyWriter, envelope: Envelope, prepend: bytes,
+                     meta: CommitMeta) -> str:
+        """Make the message durable and return its queue id.
+
+        ``prepend`` (header lines added by cleanup, such as Received) is stored
+        ahead of the body.  On return the body, ``prepend`` and envelope are
+        fsync'ed/committed.  Raises :class:`StorageError` (nothing committed).
+        """
+
+    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+        """Messages with at least one recipient due for an attempt at ``now``."""
+
+    async def get(self, queue_id: str) -> QueuedMessage | None: ...
+
+    async def list(self, limit: int = 1000) -> list[QueuedMessage]: ...
+
+    def read_message(self, queue_id: str) -> AsyncIterator[bytes]:
+        """The full message (prepend + body) in chunks."""
+
+    async def record_results(self, queue_id: str,
+                             results: builtins.list[RecipientResult]) -> None:
+        """Store attempt outcomes; a message with no pending recipient is removed."""
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    address: str  # the login name: a full address, lower case
+    password_hash: str
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    source: str  # "local@domain" or "@domain" (catch-all)
+    targets: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Directory(Protocol):
+    async def is_local_domain(self, domain: str) -> bool: ...
+
+    async def resolve(self, address: Address) -> list[str] | None:
+        """Local mailboxes (``local@domain``, lower case) that mail for
+        ``address`` goes to after alias expansion; ``None`` if unknown."""
+
+    async def get_account(self, username: str) -> Account | None: ...
+
+    async def may_send_as(self, username: str, sender: Address) -> bool:
+        """``sender`` is the account's own address or an alias pointing to it."""

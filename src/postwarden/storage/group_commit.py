@@ -1,0 +1,184 @@
+"""Group commit: the one thread that writes the queue database.
+
+Every write of :class:`~postwarden.storage.sqlite_queue.SqliteQueueStore`
+is a :class:`Job` put on the writer's queue.  The writer takes every job
+waiting, runs each inside its own SAVEPOINT of one transaction (one failing
+job does not sink the others) and commits once: with ``synchronous=FULL``
+in WAL mode that is one fsync for the whole batch.  Before the transaction
+it runs each job's ``prepare`` (fdatasync of the job's spool file) and, if
+any job has a spool file, fsyncs the spool directory, so that no committed
+row can name a file whose data or directory entry is not yet durable.
+Futures are resolved on their event loop with ``call_soon_threadsafe``.
+
+Security exposure: none of its own; it executes the store's parameterised
+statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postwarden.observe.log import get_logger
+from postwarden.storage.base import StorageError
+from postwarden.storage.spool import fsync_dir, storage_error
+
+log = get_logger("queue")
+
+# Most jobs merged into one transaction (bounds the work lost to one failure).
+MAX_BATCH = 512
+
+
+@dataclass
+class StoreStats:
+    """Counters of the writer thread (read them from anywhere)."""
+
+    transactions: int = 0  # write transactions committed
+    messages: int = 0  # messages committed
+    largest_batch: int = 0  # most jobs in one transaction
+
+
+@dataclass(eq=False)
+class Job:
+    """One unit of work for the writer thread, run inside a SAVEPOINT."""
+
+    apply: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    prepare: Callable[[], None] | None = None  # before the transaction (fsync body)
+    spooled: bool = False  # needs the spool directory fsync'ed before commit
+    after_commit: Callable[[Any], None] | None = None
+    on_failure: Callable[[], None] | None = None
+    error: BaseException | None = field(default=None, init=False)
+    value: Any = field(default=None, init=False)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the waiter was cancelled; the work is done regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def connect(db_path: Path, *, writer: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
+    conn.execute("PRAGMA foreign_keys = ON")
+    if writer:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StorageError(f"cannot put {db_path} in WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+    else:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+class GroupCommitWriter(threading.Thread):
+    """The one thread that writes: batches jobs into group commits."""
+
+    def __init__(self, db_path: Path, spool_dir: Path, stats: StoreStats,
+                 init_schema: Callable[[sqlite3.Connection], None]) -> None:
+        super().__init__(name="postwarden-queue-writer", daemon=True)
+        self.db_path = db_path
+        self.spool_dir = spool_dir
+        self.stats = stats
+        self.init_schema = init_schema
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def run(self) -> None:
+        try:
+            conn = connect(self.db_path, writer=True)
+            self.init_schema(conn)
+        except BaseException as exc:
+            self.ready.set_exception(storage_error(exc, "open queue database"))
+            return
+        self.ready.set_result(None)
+        try:
+            self._loop(conn)
+        finally:
+            conn.close()
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(conn, batch)
+            if stop:
+                return
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
+        live: list[Job] = []
+        for job in batch:
+            try:
+                if job.prepare is not None:
+                    job.prepare()
+                live.append(job)
+            except Exception as exc:
+                job.error = storage_error(exc, "spool fsync")
+        try:
+            if any(job.spooled for job in live):
+                # The spool files' directory entries must be durable before
+                # the rows naming them commit.
+                fsync_dir(self.spool_dir)
+            if live:
+                self._transaction(conn, live)
+        except Exception as exc:
+            err = storage_error(exc, "queue commit")
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            for job in live:
+                job.error = err
+        self._finish(batch)
+
+    def _transaction(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        for job in jobs:
+            conn.execute("SAVEPOINT job")
+            try:
+                job.value = job.apply(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise  # SQLite rolled back the whole transaction
+                conn.execute("ROLLBACK TO job")
+                job.error = storage_error(exc, "queue write")
+            conn.execute("RELEASE job")
+        conn.execute("COMMIT")
+        self.stats.transactions += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+
+    def _finish(self, batch: list[Job]) -> None:
+        for job in batch:
+            if job.error is None and job.after_commit is not None:
+                try:
+                    job.after_commit(job.value)
+                except Exception as exc:  # the commit stands; only cleanup failed
+                    log.warning("after_commit_failed", error=repr(exc))
+            elif job.error is not None and job.on_failure is not None:
+                with contextlib.suppress(Exception):
+                    job.on_failure()
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                job.loop.call_soon_threadsafe(_resolve, job.future, job.value, job.error)

@@ -1,0 +1,188 @@
+"""Message bodies on their way to the commit point: the spool.
+
+:class:`SpoolBodyWriter` is the :class:`~postwarden.storage.base.BodyWriter`
+of the SQLite queue.  A body stays in memory while it is at most
+``inline_max`` bytes (it is then committed inline, in the database row);
+beyond that it spills to a spool file that is written as chunks arrive, so
+memory per session stays bounded whatever the message size.  The writer
+keeps a running size and CRC-32 so the committed row can later prove that
+its spool file is whole.
+
+Security exposure: writes untrusted message content to disk.  Spool file
+names are generated here from a CSPRNG (never from client input), created
+with ``O_EXCL | O_NOFOLLOW`` and mode 0600 in a 0700 directory.  ``write``
+is a plain ``os.write`` to the page cache; the fsync that makes the body
+durable happens at commit, off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import sqlite3
+import zlib
+from pathlib import Path
+
+from postwarden.storage.base import StorageError, StorageFull
+
+SPOOL_SUFFIX = ".spool"
+_SPOOL_NAME = re.compile(r"\A[0-9a-f]{32}\.spool\Z")
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def is_spool_name(name: str) -> bool:
+    """``name`` looks like a file this module created (others are left alone)."""
+    return bool(_SPOOL_NAME.match(name))
+
+
+def storage_error(exc: BaseException, what: str) -> StorageError:
+    """Translate an OS or SQLite error into the storage exception tree.
+
+    Disk full, quota exceeded and file-size limit become :class:`StorageFull`
+    (the client gets 452 4.3.1); everything else :class:`StorageError`.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError):
+        detail = f"{what}: {exc.strerror or exc}"
+        return StorageFull(detail) if exc.errno in _FULL_ERRNOS else StorageError(detail)
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        detail = f"{what}: {exc}"
+        return StorageFull(detail) if code == sqlite3.SQLITE_FULL else StorageError(detail)
+    return StorageError(f"{what}: {exc!r}")
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``os.write`` until everything is written (writes may be short)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory entries in ``path`` durable (new or removed files)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolBodyWriter:
+    """In memory up to ``inline_max`` bytes, then a spool file in ``spool_dir``.
+
+    Life cycle: *open* (``write``/``abort`` by the session) -> *sealed* when
+    handed to ``commit`` (the store owns it from then on; ``abort`` by the
+    session is a no-op so that it cannot pull the file from under a commit
+    in progress) -> *committed* or *discarded*.
+    """
+
+    def __init__(self, spool_dir: Path, inline_max: int, owner: object = None) -> None:
+        self._dir = spool_dir
+        self._inline_max = inline_max
+        self.owner = owner
+        self._buf = bytearray()
+        self._fd: int | None = None
+        self._name: str | None = None
+        self._size = 0
+        self._crc = 0
+        self._state = "open"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def checksum(self) -> int:
+        """CRC-32 of the body written so far."""
+        return self._crc
+
+    @property
+    def spool_name(self) -> str | None:
+        """The spool file name, or ``None`` while the body is in memory."""
+        return self._name
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory (at most ``inline_max``)."""
+        return len(self._buf)
+
+    def write(self, chunk: bytes) -> None:
+        if self._state != "open":
+            raise StorageError(f"body writer is {self._state}")
+        if not chunk:
+            return
+        try:
+            if self._fd is None and self._name is None \
+                    and len(self._buf) + len(chunk) <= self._inline_max:
+                self._buf += chunk
+            else:
+                if self._fd is None:
+                    self._spill()
+                assert self._fd is not None
+                write_all(self._fd, chunk)
+        except OSError as exc:
+            self._discard()
+            raise storage_error(exc, "spool write") from exc
+        self._size += len(chunk)
+        self._crc = zlib.crc32(chunk, self._crc)
+
+    def _spill(self) -> None:
+        name = secrets.token_hex(16) + SPOOL_SUFFIX
+        self._fd = os.open(self._dir / name, _O_CREATE, 0o600)
+        self._name = name
+        if self._buf:
+            write_all(self._fd, self._buf)
+            self._buf = bytearray()
+
+    def abort(self) -> None:
+        """Discard the body, unless a commit owns it already."""
+        if self._state == "open":
+            self._discard()
+
+    # The methods below are for the store only.
+
+    def seal(self) -> None:
+        if self._state != "open":
+            raise StorageError(f"body writer is {self._state}")
+        self._state = "sealed"
+
+    def inline_body(self) -> bytes | None:
+        """The body if it stayed in memory, else ``None``."""
+        return None if self._name is not None else bytes(self._buf)
+
+    def sync(self) -> None:
+        """fdatasync and close the spool file (blocking: run off the loop)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def committed(self) -> None:
+        self._state = "committed"
+        self._buf = bytearray()
+
+    def _discard(self) -> None:
+        self._state = "discarded"
+        self._buf = bytearray()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self._name is not None:
+            # On failure the file is left for the garbage collection at start.
+            with contextlib.suppress(OSError):
+                os.unlink(self._dir / self._name)
+
+    def discard(self) -> None:
+        """Remove the body after a failed commit (store only)."""
+        if self._state != "committed":
+            self._discard()

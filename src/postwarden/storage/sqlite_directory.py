@@ -1,0 +1,510 @@
+"""The directory in SQLite: local domains, accounts and aliases.
+
+:class:`SqliteDirectory` implements :class:`postwarden.storage.base.Directory`
+for the running server (async methods) and the administration commands of
+the CLI (sync methods).  It shares ``postwarden.db`` with the queue store but
+owns only the tables ``domains``, ``accounts``, ``aliases`` and its own
+version table ``directory_schema``.
+
+Local domains are the union of the config file's ``domains`` and the
+``domains`` table.  Lookups fold addresses to lower case.  There is no
+cache: every lookup reads the database (WAL mode, so reads never wait for
+the CLI's writes), hence a running server sees ``postwarden user add`` at
+once.
+
+Resolution (``resolve``), after Postfix's virtual alias maps:
+
+1. an account ``local@domain`` receives its own mail;
+2. an exact alias ``local@domain`` expands to its targets; local targets
+   are resolved again (up to :data:`MAX_ALIAS_DEPTH` levels, loops cut),
+   remote targets are final;
+3. a catch-all ``@domain`` applies only when there is neither;
+4. anything else is unknown (``None``), and so is a non-local domain.
+
+Security exposure: ``resolve``/``may_send_as`` answer for addresses given by
+unauthenticated clients; every query is parameterised and the result
+decides whether mail is accepted for delivery.  The write methods validate
+addresses themselves (:func:`check_address`, :func:`check_domain`) so that
+nothing malformed reaches the table that the relay policy trusts.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from postwarden.envelope import Address
+from postwarden.observe.log import get_logger
+from postwarden.storage.base import Account, Alias, StorageError
+
+SCHEMA_VERSION = 1
+# Alias chains longer than this are cut (Postfix stops at 1000 results and
+# 100 levels; a mail system with ten levels of aliases has other problems).
+MAX_ALIAS_DEPTH = 10
+# The CLI and the server write the same file; wait this long for a lock.
+BUSY_TIMEOUT_MS = 5000
+# RFC 5321 4.5.3.1.1-3: local part 64 octets, domain 255, path 256 (with <>).
+LOCAL_PART_MAX = 64
+DOMAIN_MAX = 255
+ADDRESS_MAX = 254
+
+# RFC 5322 3.2.3 atext, minus "%" and "!" (percent hack and bang paths are
+# routing syntax that must never appear in a name we own).  Non-ASCII
+# (RFC 6532 UTF-8) is allowed separately.
+_ATEXT = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#$&'*+-/=?^_`{|}~")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS directory_schema (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    address TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS accounts_domain ON accounts (domain);
+CREATE TABLE IF NOT EXISTS aliases (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (source, target)
+);
+CREATE INDEX IF NOT EXISTS aliases_domain ON aliases (domain);
+"""
+
+log = get_logger("directory")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class DirectoryError(Exception):
+    """An administration request that cannot be done (bad or conflicting input).
+
+    The message is one line meant for the administrator.
+    """
+
+
+# --- validation -----------------------------------------------------------
+
+
+def check_domain(text: str) -> str:
+    """Validate a domain name (ASCII LDH labels, RFC 1035 2.3.1 / RFC 5890
+    A-labels) and return it lower-cased without a trailing dot."""
+    name = text.strip().lower().removesuffix(".")
+    if not name:
+        raise DirectoryError("empty domain name")
+    if not name.isascii():
+        raise DirectoryError(f"domain {text!r}: write internationalised domains "
+                             "in their xn-- (A-label) form")
+    if len(name) > DOMAIN_MAX:
+        raise DirectoryError(f"domain {text!r} is longer than {DOMAIN_MAX} characters")
+    labels = name.split(".")
+    for label in labels:
+        if (not label or len(label) > 63 or label[0] == "-" or label[-1] == "-"
+                or not all(c.isalnum() or c == "-" for c in label)):
+            raise DirectoryError(f"{text!r} is not a valid domain name")
+    if labels[-1].isdigit():
+        raise DirectoryError(f"{text!r} is not a domain name (looks like an IP address)")
+    return name
+
+
+def check_local_part(local: str, shown: str) -> None:
+    """A dot-atom local part (RFC 5322 3.2.3, UTF-8 allowed per RFC 6532)."""
+    if not local:
+        raise DirectoryError(f"invalid address {shown!r}: empty local part")
+    if len(local.encode("utf-8", "surrogatepass")) > LOCAL_PART_MAX:
+        raise DirectoryError(
+            f"invalid address {shown!r}: local part longer than {LOCAL_PART_MAX} octets")
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        raise DirectoryError(f"invalid address {shown!r}: misplaced dot in local part")
+    for c in local:
+        if c == "." or c in _ATEXT:
+            continue
+        if ord(c) > 127 and c.isprintable() and not c.isspace():
+            continue
+        raise DirectoryError(f"invalid address {shown!r}: character {c!r} not allowed "
+                             "in the local part")
+
+
+def check_address(text: str) -> str:
+    """Validate ``local@domain`` and return it with the domain lower-cased
+    (the local part is kept as given; see :func:`normalize`)."""
+    shown = text
+    text = text.strip()
+    if text.count("@") != 1:
+        raise DirectoryError(f"invalid address {shown!r}: must contain exactly one @")
+    local, _, domain = text.partition("@")
+    check_local_part(local, shown)
+    if not domain:
+        raise DirectoryError(f"invalid address {shown!r}: empty domain")
+    try:
+        domain = check_domain(domain)
+    except DirectoryError as exc:
+        raise DirectoryError(f"invalid address {shown!r}: {exc}") from None
+    address = f"{local}@{domain}"
+    if len(address.encode("utf-8", "surrogatepass")) > ADDRESS_MAX:
+        raise DirectoryError(f"invalid address {shown!r}: longer than {ADDRESS_MAX} octets")
+    return address
+
+
+def normalize(address: str) -> str:
+    """The lookup key of a valid address: all lower case."""
+    return address.lower()
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+# --- the directory --------------------------------------------------------
+
+
+class SqliteDirectory:
+    """Domains, accounts and aliases in ``db_path`` (see module docstring).
+
+    One connection, guarded by a lock: async lookups run inline on the event
+    loop (they are index reads taking microseconds); admin methods are sync.
+    """
+
+    def __init__(self, db_path: Path, config_domains: Iterable[str] = ()) -> None:
+        self.db_path = db_path
+        self.config_domains: tuple[str, ...] = tuple(
+            d.lower().removesuffix(".") for d in config_domains)
+        self._lock = threading.Lock()
+        self._db = _connect(db_path)
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            row = db.execute("SELECT version FROM directory_schema").fetchone()
+            if row is None:
+                db.execute("INSERT INTO directory_schema (version) VALUES (?)",
+                           (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise DirectoryError(
+                    f"{self.db_path}: directory schema version {row[0]} is newer than "
+                    f"this postwarden supports ({SCHEMA_VERSION})")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE: take the write lock up front,
+        so concurrent writers wait for busy_timeout instead of failing)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- lookups (sync)
+
+    def is_local(self, domain: str) -> bool:
+        domain = domain.lower().removesuffix(".")
+        if domain in self.config_domains:
+            return True
+        return bool(self._query("SELECT 1 FROM domains WHERE name = ?", (domain,)))
+
+    def find_account(self, address: str) -> Account | None:
+        rows = self._query(
+            "SELECT address, password_hash, enabled FROM accounts WHERE address = ?",
+            (normalize(address),))
+        if not rows:
+            return None
+        addr, pw_hash, enabled = rows[0]
+        return Account(str(addr), str(pw_hash), bool(enabled))
+
+    def _targets(self, source: str) -> list[str] | None:
+        rows = self._query(
+            "SELECT target FROM aliases WHERE source = ? ORDER BY position", (source,))
+        return [str(r[0]) for r in rows] if rows else None
+
+    def _is_account(self, key: str) -> bool:
+        return bool(self._query("SELECT 1 FROM accounts WHERE address = ?", (key,)))
+
+    def resolve_sync(self, address: str) -> list[str] | None:
+        """Final addresses for ``address`` (see module docstring), or ``None``."""
+        key = normalize(address)
+        if not self.is_local(_domain_of(key)):
+            return None
+        out: list[str] = []
+        self._expand(key, 0, set(), out)
+        return _dedupe(out) or None
+
+    def _expand(self, key: str, depth: int, seen: set[str], out: list[str]) -> None:
+        """Append the final addresses of local ``key`` to ``out``."""
+        if key in seen:
+            return  # alias loop: this branch adds nothing
+        if depth > MAX_ALIAS_DEPTH:
+            log.warning("alias_too_deep", address=key, max_depth=MAX_ALIAS_DEPTH)
+            return
+        seen = seen | {key}
+        if self._is_account(key):
+            out.append(key)
+            return
+        targets = self._targets(key)
+        if targets is None:
+            targets = self._targets("@" + _domain_of(key))
+        if targets is None:
+            return
+        for target in targets:
+            if self.is_local(_domain_of(target)):
+                self._expand(normalize(target), depth + 1, seen, out)
+            else:
+                out.append(target)
+
+    def may_send_as_sync(self, username: str, sender: str) -> bool:
+        user = normalize(username)
+        key = normalize(sender)
+        if key == user:
+            return True
+        if not self.is_local(_domain_of(key)):
+            return False
+        targets = self._targets(key)  # exact aliases only, never the catch-all
+        if targets is None:
+            return False
+        out: list[str] = []
+        seen = {key}
+        for target in targets:
+            if self.is_local(_domain_of(target)):
+                self._expand(normalize(target), 1, seen, out)
+        return user in out
+
+    # -- the Directory protocol (async, for the server)
+
+    async def is_local_domain(self, domain: str) -> bool:
+        return _guard(self.is_local, domain)
+
+    async def resolve(self, address: Address) -> list[str] | None:
+        return _guard(self.resolve_sync, address.key)
+
+    async def get_account(self, username: str) -> Account | None:
+        return _guard(self.find_account, username)
+
+    async def may_send_as(self, username: str, sender: Address) -> bool:
+        return _guard(self.may_send_as_sync, username, sender.key)
+
+    # -- administration (sync, for the CLI)
+
+    def list_domains(self) -> list[str]:
+        rows = self._query("SELECT name FROM domains")
+        return sorted(set(self.config_domains) | {str(r[0]) for r in rows})
+
+    def add_domain(self, domain: str) -> str:
+        name = check_domain(domain)
+        if name in self.config_domains:
+            raise DirectoryError(f"domain {name} is already local (listed in the config file)")
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
+                raise DirectoryError(f"domain {name} already exists")
+            db.execute("INSERT INTO domains (name, created_at) VALUES (?, ?)",
+                       (name, time.time()))
+        return name
+
+    def del_domain(self, domain: str) -> str:
+        name = check_domain(domain)
+        with self._write() as db:
+            in_db = db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone()
+            if not in_db:
+                if name in self.config_domains:
+                    raise DirectoryError(f"domain {name} is listed in the config file; "
+                                         "remove it there")
+                raise DirectoryError(f"no such domain: {name}")
+            if name not in self.config_domains:
+                (n_acc,) = db.execute(
+                    "SELECT count(*) FROM accounts WHERE domain = ?", (name,)).fetchone()
+                (n_ali,) = db.execute(
+                    "SELECT count(DISTINCT source) FROM aliases WHERE domain = ?",
+                    (name,)).fetchone()
+                if n_acc or n_ali:
+                    raise DirectoryError(
+                        f"domain {name} still has {n_acc} account(s) and {n_ali} alias(es); "
+                        "delete them first")
+            db.execute("DELETE FROM domains WHERE name = ?", (name,))
+        return name
+
+    def add_user(self, address: str, password_hash: str) -> str:
+        key = normalize(check_address(address))
+        _check_hash(password_hash)
+        domain = _domain_of(key)
+        with self._write() as db:
+            self._require_local(db, domain, key)
+            if db.execute("SELECT 1 FROM accounts WHERE address = ?", (key,)).fetchone():
+                raise DirectoryError(f"account {key} already exists")
+            if db.execute("SELECT 1 FROM aliases WHERE source = ?", (key,)).fetchone():
+                raise DirectoryError(f"{key} is an alias; delete the alias first")
+            now = time.time()
+            db.execute(
+                "INSERT INTO accounts (address, domain, password_hash, enabled, created_at,"
+                " updated_at) VALUES (?, ?, ?, 1, ?, ?)",
+                (key, domain, password_hash, now, now))
+        return key
+
+    def set_password(self, address: str, password_hash: str) -> str:
+        key = normalize(check_address(address))
+        _check_hash(password_hash)
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE accounts SET password_hash = ?, updated_at = ? WHERE address = ?",
+                (password_hash, time.time(), key))
+            if cur.rowcount == 0:
+                raise DirectoryError(f"no such account: {key}")
+        return key
+
+    def del_user(self, address: str) -> str:
+        key = normalize(check_address(address))
+        with self._write() as db:
+            cur = db.execute("DELETE FROM accounts WHERE address = ?", (key,))
+            if cur.rowcount == 0:
+                raise DirectoryError(f"no such account: {key}")
+        return key
+
+    def list_users(self, domain: str | None = None) -> list[Account]:
+        sql = "SELECT address, password_hash, enabled FROM accounts"
+        args: tuple[object, ...] = ()
+        if domain is not None:
+            sql += " WHERE domain = ?"
+            args = (check_domain(domain),)
+        rows = self._query(sql + " ORDER BY domain, address", args)
+        return [Account(str(a), str(h), bool(e)) for a, h, e in rows]
+
+    def add_alias(self, source: str, targets: Iterable[str]) -> Alias:
+        """Create ``source`` (``local@domain`` or ``@domain`` for a catch-all)
+        or add ``targets`` to it.  Returns the alias with all its targets."""
+        src = _check_source(source)
+        domain = _domain_of(src)
+        checked: list[str] = []
+        for t in targets:
+            if t.strip().startswith("@"):
+                raise DirectoryError(f"alias target {t!r} must be a full address")
+            checked.append(check_address(t))
+        if not checked:
+            raise DirectoryError("an alias needs at least one target")
+        with self._write() as db:
+            self._require_local(db, domain, src)
+            finals = [normalize(t) if self._is_local_in(db, _domain_of(t)) else t
+                      for t in checked]
+            if src in finals:
+                raise DirectoryError(f"alias {src} cannot point to itself")
+            if db.execute("SELECT 1 FROM accounts WHERE address = ?", (src,)).fetchone():
+                raise DirectoryError(f"{src} is an account; an alias of the same name "
+                                     "would never be used")
+            (pos,) = db.execute("SELECT coalesce(max(position), 0) FROM aliases "
+                                "WHERE source = ?", (src,)).fetchone()
+            for target in _dedupe(finals):
+                pos += 1
+                db.execute("INSERT OR IGNORE INTO aliases (source, target, domain, position)"
+                           " VALUES (?, ?, ?, ?)", (src, target, domain, pos))
+            rows = db.execute("SELECT target FROM aliases WHERE source = ? ORDER BY position",
+                              (src,)).fetchall()
+        return Alias(src, tuple(str(r[0]) for r in rows))
+
+    def del_alias(self, source: str) -> str:
+        src = _check_source(source)
+        with self._write() as db:
+            cur = db.execute("DELETE FROM aliases WHERE source = ?", (src,))
+            if cur.rowcount == 0:
+                raise DirectoryError(f"no such alias: {src}")
+        return src
+
+    def list_aliases(self) -> list[Alias]:
+        rows = self._query(
+            "SELECT source, target FROM aliases ORDER BY domain, source, position")
+        result: dict[str, list[str]] = {}
+        for source, target in rows:
+            result.setdefault(str(source), []).append(str(target))
+        return [Alias(s, tuple(t)) for s, t in result.items()]
+
+    # -- helpers
+
+    def _is_local_in(self, db: sqlite3.Connection, domain: str) -> bool:
+        return domain in self.config_domains or bool(
+            db.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone())
+
+    def _require_local(self, db: sqlite3.Connection, domain: str, what: str) -> None:
+        if not self._is_local_in(db, domain):
+            raise DirectoryError(
+                f"{what}: domain {domain} is not a local domain "
+                f"(add it with 'postwarden domain add {domain}')")
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    if not db_path.exists():
+        # Create the file private before SQLite does (with the umask).
+        os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+    # isolation_level=None: autocommit; reads see the latest committed state,
+    # writes use explicit BEGIN IMMEDIATE (see _write).
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
+                         timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _check_source(source: str) -> str:
+    text = source.strip()
+    if text.startswith("@"):
+        return "@" + check_domain(text[1:])
+    return normalize(check_address(text))
+
+
+def _check_hash(password_hash: str) -> None:
+    # Defence in depth: the CLI hashes first; never store a clear password.
+    if not password_hash.startswith("$argon2"):
+        raise DirectoryError("refusing to store a password that is not an argon2 hash")
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _guard(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run a lookup for the server: a database failure is temporary (4xx)."""
+    try:
+        return func(*args, **kwargs)
+    except sqlite3.Error as exc:
+        log.error("directory_error", error=str(exc))
+        raise StorageError(f"directory lookup failed: {exc}") from exc

@@ -1,0 +1,191 @@
+"""Shared fixtures: real certificates (trustme), real config files, and a
+real postwarden server running in a background thread on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from postwarden import config as config_mod
+
+REQUIRE_ALL = os.environ.get("POSTWARDEN_REQUIRE_ALL") == "1"
+DOMAIN = "example.test"
+HOSTNAME = "mail.example.test"
+PASSWORD = "correct horse battery staple"
+
+
+def require_tool(name: str) -> str:
+    """The path of an external tool; skip (fail in CI) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed (Debian package providing it is required)"
+        if REQUIRE_ALL:
+            pytest.fail(msg + " and POSTWARDEN_REQUIRE_ALL=1")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def cert_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert(HOSTNAME, "localhost", "127.0.0.1", "::1")
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(p))
+    return p
+
+
+@pytest.fixture
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+def write_config(directory: Path, cert_files: tuple[Path, Path], extra: str = "",
+                 ports: tuple[int, int, int] = (0, 0, 0)) -> Path:
+    cert, key = cert_files
+    path = directory / "postwarden.toml"
+    path.write_text(f"""
+hostname = "{HOSTNAME}"
+data_dir = "data"
+domains = ["{DOMAIN}"]
+
+[listeners.mx]
+address = "127.0.0.1:{ports[0]}"
+[listeners.submission]
+address = "127.0.0.1:{ports[1]}"
+[listeners.submissions]
+address = "127.0.0.1:{ports[2]}"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[limits]
+auth_fail_delay = 0.05
+{extra}
+""")
+    return path
+
+
+class ServerThread:
+    """A postwarden server on its own event loop in a background thread."""
+
+    def __init__(self, cfg: config_mod.Config) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        from postwarden.app import Server
+
+        self.server = Server(cfg)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+        return self
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def port(self, name: str) -> int:
+        return self.server.port(name)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.server.stop(grace=2))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def add_user(cfg: config_mod.Config, address: str, password: str = PASSWORD) -> None:
+    from postwarden.auth.passwords import hash_password
+    from postwarden.storage.sqlite_directory import SqliteDirectory
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    d = SqliteDirectory(cfg.db_path, cfg.domains)
+    try:
+        d.add_user(address, hash_password(password))
+    finally:
+        d.close()
+
+
+def add_alias(cfg: config_mod.Config, source: str, *targets: str) -> None:
+    from postwarden.storage.sqlite_directory import SqliteDirectory
+
+    d = SqliteDirectory(cfg.db_path, cfg.domains)
+    try:
+        d.add_alias(source, targets)
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, cert_files: tuple[Path, Path]
+                ) -> Iterator[Callable[..., ServerThread]]:
+    servers: list[ServerThread] = []
+
+    def factory(extra: str = "", users: tuple[str, ...] = (f"alice@{DOMAIN}",),
+                directory: Path | None = None) -> ServerThread:
+        d = directory or tmp_path
+        cfg = config_mod.load(write_config(d, cert_files, extra))
+        for u in users:
+            add_user(cfg, u)
+        st = ServerThread(cfg).start()
+        servers.append(st)
+        return st
+
+    yield factory
+    for st in servers:
+        st.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ServerThread]) -> ServerThread:
+    return make_server()
+
+
+def maildir_messages(cfg: config_mod.Config, address: str) -> list[bytes]:
+    local, domain = address.split("@")
+    new = cfg.mail_dir / domain / local / "Maildir" / "new"
+    if not new.is_dir():
+        return []
+    return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``predicate`` until it is truthy (for asynchronous delivery)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)

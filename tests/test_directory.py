@@ -1,0 +1,260 @@
+"""SqliteDirectory: resolution, send-as, administration and freshness."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from postwarden import cli
+from postwarden.envelope import Address
+from postwarden.storage.sqlite_directory import (
+    MAX_ALIAS_DEPTH,
+    DirectoryError,
+    SqliteDirectory,
+    check_address,
+)
+
+# A stored hash need not verify here; the directory only checks its form.
+HASH = "$argon2id$v=19$m=32768,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA"
+
+
+def addr(text: str) -> Address:
+    return Address.parse_simple(text)
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Iterator[SqliteDirectory]:
+    d = SqliteDirectory(tmp_path / "postwarden.db", ("example.org",))
+    d.add_domain("example.net")
+    for user in ("alice@example.org", "bob@example.org", "carol@example.net"):
+        d.add_user(user, HASH)
+    d.add_alias("team@example.org", ["alice@example.org", "Bob@Example.ORG"])
+    d.add_alias("sales@example.org", ["team@example.org", "carol@example.net",
+                                      "Partner@Remote.COM"])
+    d.add_alias("info@example.org", ["sales@example.org", "alice@example.org"])
+    d.add_alias("ext@example.org", ["someone@remote.com"])
+    d.add_alias("@example.net", ["carol@example.net"])
+    d.add_alias("alice@example.net", ["alice@example.org"])  # exact beats catch-all
+    d.add_alias("loop1@example.org", ["loop2@example.org"])
+    d.add_alias("loop2@example.org", ["loop1@example.org", "bob@example.org"])
+    d.add_alias("dangling@example.org", ["nobody@example.org"])
+    yield d
+    d.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("alice@example.org", ["alice@example.org"]),
+        ("ALICE@Example.Org", ["alice@example.org"]),
+        ("team@example.org", ["alice@example.org", "bob@example.org"]),
+        ("sales@example.org",
+         ["alice@example.org", "bob@example.org", "carol@example.net", "Partner@remote.com"]),
+        # nested, deduplicated
+        ("info@example.org",
+         ["alice@example.org", "bob@example.org", "carol@example.net", "Partner@remote.com"]),
+        ("ext@example.org", ["someone@remote.com"]),
+        # catch-all only when there is no account and no exact alias
+        ("carol@example.net", ["carol@example.net"]),
+        ("alice@example.net", ["alice@example.org"]),
+        ("whoever@example.net", ["carol@example.net"]),
+        # a loop adds nothing but the other targets still count
+        ("loop1@example.org", ["bob@example.org"]),
+        ("dangling@example.org", None),
+        ("unknown@example.org", None),
+        ("alice@remote.com", None),  # not a local domain
+    ],
+)
+def test_resolve(directory: SqliteDirectory, address: str, expected: list[str] | None) -> None:
+    assert asyncio.run(directory.resolve(addr(address))) == expected
+
+
+def test_alias_depth_limit(tmp_path: Path) -> None:
+    with SqliteDirectory(tmp_path / "d.db", ("example.org",)) as d:
+        d.add_user("end@example.org", HASH)
+        chain = [f"a{i}@example.org" for i in range(MAX_ALIAS_DEPTH + 2)]
+        for src, dst in zip(chain, [*chain[1:], "end@example.org"], strict=True):
+            d.add_alias(src, [dst])
+        assert d.resolve_sync(chain[2]) == ["end@example.org"]
+        assert d.resolve_sync(chain[0]) is None  # too deep
+
+
+@pytest.mark.parametrize(
+    ("username", "sender", "expected"),
+    [
+        ("alice@example.org", "alice@example.org", True),
+        ("Alice@Example.org", "ALICE@example.ORG", True),
+        ("alice@example.org", "team@example.org", True),
+        ("bob@example.org", "info@example.org", True),  # nested
+        ("carol@example.net", "sales@example.org", True),
+        ("alice@example.org", "bob@example.org", False),
+        ("carol@example.net", "team@example.org", False),
+        ("carol@example.net", "whoever@example.net", False),  # catch-all never grants
+        ("alice@example.org", "alice@remote.com", False),
+        ("alice@example.org", "unknown@example.org", False),
+    ],
+)
+def test_may_send_as(directory: SqliteDirectory, username: str, sender: str,
+                     expected: bool) -> None:
+    assert asyncio.run(directory.may_send_as(username, addr(sender))) is expected
+
+
+def test_lookups(directory: SqliteDirectory) -> None:
+    async def go() -> None:
+        assert await directory.is_local_domain("EXAMPLE.org")
+        assert await directory.is_local_domain("example.net.")
+        assert not await directory.is_local_domain("remote.com")
+        acc = await directory.get_account("Alice@Example.org")
+        assert acc is not None and acc.address == "alice@example.org"
+        assert acc.password_hash == HASH and acc.enabled
+        assert await directory.get_account("team@example.org") is None
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (lambda d: d.add_user("x@remote.com", HASH), "remote.com is not a local domain"),
+        (lambda d: d.add_user("alice@example.org", HASH), "already exists"),
+        (lambda d: d.add_user("team@example.org", HASH), "is an alias"),
+        (lambda d: d.add_user("new@example.org", "clear text"), "not an argon2 hash"),
+        (lambda d: d.set_password("nobody@example.org", HASH), "no such account"),
+        (lambda d: d.del_user("nobody@example.org"), "no such account"),
+        (lambda d: d.add_alias("alice@example.org", ["bob@example.org"]), "is an account"),
+        (lambda d: d.add_alias("me@example.org", ["me@example.org"]), "itself"),
+        (lambda d: d.add_alias("x@remote.com", ["bob@example.org"]), "not a local domain"),
+        (lambda d: d.add_alias("x@example.org", ["@example.net"]), "full address"),
+        (lambda d: d.add_alias("x@example.org", []), "at least one target"),
+        (lambda d: d.del_alias("nothing@example.org"), "no such alias"),
+        (lambda d: d.add_domain("example.org"), "listed in the config file"),
+        (lambda d: d.add_domain("example.net"), "already exists"),
+        (lambda d: d.add_domain("bad_domain"), "not a valid domain"),
+        (lambda d: d.del_domain("example.org"), "remove it there"),
+        (lambda d: d.del_domain("example.net"), "still has 1 account(s) and 2 alias(es)"),
+        (lambda d: d.del_domain("nowhere.com"), "no such domain"),
+    ],
+)
+def test_admin_errors(directory: SqliteDirectory, action: object, message: str) -> None:
+    with pytest.raises(DirectoryError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        action(directory)  # type: ignore[operator]
+
+
+def test_admin_roundtrip(directory: SqliteDirectory) -> None:
+    assert directory.list_domains() == ["example.net", "example.org"]
+    assert [a.address for a in directory.list_users("example.org")] == [
+        "alice@example.org", "bob@example.org"]
+    alias = directory.add_alias("team@example.org", ["carol@example.net", "alice@example.org"])
+    assert alias.targets == ("alice@example.org", "bob@example.org", "carol@example.net")
+    directory.del_alias("team@example.org")
+    assert "team@example.org" not in {a.source for a in directory.list_aliases()}
+    directory.del_user("bob@example.org")
+    assert directory.find_account("bob@example.org") is None
+    directory.del_user("carol@example.net")
+    directory.del_alias("@example.net")
+    directory.del_alias("alice@example.net")
+    directory.del_domain("example.net")
+    assert directory.list_domains() == ["example.org"]
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("user@example.org", True),
+        ("first.last+tag@sub.example.org", True),
+        ("josé@example.org", True),  # RFC 6532 UTF-8 local part
+        ("user@example.org.", True),
+        ("no-at-sign", False),
+        ("two@@example.org", False),
+        ("a@b@example.org", False),
+        ("@example.org", False),
+        ("user@", False),
+        ("us er@example.org", False),
+        ("user\t@example.org", False),
+        ("user\x00@example.org", False),
+        ('"quoted"@example.org', False),
+        (".user@example.org", False),
+        ("us..er@example.org", False),
+        ("user%remote@example.org", False),  # percent hack
+        ("host!user@example.org", False),  # bang path
+        ("user@exa_mple.org", False),
+        ("user@-example.org", False),
+        ("user@[127.0.0.1]", False),
+        ("user@127.0.0.1", False),
+        ("user@bücher.de", False),  # use the A-label
+        ("x" * 65 + "@example.org", False),
+    ],
+)
+def test_check_address(text: str, ok: bool) -> None:
+    if ok:
+        assert check_address(text).endswith("@" + text.rpartition("@")[2].rstrip(".").lower())
+    else:
+        with pytest.raises(DirectoryError):
+            check_address(text)
+
+
+def _write_config(tmp_path: Path) -> Path:
+    path = tmp_path / "postwarden.toml"
+    path.write_text('hostname = "mail.example.org"\ndata_dir = "data"\n'
+                    'domains = ["example.org"]\n')
+    return path
+
+
+def test_running_directory_sees_cli_changes(tmp_path: Path) -> None:
+    """An open instance (the server) sees what the CLI (another process) writes."""
+    cfg = _write_config(tmp_path)
+    (tmp_path / "data").mkdir()
+    with SqliteDirectory(tmp_path / "data" / "postwarden.db", ("example.org",)) as server:
+        who = addr("dave@example.org")
+        assert asyncio.run(server.resolve(who)) is None
+        assert asyncio.run(server.get_account("dave@example.org")) is None
+
+        run = subprocess.run(
+            [sys.executable, "-m", "postwarden", "-c", str(cfg), "user", "add",
+             "dave@example.org", "--password-stdin"],
+            input="a long enough password\n", capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert asyncio.run(server.resolve(who)) == ["dave@example.org"]
+        acc = asyncio.run(server.get_account("dave@example.org"))
+        assert acc is not None and acc.password_hash.startswith("$argon2id$")
+
+        assert cli.main(["-c", str(cfg), "domain", "add", "example.com"]) == 0
+        assert asyncio.run(server.is_local_domain("example.com"))
+        assert cli.main(["-c", str(cfg), "alias", "add", "@example.com",
+                         "dave@example.org"]) == 0
+        assert asyncio.run(server.resolve(addr("x@example.com"))) == ["dave@example.org"]
+
+        assert cli.main(["-c", str(cfg), "user", "del", "dave@example.org"]) == 0
+        assert asyncio.run(server.resolve(who)) is None
+        assert asyncio.run(server.resolve(addr("x@example.com"))) is None
+
+
+def test_shares_database_with_other_tables(tmp_path: Path) -> None:
+    db_path = tmp_path / "postwarden.db"
+    other = sqlite3.connect(db_path)
+    other.execute("CREATE TABLE messages (queue_id TEXT PRIMARY KEY)")
+    other.execute("PRAGMA user_version = 7")
+    other.commit()
+    other.close()
+    with SqliteDirectory(db_path, ("example.org",)) as d:
+        d.add_user("a@example.org", HASH)
+    with SqliteDirectory(db_path, ()) as d:  # reopening migrates nothing twice
+        assert d.find_account("a@example.org") is not None
+    check = sqlite3.connect(db_path)
+    assert check.execute("PRAGMA user_version").fetchone() == (7,)
+    assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"messages", "domains", "accounts", "aliases", "directory_schema"} <= tables
+    check.close()
+
+
+def test_new_database_file_is_private(tmp_path: Path) -> None:
+    with SqliteDirectory(tmp_path / "new.db", ()):
+        pass
+    assert (tmp_path / "new.db").stat().st_mode & 0o077 == 0

@@ -1,0 +1,509 @@
+"""The SQLite queue store: commit point, group commit, self-validating records.
+
+Real SQLite files and real spool files in tmp_path; failures are produced
+for real (truncated files, RLIMIT_FSIZE in a subprocess, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from postwarden.envelope import Address, Envelope, MailParams, RcptParams, Recipient
+from postwarden.storage.base import CommitMeta, RcptStatus, RecipientResult, StorageError
+from postwarden.storage.sqlite_queue import MessageCorrupt, SqliteQueueStore
+
+T = TypeVar("T")
+CHUNK = 64 * 1024
+PREPEND = b"Received: from client.example (client.example [192.0.2.1])\r\n"
+
+
+def run(func: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await func()
+    return asyncio.run(main())
+
+
+def envelope(*rcpts: str, sender: str | None = "alice@example.test") -> Envelope:
+    return Envelope(
+        sender=Address.parse_simple(sender) if sender else None,
+        recipients=[Recipient(Address.parse_simple(r)) for r in rcpts or ("bob@example.test",)])
+
+
+async def open_store(tmp: Path, inline_max: int = 128 * 1024) -> SqliteQueueStore:
+    store = SqliteQueueStore(tmp / "data" / "postwarden.db", tmp / "data" / "spool", inline_max)
+    await store.start()
+    return store
+
+
+async def commit(store: SqliteQueueStore, data: bytes, env: Envelope | None = None,
+                 prepend: bytes = PREPEND) -> str:
+    body = store.new_body()
+    for start in range(0, len(data), CHUNK):
+        body.write(data[start:start + CHUNK])
+    return await store.commit(body, env or envelope(), prepend,
+                              CommitMeta(client_ip="192.0.2.1", helo="client.example",
+                                         listener="mx", session_id="S1"))
+
+
+async def read_all(store: SqliteQueueStore, queue_id: str) -> bytes:
+    return b"".join([chunk async for chunk in store.read_message(queue_id)])
+
+
+def spool_files(tmp: Path) -> list[Path]:
+    return sorted((tmp / "data" / "spool").glob("*.spool"))
+
+
+def test_inline_round_trip(tmp_path: Path) -> None:
+    data = os.urandom(1024)
+    env = Envelope(
+        sender=Address("Alice", "example.test"),
+        params=MailParams(size=1024, body="8BITMIME", smtputf8=True, ret="HDRS", envid="E1"),
+        recipients=[Recipient(Address("bob", "example.test"),
+                              RcptParams(notify=("SUCCESS", "FAILURE"),
+                                         orcpt="rfc822;bob@example.test")),
+                    Recipient(Address("carol", "remote.example"))])
+
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        queue_id = await commit(store, data, env)
+        assert re.fullmatch(r"[A-Z2-7]{16}", queue_id)
+        assert await read_all(store, queue_id) == PREPEND + data
+        assert spool_files(tmp_path) == []  # inline: one WAL fsync covers all
+        msg = await store.get(queue_id)
+        assert msg is not None
+        assert msg.sender == "Alice@example.test"
+        assert msg.params == env.params
+        assert msg.size == len(PREPEND) + len(data)
+        assert (msg.client_ip, msg.helo, msg.listener) == ("192.0.2.1", "client.example", "mx")
+        assert [r.address for r in msg.recipients] == ["bob@example.test", "carol@remote.example"]
+        assert msg.recipients[0].params == env.recipients[0].params
+        assert msg.recipients[1].params == RcptParams()
+        assert all(r.status is RcptStatus.QUEUED for r in msg.recipients)
+        assert await store.state(queue_id) == "active"
+        await store.close()
+
+    run(main)
+    assert stat.S_IMODE((tmp_path / "data" / "postwarden.db").stat().st_mode) == 0o600
+
+
+def test_null_sender_round_trip(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        queue_id = await commit(store, b"bounce\r\n", envelope(sender=None), prepend=b"")
+        msg = await store.get(queue_id)
+        assert msg is not None and msg.sender == ""
+        assert await read_all(store, queue_id) == b"bounce\r\n"
+        await store.close()
+
+    run(main)
+
+
+def test_queue_id_chosen_by_the_session(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=100)
+        meta = CommitMeta(session_id="S9", queue_id="ABCDEFGHIJKLMNOP")
+        body = store.new_body()
+        body.write(b"q" * 500)
+        assert await store.commit(body, envelope(), b"", meta) == "ABCDEFGHIJKLMNOP"
+        again = store.new_body()
+        again.write(b"w" * 500)
+        with pytest.raises(StorageError):  # taken: nothing committed, file gone
+            await store.commit(again, envelope(), b"", meta)
+        assert len(spool_files(tmp_path)) == 1
+        assert await read_all(store, "ABCDEFGHIJKLMNOP") == b"q" * 500
+        await store.close()
+
+    run(main)
+
+
+def test_large_body_streams_through_spool_file(tmp_path: Path) -> None:
+    chunk = os.urandom(CHUNK)
+    n = 80  # 5 MiB
+    expected_crc = zlib.crc32(PREPEND + chunk * n)
+
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        body = store.new_body()
+        tracemalloc.start()
+        try:
+            for _ in range(n):
+                body.write(chunk)
+            _, write_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert body.size == n * CHUNK
+        assert body.buffered == 0  # spilled: nothing held in memory
+        assert write_peak < 1024 * 1024
+        queue_id = await store.commit(body, envelope(), PREPEND, CommitMeta())
+        [spool] = spool_files(tmp_path)
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o600
+        assert stat.S_IMODE(spool.parent.stat().st_mode) == 0o700
+
+        tracemalloc.start()
+        try:
+            crc, largest = 0, 0
+            async for part in store.read_message(queue_id):
+                crc = zlib.crc32(part, crc)
+                largest = max(largest, len(part))
+            _, read_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert crc == expected_crc
+        assert largest <= CHUNK
+        assert read_peak < 1024 * 1024
+        await store.close()
+
+    run(main)
+
+
+def test_concurrent_commits_share_transactions(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=4096)
+        bodies = [f"message {i}\r\n".encode() * (1 if i % 10 else 1000) for i in range(200)]
+        ids = await asyncio.gather(*(commit(store, b) for b in bodies))
+        assert len(set(ids)) == 200
+        assert store.stats.messages == 200
+        # Group commit: far fewer transactions (fsyncs) than messages.
+        assert store.stats.transactions < 50, store.stats
+        for queue_id, data in zip(ids, bodies, strict=True):
+            assert await read_all(store, queue_id) == PREPEND + data
+        assert len(await store.list()) == 200
+        await store.close()
+
+    run(main)
+
+
+def test_abort_removes_spool_file(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=1000)
+        body = store.new_body()
+        body.write(b"x" * 5000)
+        assert len(spool_files(tmp_path)) == 1
+        body.abort()
+        assert spool_files(tmp_path) == []
+        with pytest.raises(StorageError):
+            body.write(b"more")
+        # A failed commit (no recipient) removes its file too, commits nothing.
+        body = store.new_body()
+        body.write(b"y" * 5000)
+        with pytest.raises(StorageError):
+            await store.commit(body, Envelope(sender=None), b"", CommitMeta())
+        assert spool_files(tmp_path) == []
+        assert await store.list() == []
+        await store.close()
+
+    run(main)
+
+
+def test_commit_after_close_fails_cleanly(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=10)
+        body = store.new_body()
+        body.write(b"z" * 100)
+        await store.close()
+        with pytest.raises(StorageError):
+            await store.commit(body, envelope(), b"", CommitMeta())
+        assert spool_files(tmp_path) == []
+
+    run(main)
+
+
+def test_truncated_spool_file_is_quarantined(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=1000)
+        queue_id = await commit(store, b"a" * 300_000)
+        [spool] = spool_files(tmp_path)
+        os.truncate(spool, 1000)
+        with pytest.raises(MessageCorrupt):
+            await read_all(store, queue_id)
+        assert await store.state(queue_id) == "corrupt"
+        assert await store.due(1e12, 10) == []
+        with pytest.raises(MessageCorrupt):
+            await read_all(store, queue_id)
+        await store.close()
+
+    run(main)
+
+
+def test_flipped_byte_detected_before_the_end_is_accepted(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=1000)
+        queue_id = await commit(store, b"a" * 300_000)
+        [spool] = spool_files(tmp_path)
+        with open(spool, "r+b") as f:
+            f.seek(299_000)
+            f.write(b"b")
+        chunks: list[bytes] = []
+        with pytest.raises(MessageCorrupt):
+            async for part in store.read_message(queue_id):
+                chunks.append(part)
+        assert await store.state(queue_id) == "corrupt"
+        await store.close()
+
+    run(main)
+
+
+def test_start_quarantines_rows_with_missing_or_short_files(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str, str]:
+        store = await open_store(tmp_path, inline_max=1000)
+        missing = await commit(store, b"m" * 5000)
+        short = await commit(store, b"s" * 5000)
+        fine = await commit(store, b"f" * 5000)
+        await store.close()
+        return missing, short, fine
+
+    missing, short, fine = run(main)
+    by_size = {}
+    for p in spool_files(tmp_path):
+        by_size[p.read_bytes()[:1]] = p
+    by_size[b"m"].unlink()
+    os.truncate(by_size[b"s"], 10)
+
+    async def reopen() -> None:
+        store = await open_store(tmp_path, inline_max=1000)
+        assert await store.state(missing) == "corrupt"
+        assert await store.state(short) == "corrupt"
+        assert await store.state(fine) == "active"
+        assert [m.queue_id for m in await store.due(1e12, 10)] == [fine]
+        await store.close()
+
+    run(reopen)
+
+
+def test_start_removes_unreferenced_spool_files(tmp_path: Path) -> None:
+    async def main() -> str:
+        store = await open_store(tmp_path, inline_max=1000)
+        queue_id = await commit(store, b"k" * 5000)
+        stray = store.new_body()
+        stray.write(b"never committed" * 1000)  # the process "dies" here
+        await store.close()
+        return queue_id
+
+    queue_id = run(main)
+    assert len(spool_files(tmp_path)) == 2
+    other = tmp_path / "data" / "spool" / "README"
+    other.write_text("not ours")
+
+    async def reopen() -> None:
+        store = await open_store(tmp_path, inline_max=1000)
+        assert len(spool_files(tmp_path)) == 1
+        assert other.exists()
+        assert await read_all(store, queue_id) == PREPEND + b"k" * 5000
+        await store.close()
+
+    run(reopen)
+
+
+def test_second_instance_does_not_collect_garbage(tmp_path: Path) -> None:
+    async def main() -> None:
+        first = await open_store(tmp_path, inline_max=1000)
+        body = first.new_body()
+        body.write(b"in flight" * 1000)
+        second = await open_store(tmp_path, inline_max=1000)  # e.g. the CLI
+        assert len(spool_files(tmp_path)) == 1
+        queue_id = await first.commit(body, envelope(), b"", CommitMeta())
+        assert await read_all(second, queue_id) == b"in flight" * 1000
+        await second.close()
+        await first.close()
+
+    run(main)
+
+
+def test_due_record_results_and_removal(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=1000)
+        queue_id = await commit(store, b"r" * 5000,
+                                envelope("a@example.test", "b@example.test", "c@example.test"))
+        [msg] = await store.due(100.0, 10)
+        a, b, c = msg.recipients
+        await store.record_results(queue_id, [
+            RecipientResult(a.id, RcptStatus.DELIVERED, "2.0.0 delivered to maildir"),
+            RecipientResult(b.id, RcptStatus.DEFERRED, "4.4.1 try later", next_attempt=160.0),
+            RecipientResult(c.id, RcptStatus.FAILED, "5.1.1 mailbox unavailable")])
+        assert await store.due(150.0, 10) == []
+        [msg] = await store.due(160.0, 10)
+        assert [r.address for r in msg.recipients] == ["b@example.test"]
+        assert msg.recipients[0].attempts == 1
+        assert msg.recipients[0].status is RcptStatus.DEFERRED
+        # FAILED results are kept until the message goes (bounces need them).
+        full = await store.get(queue_id)
+        assert full is not None
+        assert [r.status for r in full.recipients] == [
+            RcptStatus.DELIVERED, RcptStatus.DEFERRED, RcptStatus.FAILED]
+        assert full.recipients[2].last_reply == "5.1.1 mailbox unavailable"
+        await store.record_results(queue_id, [
+            RecipientResult(b.id, RcptStatus.DELIVERED, "2.0.0 delivered to maildir")])
+        assert await store.get(queue_id) is None
+        assert spool_files(tmp_path) == []
+        await store.close()
+
+    run(main)
+
+
+def test_held_messages_are_not_due(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        queue_id = await commit(store, b"h")
+        assert await store.set_held(queue_id, True)
+        assert await store.due(1e12, 10) == []
+        assert await store.set_held(queue_id, False)
+        assert [m.queue_id for m in await store.due(1e12, 10)] == [queue_id]
+        assert not await store.set_held("NOSUCHID", True)
+        assert await store.delete(queue_id)
+        assert await store.list() == []
+        await store.close()
+
+    run(main)
+
+
+_FULL_CHILD = textwrap.dedent("""
+    import asyncio, resource, signal, sys
+    from pathlib import Path
+    from postwarden.envelope import Address, Envelope, Recipient
+    from postwarden.storage.base import CommitMeta, StorageError, StorageFull
+    from postwarden.storage.sqlite_queue import SqliteQueueStore
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of a signal
+    ENV = Envelope(Address("a", "example.test"),
+                   recipients=[Recipient(Address("b", "example.test"))])
+
+    async def main():
+        d = Path(sys.argv[1])
+        store = SqliteQueueStore(d / "q.db", d / "spool", inline_max=128 * 1024)
+        await store.start()
+        limit = int(sys.argv[2])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        body = store.new_body()
+        try:
+            for _ in range(64):
+                body.write(b"x" * 65536)
+            print("spool ok")
+        except StorageFull:
+            print("spool full")
+        except StorageError as e:
+            print("spool error", e)
+        print("spool files", len(list((d / "spool").glob("*.spool"))), flush=True)
+        for i in range(100):
+            body = store.new_body()
+            body.write(bytes([65 + i % 26]) * 100_000)
+            try:
+                queue_id = await store.commit(body, ENV, b"", CommitMeta())
+            except StorageFull:
+                print("db full", flush=True)
+                break
+            except StorageError as e:
+                print("db error", e, flush=True)
+                break
+            print("committed", i, queue_id, flush=True)
+        await store.close()
+
+    asyncio.run(main())
+""")
+
+
+def test_file_size_limit_is_storage_full_and_commits_nothing(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _FULL_CHILD, str(tmp_path), str(1024 * 1024)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "spool full"
+    assert lines[1] == "spool files 0"
+    committed = [line.split() for line in lines if line.startswith("committed")]
+    assert lines[-1].startswith("db "), lines[-1]  # the database hit the limit
+    assert committed
+
+    async def reopen() -> None:
+        store = SqliteQueueStore(tmp_path / "q.db", tmp_path / "spool")
+        await store.start()
+        queued = {m.queue_id for m in await store.list()}
+        assert queued == {queue_id for _, _, queue_id in committed}
+        for _, i, queue_id in committed:
+            assert await read_all(store, queue_id) == bytes([65 + int(i) % 26]) * 100_000
+        await store.close()
+
+    run(reopen)
+
+
+_CRASH_CHILD = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from postwarden.envelope import Address, Envelope, Recipient
+    from postwarden.storage.base import CommitMeta
+    from postwarden.storage.sqlite_queue import SqliteQueueStore
+
+    ENV = Envelope(Address("a", "example.test"),
+                   recipients=[Recipient(Address("b", "example.test"))])
+
+    def body(i):
+        return f"{i}:".encode() * (50_000 if i % 4 == 0 else 200)
+
+    async def main():
+        d = Path(sys.argv[1])
+        store = SqliteQueueStore(d / "q.db", d / "spool", inline_max=64 * 1024)
+        await store.start()
+
+        async def one(i):
+            w = store.new_body()
+            data = body(i)
+            for start in range(0, len(data), 65536):
+                w.write(data[start:start + 65536])
+            queue_id = await store.commit(w, ENV, b"X-Seq: %d\\r\\n" % i, CommitMeta())
+            sys.stdout.write(f"{i} {queue_id}\\n")
+            sys.stdout.flush()
+
+        i = 0
+        while True:
+            await asyncio.gather(*(one(i + k) for k in range(8)))
+            i += 8
+
+    asyncio.run(main())
+""")
+
+
+def test_every_acknowledged_commit_survives_sigkill(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    acked: list[tuple[int, str]] = []
+    try:
+        while len(acked) < 60:
+            line = proc.stdout.readline()
+            assert line, "child exited early"
+            i, queue_id = line.split()
+            acked.append((int(i), queue_id.decode()))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+    for line in rest.splitlines(keepends=True):
+        if line.endswith(b"\n"):
+            i, queue_id = line.split()
+            acked.append((int(i), queue_id.decode()))
+
+    async def reopen() -> None:
+        store = SqliteQueueStore(tmp_path / "q.db", tmp_path / "spool", inline_max=64 * 1024)
+        await store.start()
+        for i, queue_id in acked:
+            expected = b"X-Seq: %d\r\n" % i + f"{i}:".encode() * (50_000 if i % 4 == 0 else 200)
+            assert await read_all(store, queue_id) == expected
+            assert await store.state(queue_id) == "active"
+        # Bodies of commits cut short by the kill were collected as garbage.
+        rows = await store.list(10_000)
+        assert len(list((tmp_path / "spool").glob("*.spool"))) == sum(
+            1 for m in rows if m.size > 64 * 1024)
+        await store.close()
+
+    run(reopen)

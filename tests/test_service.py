@@ -1,0 +1,162 @@
+"""The real ``postwarden serve`` process: restart after SIGKILL, SIGHUP reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from postwarden import config as config_mod
+from tests.conftest import PASSWORD, add_user, maildir_messages, wait_for, write_config
+
+ALICE = "alice@example.test"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Service:
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log = open(log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postwarden", "-c", str(config_path), "serve"],
+            stdout=self.log, stderr=self.log)
+
+    def wait_ready(self, port: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postwarden exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    if s.recv(100).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("postwarden did not become ready")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(20)
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def service_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def setup_config(directory: Path, cert_files: tuple[Path, Path], extra: str = ""
+                 ) -> tuple[Path, list[int], config_mod.Config]:
+    ports = free_ports(3)
+    path = write_config(directory, cert_files, extra, ports=(ports[0], ports[1], ports[2]))
+    cfg = config_mod.load(path)
+    return path, ports, cfg
+
+
+def test_queued_mail_survives_sigkill(tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    # First life: accept only (no delivery workers), so nothing leaves the queue.
+    path, ports, cfg = setup_config(tmp_path, cert_files, "[queue]\nworkers = 0\n")
+    add_user(cfg, ALICE)
+    svc = Service(path, tmp_path / "serve.log")
+    svc.wait_ready(ports[0])
+    count = 25
+    client = smtplib.SMTP("127.0.0.1", ports[0], timeout=10)
+    for i in range(count):
+        client.sendmail("s@remote.example", [ALICE],
+                        f"Subject: message {i}\r\n\r\nbody {i}\r\n".encode())
+    svc.stop(signal.SIGKILL)
+    assert maildir_messages(cfg, ALICE) == []
+
+    # Second life: the same data directory, with delivery.
+    path.write_text(path.read_text().replace("workers = 0", "workers = 4"))
+    svc = Service(path, tmp_path / "serve.log")
+    svc.wait_ready(ports[0])
+    msgs = wait_for(lambda: len(maildir_messages(cfg, ALICE)) >= count and
+                    maildir_messages(cfg, ALICE), timeout=30)
+    assert svc.stop() == 0
+    subjects = sorted(m.split(b"Subject: ")[1].split(b"\r\n")[0] for m in msgs)
+    assert subjects == sorted(f"message {i}".encode() for i in range(count))
+
+
+def test_sighup_reloads_certificate_without_dropping_sessions(
+        tmp_path: Path, cert_files: tuple[Path, Path], ca: trustme.CA) -> None:
+    cert_dir = tmp_path / "tls"
+    cert_dir.mkdir()
+    cert, key = cert_dir / "cert.pem", cert_dir / "key.pem"
+    cert.write_bytes(cert_files[0].read_bytes())
+    key.write_bytes(cert_files[1].read_bytes())
+    key.chmod(0o600)
+    path, ports, cfg = setup_config(tmp_path, (cert, key))
+    add_user(cfg, ALICE)
+    svc = Service(path, tmp_path / "serve.log")
+    try:
+        svc.wait_ready(ports[1])
+        old_ctx = ssl.create_default_context()
+        ca.configure_trust(old_ctx)
+        session = smtplib.SMTP("127.0.0.1", ports[1], timeout=10)
+        session.ehlo("laptop")
+        session.starttls(context=old_ctx)
+        session.login(ALICE, PASSWORD)
+
+        new_ca = trustme.CA()
+        issued = new_ca.issue_cert("mail.example.test", "127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        svc.proc.send_signal(signal.SIGHUP)
+
+        new_ctx = ssl.create_default_context()
+        new_ca.configure_trust(new_ctx)
+
+        def handshake_with_new_cert() -> bool:
+            c = smtplib.SMTP("127.0.0.1", ports[1], timeout=10)
+            c.ehlo("x")
+            try:
+                c.starttls(context=new_ctx)
+            except ssl.SSLError:
+                return False
+            c.quit()
+            return True
+
+        assert wait_for(handshake_with_new_cert, timeout=10)
+        # The session opened before the reload goes on.
+        assert session.noop()[0] == 250
+        session.sendmail(ALICE, [ALICE], b"Subject: after reload\r\n\r\nx\r\n")
+        session.quit()
+    finally:
+        assert svc.stop() == 0
+    assert b'"event": "tls_reloaded"' in (tmp_path / "serve.log").read_bytes()
+
+
+def test_serve_reports_port_in_use(tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    path = write_config(tmp_path, cert_files, ports=(port, 0, 0))
+    r = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(path), "serve"],
+                       capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    blocker.close()
+    assert r.returncode == 1
+    assert "listeners.mx.address" in r.stderr and "Traceback" not in r.stderr
