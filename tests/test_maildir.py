@@ -44,13 +44,15 @@ def files(path: Path) -> list[Path]:
 
 def test_delivery_lands_in_new_with_trace_headers(tmp_path: Path) -> None:
     mail = tmp_path / "mail"
-    result = deliver(mail, "Bob@Example.TEST", parts=(b"Subject: hi\r\n", b"\r\nhello\r\n"))
+    # A CRLF split across chunks is still converted to the Maildir LF form.
+    result = deliver(mail, "Bob@Example.TEST", parts=(b"Subject: hi\r", b"\n\r\nhello\r\n"))
     assert result.status is DeliveryStatus.DELIVERED
     assert result.reply == "2.0.0 delivered to maildir"
     maildir = mail / "example.test" / "bob" / "Maildir"
     [msg] = list((maildir / "new").iterdir())
-    assert msg.read_bytes() == (b"Return-Path: <alice@example.test>\r\n"
-                                b"Delivered-To: bob@example.test\r\n" + MESSAGE)
+    assert msg.read_bytes() == (b"Return-Path: <alice@example.test>\n"
+                                b"Delivered-To: bob@example.test\n"
+                                + MESSAGE.replace(b"\r\n", b"\n"))
     assert list((maildir / "tmp").iterdir()) == []
     assert (maildir / "cur").is_dir()
     assert stat.S_IMODE(msg.stat().st_mode) == 0o600
@@ -69,10 +71,10 @@ def test_two_deliveries_get_unique_names(tmp_path: Path) -> None:
 def test_null_sender_and_header_injection(tmp_path: Path) -> None:
     deliver(tmp_path / "a", "bob@example.test", sender="")
     [msg] = files(tmp_path / "a")
-    assert msg.read_bytes().startswith(b"Return-Path: <>\r\nDelivered-To: bob@example.test\r\n")
+    assert msg.read_bytes().startswith(b"Return-Path: <>\nDelivered-To: bob@example.test\n")
     deliver(tmp_path / "b", "bob@example.test", sender="x@y\r\nX-Evil: 1")
     [msg] = files(tmp_path / "b")
-    assert b"\r\nX-Evil" not in msg.read_bytes()
+    assert b"\nX-Evil" not in msg.read_bytes()
 
 
 @pytest.mark.parametrize("mailbox", [

@@ -88,8 +88,8 @@ def results_counter(runner: QueueRunner, n: int) -> asyncio.Event:
 
 
 def stored(body: bytes, mailbox: str) -> bytes:
-    return (b"Return-Path: <alice@sender.example>\r\nDelivered-To: " + mailbox.encode()
-            + b"\r\nX-Queue: test\r\n" + body)
+    return (b"Return-Path: <alice@sender.example>\nDelivered-To: " + mailbox.encode()
+            + b"\nX-Queue: test\n" + body.replace(b"\r\n", b"\n"))
 
 
 def test_start_delivers_everything_queued_and_removes_it(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from tests.conftest import PASSWORD, add_user, maildir_messages, wait_for, write_config
 
 from postwarden import config as config_mod
-from tests.conftest import PASSWORD, add_user, maildir_messages, wait_for, write_config
 
 ALICE = "alice@example.test"
 
@@ -95,7 +95,7 @@ def test_queued_mail_survives_sigkill(tmp_path: Path, cert_files: tuple[Path, Pa
     msgs = wait_for(lambda: len(maildir_messages(cfg, ALICE)) >= count and
                     maildir_messages(cfg, ALICE), timeout=30)
     assert svc.stop() == 0
-    subjects = sorted(m.split(b"Subject: ")[1].split(b"\r\n")[0] for m in msgs)
+    subjects = sorted(m.split(b"Subject: ")[1].split(b"\n")[0] for m in msgs)
     assert subjects == sorted(f"message {i}".encode() for i in range(count))
 
 

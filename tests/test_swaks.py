@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import PASSWORD, ServerThread, maildir_messages, require_tool, wait_for
 
 ALICE = "alice@example.test"

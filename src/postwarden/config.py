@@ -98,9 +98,9 @@ class Config:
     domains: tuple[str, ...]
     listeners: tuple[ListenerConfig, ...]
     tls: TlsConfig
-    limits: _limits.Limits = _limits.Limits()
-    log: LogConfig = LogConfig()
-    queue: QueueConfig = QueueConfig()
+    limits: _limits.Limits = field(default_factory=_limits.Limits)
+    log: LogConfig = field(default_factory=LogConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

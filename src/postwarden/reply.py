@@ -73,7 +73,8 @@ START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 VRFY_CANNOT = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
+HELP = Reply(214, "2.0.0", ("Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT",
+                           "VRFY HELP STARTTLS AUTH; see RFC 5321"))
 
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")

@@ -5,8 +5,8 @@ A message for ``local@domain`` is written to
 into ``new/``, and ``new/`` is fsync'ed: only then is the delivery reported
 done (the queue marks the recipient delivered after that, so delivery is at
 least once).  A ``Return-Path:`` (RFC 5321 4.4) and a ``Delivered-To:`` line
-are prepended.  The message is stored as received, with CRLF line ends
-(Dovecot and other readers accept them).
+are prepended.  Lines are stored with LF endings, the Maildir convention
+(the network form CRLF is converted back by readers such as Dovecot).
 
 Every OS error is a temporary failure: the recipient stays queued and is
 retried; only an unusable mailbox name is a permanent one.
@@ -92,8 +92,8 @@ def _header_value(text: str) -> str:
 
 def trace_headers(mailbox: str, sender: str) -> bytes:
     """The lines prepended to the stored message."""
-    return (f"Return-Path: <{_header_value(sender)}>\r\n"
-            f"Delivered-To: {_header_value(mailbox)}\r\n").encode("utf-8", "surrogateescape")
+    return (f"Return-Path: <{_header_value(sender)}>\n"
+            f"Delivered-To: {_header_value(mailbox)}\n").encode("utf-8", "surrogateescape")
 
 
 @dataclass(slots=True)
@@ -153,11 +153,15 @@ class MaildirDelivery:
         try:
             fd = await asyncio.to_thread(self._open_tmp, target)
             buf = bytearray(trace_headers(mailbox.lower(), sender))
+            carry = b""  # a CR at the end of a chunk may start a CRLF
             async for chunk in message:
-                buf += chunk
+                chunk = carry + chunk
+                carry = b"\r" if chunk.endswith(b"\r") else b""
+                buf += chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n")
                 if len(buf) >= WRITE_BUFFER:
                     await asyncio.to_thread(write_all, fd, buf)
                     buf = bytearray()
+            buf += carry
             if buf:
                 await asyncio.to_thread(write_all, fd, buf)
             to_close, fd = fd, None

