@@ -25,8 +25,8 @@ run: $(STAMP) $(CONFIG)
 	@echo
 	@echo "postwarden is starting on 127.0.0.1: mx 2525, submission 5870 (STARTTLS), submissions 4650 (TLS)."
 	@echo "Send a first mail (use the postmaster password printed by init):"
-	@echo "  swaks --server 127.0.0.1:5870 --tls --tls-verify=no --auth PLAIN \\"
-	@echo "        --auth-user postmaster@example.test --auth-password 'PASSWORD' \\"
+	@echo "  swaks --server 127.0.0.1:5870 --tls --auth PLAIN \\"
+	@echo "        --auth-user postmaster@example.test --auth-password 'THE-PASSWORD-INIT-PRINTED' \\"
 	@echo "        --from postmaster@example.test --to postmaster@example.test"
 	@echo "It lands in $(VAR)/data/mail/example.test/postmaster/Maildir/new/"
 	@echo
