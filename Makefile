@@ -41,3 +41,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP)
+	$(BIN)/python bench/accept.py --size 2048
+	$(BIN)/python bench/accept.py --size 102400 --sessions 1,10

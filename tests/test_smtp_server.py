@@ -301,3 +301,19 @@ def test_smtputf8_address(make_server: Callable[..., ServerThread]) -> None:
     assert read_replies(sock, 1)[0].startswith(b"250")
     msgs = wait_for(lambda: maildir_messages(server.cfg, "jörg@example.test"))
     assert b"with UTF8SMTP id" in msgs[0]
+
+
+def test_idle_client_times_out_with_421(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server("command_timeout = 0.3")
+    sock = raw(server)
+    sock.sendall(b"EHLO t\r\n")
+    replies = read_replies(sock, 2)
+    assert replies[-1].startswith(b"421 4.4.2")
+    assert sock.recv(100) == b""
+
+
+def test_stalled_tls_handshake_is_dropped(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server("tls_handshake_timeout = 0.3")
+    sock = socket.create_connection(("127.0.0.1", server.port("submissions")), timeout=5)
+    # Send nothing: the server gives up on the handshake and closes.
+    assert sock.recv(100) == b""
