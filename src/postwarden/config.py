@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from postwarden import limits as _limits
+from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
 
 DEFAULT_CONFIG = "postwarden.toml"
 CONFIG_ENV = "POSTWARDEN_CONFIG"
@@ -35,6 +36,8 @@ DEFAULT_PORTS = {MODE_MX: 25, MODE_SUBMISSION: 587, MODE_SUBMISSIONS: 465}
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 LOG_FORMATS = ("json", "logfmt")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Outbound TLS policies (like Postfix's smtp_tls_security_level).
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
 
 
 class ConfigError(Exception):
@@ -81,13 +84,56 @@ class LogConfig:
 class QueueConfig:
     # Seconds between scans of the queue for due deliveries.
     scan_interval: float = 5.0
-    # First retry after this many seconds; doubles up to retry_max.
-    retry_min: float = 60.0
+    # First retry after this many seconds; doubles up to retry_max (with
+    # jitter), as Postfix's minimal/maximal_backoff_time.
+    retry_min: float = 300.0
     retry_max: float = 3600.0
     # After this long in the queue a recipient bounces.
     lifetime: float = 5 * 24 * 3600.0
-    # Concurrent delivery workers.
+    # A delay warning (RFC 3464 action "delayed") after this long; 0: never.
+    delay_warning: float = 4 * 3600.0
+    # Concurrent delivery workers (messages in delivery at once); 0 makes an
+    # accept-only node.
     workers: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    # (address, port) of each resolver; empty: the system's /etc/resolv.conf.
+    nameservers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class SmarthostConfig:
+    nexthop: Nexthop
+    username: str = ""
+    password: str = field(default="", repr=False)
+    tls: str = "encrypt"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """Outbound delivery: transports, smarthost, TLS policy, timeouts, caps."""
+
+    smarthost: SmarthostConfig | None = None
+    # Default outbound TLS policy; per-domain overrides in tls_policy.
+    tls: str = "may"
+    # Trust anchors for "verify" (PEM); None: the system's store.
+    ca_file: Path | None = None
+    helo_name: str = ""  # empty: the top-level hostname
+    # RFC 5321 4.5.3.2 timeouts (seconds); connect as Postfix's default.
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_connections: int = 100
+    max_per_destination: int = 20
+    transports: Mapping[str, Nexthop] = field(default_factory=dict)
+    tls_policy: Mapping[str, str] = field(default_factory=dict)
+
+    def policy_for(self, domain: str) -> str:
+        return self.tls_policy.get(domain.lower(), self.tls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +147,8 @@ class Config:
     limits: _limits.Limits = field(default_factory=_limits.Limits)
     log: LogConfig = field(default_factory=LogConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     @property
     def db_path(self) -> Path:
@@ -218,7 +265,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate the parsed TOML ``data`` of the file at ``path``."""
     base = path.resolve().parent
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
-           "delivery"}
+           "delivery", "dns", "transports", "tls_policy"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -279,10 +326,101 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     log_file = _path(base, "log.file", log_t["file"]) if "file" in log_t else None
 
-    extra = {"delivery": _table(data, "delivery")}
     return Config(path=path, hostname=hostname, data_dir=data_dir, domains=domains,
                   listeners=tuple(listeners), tls=tls, limits=limits,
-                  log=LogConfig(fmt, level, log_file), queue=queue, extra=extra)
+                  log=LogConfig(fmt, level, log_file), queue=queue,
+                  dns=_parse_dns(_table(data, "dns")),
+                  delivery=_parse_delivery(data, base))
+
+
+def _parse_dns(table: Mapping[str, Any]) -> DnsConfig:
+    _unknown(table, {"nameservers", "timeout"}, "dns.")
+    raw = table.get("nameservers", [])
+    if not isinstance(raw, list):
+        raise ConfigError("dns.nameservers", "must be a list of \"IP\" or \"IP:PORT\"")
+    servers = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise ConfigError("dns.nameservers", "must be a list of strings")
+        try:
+            servers.append((str(ipaddress.ip_address(item)), 53))  # a bare address
+        except ValueError:
+            servers.append(parse_hostport("dns.nameservers", item))
+    timeout = _number("dns.timeout", table.get("timeout", 5.0), minimum=0.1)
+    return DnsConfig(tuple(servers), float(timeout))
+
+
+def _tls_policy(key: str, value: object) -> str:
+    if value not in TLS_POLICIES:
+        raise ConfigError(key, f"must be one of {', '.join(TLS_POLICIES)}")
+    return str(value)
+
+
+def _nexthop(key: str, value: object) -> Nexthop:
+    if not isinstance(value, str):
+        raise ConfigError(key, "must be a string such as \"smtp:[host]:port\"")
+    try:
+        return parse_nexthop(value, key)
+    except NexthopError as exc:
+        raise ConfigError(key, str(exc).split(": ", 1)[-1]) from None
+
+
+def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
+    table = _table(data, "delivery")
+    numbers = {"connect_timeout", "greeting_timeout", "command_timeout", "data_timeout",
+               "max_connections", "max_per_destination"}
+    _unknown(table, numbers | {"smarthost", "smarthost_username", "smarthost_password",
+                               "smarthost_password_file", "smarthost_tls", "tls", "ca_file",
+                               "helo_name"}, "delivery.")
+    values: dict[str, Any] = {}
+    for k in numbers & set(table):
+        integer = k.startswith("max_")
+        values[k] = _number(f"delivery.{k}", table[k], minimum=1 if integer else 0.1,
+                            integer=integer)
+    smarthost = None
+    if "smarthost" in table:
+        hop = _nexthop("delivery.smarthost", table["smarthost"])
+        if hop.kind != "smtp":
+            raise ConfigError("delivery.smarthost", "must be smtp:HOST[:PORT] or smtp:[HOST]:PORT")
+        user = table.get("smarthost_username", "")
+        password = table.get("smarthost_password", "")
+        if "smarthost_password_file" in table:
+            pw_path = _path(base, "delivery.smarthost_password_file",
+                            table["smarthost_password_file"])
+            try:
+                password = pw_path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError("delivery.smarthost_password_file",
+                                  f"cannot read {pw_path}: {exc.strerror}") from None
+        if not isinstance(user, str) or not isinstance(password, str):
+            raise ConfigError("delivery.smarthost_username", "must be a string")
+        if bool(user) != bool(password):
+            raise ConfigError("delivery.smarthost_username",
+                              "username and password must be given together")
+        tls_default = "encrypt" if user else "may"
+        smarthost_tls = _tls_policy("delivery.smarthost_tls",
+                                    table.get("smarthost_tls", tls_default))
+        if user and smarthost_tls in ("none", "may"):
+            raise ConfigError("delivery.smarthost_tls",
+                              "must be encrypt or verify when AUTH credentials are set")
+        smarthost = SmarthostConfig(hop, user, password, smarthost_tls)
+    for k in ("helo_name",):
+        if k in table:
+            values[k] = _check_hostname(f"delivery.{k}", table[k])
+    if "ca_file" in table:
+        values["ca_file"] = _path(base, "delivery.ca_file", table["ca_file"])
+    tls = _tls_policy("delivery.tls", table.get("tls", "may"))
+
+    transports: dict[str, Nexthop] = {}
+    for domain, value in _table(data, "transports").items():
+        key = f"transports.{domain}"
+        transports[_check_hostname(key, domain)] = _nexthop(key, value)
+    policies: dict[str, str] = {}
+    for domain, value in _table(data, "tls_policy").items():
+        key = f"tls_policy.{domain}"
+        policies[_check_hostname(key, domain)] = _tls_policy(key, value)
+    return DeliveryConfig(smarthost=smarthost, tls=tls, transports=transports,
+                          tls_policy=policies, **values)
 
 
 def load(path: Path | None = None, *, check_files: bool = True) -> Config:

@@ -102,6 +102,19 @@ class RecipientResult:
     next_attempt: float = 0.0  # for DEFERRED
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """One line of a message's history (kept after the message is removed)."""
+
+    ts: float
+    queue_id: str
+    event: str  # "queued", "delivered", "deferred", "failed", "bounced", "held", ...
+    rcpt: str = ""
+    relay: str = ""  # "local", "mx.example.org[192.0.2.1]:25", ...
+    dsn: str = ""
+    reply: str = ""
+
+
 class QueueStore(Protocol):
     def new_body(self) -> BodyWriter:
         """A writer for a new message body (no storage is committed yet)."""
@@ -128,6 +141,19 @@ class QueueStore(Protocol):
     async def record_results(self, queue_id: str,
                              results: builtins.list[RecipientResult]) -> None:
         """Store attempt outcomes; a message with no pending recipient is removed."""
+
+    async def flush(self, queue_id: str | None = None) -> int:
+        """Make deferred recipients (of one message, or all) due now; the count."""
+
+    async def requeue(self, queue_id: str) -> bool:
+        """Reset attempts of pending recipients and make them due now."""
+
+    async def set_held(self, queue_id: str, held: bool) -> bool: ...
+
+    async def delete(self, queue_id: str) -> bool: ...
+
+    async def history(self, queue_id: str) -> builtins.list[DeliveryEvent]:
+        """The message's events, oldest first (also after its removal)."""
 
     async def close(self) -> None: ...
 
