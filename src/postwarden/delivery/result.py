@@ -32,18 +32,24 @@ class DeliveryResult:
     status: DeliveryStatus
     dsn: str  # RFC 3463 enhanced status code, e.g. "2.0.0", "4.4.1", "5.1.1"
     text: str
+    # Who answered: "local", "lmtp:unix:/path", "mx.example.org[192.0.2.1]:25".
+    relay: str = ""
+    # The receiving peer advertised DSN and took the DSN parameters over, so
+    # it (not we) sends any success notice (RFC 3461 5.2.2 "relayed").
+    peer_dsn: bool = False
 
     @classmethod
-    def delivered(cls, text: str, dsn: str = "2.0.0") -> DeliveryResult:
-        return cls(DeliveryStatus.DELIVERED, dsn, text)
+    def delivered(cls, text: str, dsn: str = "2.0.0", *, relay: str = "",
+                  peer_dsn: bool = False) -> DeliveryResult:
+        return cls(DeliveryStatus.DELIVERED, dsn, text, relay, peer_dsn)
 
     @classmethod
-    def deferred(cls, dsn: str, text: str) -> DeliveryResult:
-        return cls(DeliveryStatus.DEFERRED, dsn, text)
+    def deferred(cls, dsn: str, text: str, *, relay: str = "") -> DeliveryResult:
+        return cls(DeliveryStatus.DEFERRED, dsn, text, relay)
 
     @classmethod
-    def failed(cls, dsn: str, text: str) -> DeliveryResult:
-        return cls(DeliveryStatus.FAILED, dsn, text)
+    def failed(cls, dsn: str, text: str, *, relay: str = "") -> DeliveryResult:
+        return cls(DeliveryStatus.FAILED, dsn, text, relay)
 
     @property
     def reply(self) -> str:
