@@ -21,6 +21,7 @@ import sys
 from postwarden import __version__
 from postwarden.auth.passwords import hash_password, verify_password_async
 from postwarden.config import Config, ConfigError
+from postwarden.control import ControlServer
 from postwarden.delivery.maildir import MaildirDelivery
 from postwarden.delivery.router import Router
 from postwarden.observe import log as logmod
@@ -46,6 +47,7 @@ class Server:
         self.store: SqliteQueueStore | None = None
         self.directory: SqliteDirectory | None = None
         self.tls = TlsContexts(config.tls)
+        self.control: ControlServer | None = None
         self._stopped = asyncio.Event()
 
     def port(self, name: str) -> int:
@@ -71,6 +73,8 @@ class Server:
             self.runner = QueueRunner(self.store, router, MaildirDelivery(cfg.mail_dir),
                                       cfg.queue)
             await self.runner.start()
+        self.control = ControlServer(cfg.data_dir, self.wake)
+        await self.control.start()
         try:
             for lc in cfg.listeners:
                 if not lc.enabled:
@@ -85,6 +89,11 @@ class Server:
         log.info("ready", version=__version__, hostname=cfg.hostname,
                  listeners={lst.config.name: lst.port for lst in self.listeners})
 
+    def wake(self) -> None:
+        """Look for due deliveries now (``queue flush`` over the control socket)."""
+        if self.runner is not None:
+            self.runner.wake()
+
     def reload(self) -> None:
         """SIGHUP: pick up a renewed certificate; sessions in progress go on."""
         self.tls.reload()
@@ -96,6 +105,9 @@ class Server:
             await lst.close()
         await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
         self.listeners.clear()
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         if self.runner is not None:
             await self.runner.stop()
             self.runner = None

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from postwarden import __version__
+from postwarden import __version__, cli_queue, sendtest
 from postwarden import config as _config
 from postwarden.auth import passwords
 from postwarden.limits import Limits
@@ -509,7 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source")
     sp.set_defaults(func=cmd_alias_del)
     alias.add_parser("list", help="list aliases").set_defaults(func=cmd_alias_list)
+
+    cli_queue.add_parser(sub, _with_config)
+    sendtest.add_parser(sub, _with_config)
     return p
+
+
+def _with_config(handler: Callable[[_config.Config, argparse.Namespace], int]
+                 ) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return handler(_load(args), args)
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -523,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except _config.ConfigError as exc:
         _err(f"config error: {exc}")
-    except (CliError, DirectoryError) as exc:
+    except (CliError, DirectoryError, cli_queue.QueueCommandError,
+            sendtest.SendTestError) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")
