@@ -1,0 +1,163 @@
+"""First-time setup material: the config file ``postwarden init`` writes and
+its self-signed certificate.
+
+Security exposure: creates the TLS private key; files are written
+atomically (temporary file, fsync, rename) with their final mode from the
+start (0600 for the key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from postwarden import config as _config
+from postwarden.limits import Limits
+
+CONFIG_TEMPLATE = """\
+# postwarden configuration, written by 'postwarden init'.
+# Check it with: postwarden -c {config_path} check-config
+# Relative paths are relative to the directory of this file.
+
+# The name this server gives in its greeting and EHLO, and the name its TLS
+# certificate is for.  Publish an A (and AAAA) record for it, and point the
+# MX record of each domain below at it.
+hostname = "{hostname}"
+
+# The queue, the account database (postwarden.db) and local mailboxes.
+# Keep it private (mode 0700).
+data_dir = "data"
+
+# Domains this server receives mail for.  More can be added without editing
+# this file: postwarden domain add DOMAIN (stored in the database).
+domains = ["{domain}"]
+
+# Listeners: address = "HOST:PORT", "[IPv6]:PORT", or "*:PORT" for all
+# addresses.  A listener can be switched off with enabled = false.
+
+# Mail from other servers (MX).  STARTTLS is offered; no AUTH.
+[listeners.mx]
+address = "{mx_address}"
+
+# Mail from your users' clients and applications: STARTTLS, then AUTH
+# (RFC 6409).  Both are required.
+[listeners.submission]
+address = "{submission_address}"
+
+# The same with implicit TLS (RFC 8314), preferred by modern clients.
+[listeners.submissions]
+address = "{submissions_address}"
+
+[tls]
+# A self-signed certificate made by 'postwarden init' (valid 2 years).  Mail
+# clients will warn about it: replace both files with a certificate from a
+# public CA (for example Let's Encrypt) for {hostname}.
+cert = "tls/cert.pem"
+key = "tls/key.pem"  # must not be readable by others (chmod 600)
+min_version = "TLSv1.2"  # TLSv1.2 or TLSv1.3
+
+[log]
+format = "json"  # json or logfmt
+level = "info"  # debug, info, warning or error
+# file = "postwarden.log"  # default: standard error
+
+# Protocol limits and timeouts (seconds).  The defaults are shown; remove the
+# '#' to change one.
+[limits]
+{limits}
+
+# The delivery queue (times in seconds).
+[queue]
+{queue}
+"""
+
+
+def _commented_defaults(cls: type) -> str:
+    """``# name = default`` lines for each field of a config dataclass."""
+    return "\n".join(f"# {f.name} = {f.default!r}" for f in dataclasses.fields(cls))
+
+
+def render_config(*, hostname: str, domain: str, listen_host: str, mx_port: int,
+                  submission_port: int, submissions_port: int,
+                  config_path: str = _config.DEFAULT_CONFIG) -> str:
+    """The text of a new config file (values are validated by the caller)."""
+    host = f"[{listen_host}]" if ":" in listen_host else listen_host
+    return CONFIG_TEMPLATE.format(
+        config_path=config_path, hostname=hostname, domain=domain,
+        mx_address=f"{host}:{mx_port}",
+        submission_address=f"{host}:{submission_port}",
+        submissions_address=f"{host}:{submissions_port}",
+        limits=_commented_defaults(Limits), queue=_commented_defaults(_config.QueueConfig))
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` atomically (temporary file, fsync, rename) with ``mode``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)  # the file may have existed with other permissions
+        f.write(data)
+        f.flush()
+        os.fsync(fd)
+    os.replace(tmp, path)
+
+
+# Self-signed certificate: EC P-256 (fast, accepted by every current client).
+CERT_VALID_DAYS = 2 * 365
+
+
+def self_signed_certificate(hostname: str, listen_host: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate and its private key, both PEM.
+
+    Subject alternative names: ``hostname``, ``localhost`` and the listen
+    address when it is a specific IP (not ``*`` or an unspecified address).
+    """
+    # cryptography takes a while to import; only init needs it.
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    ips = {ipaddress.ip_address("127.0.0.1")}
+    if listen_host not in ("*", "localhost"):
+        ip = ipaddress.ip_address(listen_host)
+        if not ip.is_unspecified:
+            ips.add(ip)
+    names += [x509.IPAddress(ip) for ip in sorted(ips, key=str)]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False,
+            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert_pem, key_pem
+
+
