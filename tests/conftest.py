@@ -66,8 +66,22 @@ def client_tls(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+@pytest.fixture(scope="session")
+def loopback_dns() -> Iterator[Any]:
+    """A DNS server on loopback that every test server uses: no test ever
+    asks the real DNS.  It knows no names unless a test adds them."""
+    from tests.dns_server import LoopbackDns
+
+    dns = LoopbackDns({})
+    dns.start()
+    yield dns
+    dns.stop()
+
+
 def write_config(directory: Path, cert_files: tuple[Path, Path], extra: str = "",
-                 ports: tuple[int, int, int] = (0, 0, 0)) -> Path:
+                 ports: tuple[int, int, int] = (0, 0, 0), *, dns_port: int) -> Path:
+    """A config for a test server.  ``dns_port`` is a loopback DNS server's:
+    tests never use the system resolver."""
     cert, key = cert_files
     path = directory / "postwarden.toml"
     path.write_text(f"""
@@ -85,6 +99,10 @@ address = "127.0.0.1:{ports[2]}"
 [tls]
 cert = "{cert}"
 key = "{key}"
+
+[dns]
+nameservers = ["127.0.0.1:{dns_port}"]
+timeout = 1.0
 
 [limits]
 auth_fail_delay = 0.05
@@ -147,14 +165,16 @@ def add_alias(cfg: config_mod.Config, source: str, *targets: str) -> None:
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, cert_files: tuple[Path, Path]
+def make_server(tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any
                 ) -> Iterator[Callable[..., ServerThread]]:
     servers: list[ServerThread] = []
 
     def factory(extra: str = "", users: tuple[str, ...] = (f"alice@{DOMAIN}",),
-                directory: Path | None = None) -> ServerThread:
+                directory: Path | None = None, ports: tuple[int, int, int] = (0, 0, 0)
+                ) -> ServerThread:
         d = directory or tmp_path
-        cfg = config_mod.load(write_config(d, cert_files, extra))
+        cfg = config_mod.load(write_config(d, cert_files, extra, ports=ports,
+                                           dns_port=loopback_dns.port))
         for u in users:
             add_user(cfg, u)
         st = ServerThread(cfg).start()

@@ -38,8 +38,9 @@ def remote_port() -> int:
 @pytest.fixture
 def server_with_remote(make_server: Callable[..., ServerThread], remote_port: int
                        ) -> ServerThread:
+    ports = free_ports(3)
     return make_server(f'[transports]\n"remote.example" = "smtp:[127.0.0.1]:{remote_port}"\n'
-                       '[queue]\nretry_min = 300\n')
+                       '[queue]\nretry_min = 300\n', ports=(ports[0], ports[1], ports[2]))
 
 
 def cli(st: ServerThread, *args: str, env: dict[str, str] | None = None

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable
@@ -14,10 +15,11 @@ from typing import TypeVar
 
 import pytest
 
-from postwarden.config import QueueConfig
-from postwarden.delivery.maildir import MaildirDelivery
+from postwarden.config import DeliveryConfig, QueueConfig, SmarthostConfig
+from postwarden.delivery.maildir import MaildirDelivery, MaildirTransport
 from postwarden.delivery.result import DeliveryResult
-from postwarden.delivery.router import Route, RouteKind, Router, classify, domain_of
+from postwarden.delivery.router import Route, Router, domain_of, transport_for
+from postwarden.delivery.transport import Nexthop, parse_nexthop
 from postwarden.envelope import Address, Envelope, Recipient
 from postwarden.observe import log as logmod
 from postwarden.queue import schedule
@@ -27,6 +29,7 @@ from postwarden.storage.sqlite_queue import SqliteQueueStore
 
 T = TypeVar("T")
 LOCAL = "example.test"
+HOSTNAME = "mail.example.test"
 FAST = QueueConfig(scan_interval=3600.0, retry_min=60.0, retry_max=3600.0, workers=4)
 
 
@@ -54,10 +57,13 @@ class Env:
         return self.store
 
     def runner(self, config: QueueConfig = FAST, router: Router | None = None,
-               maildir: MaildirDelivery | None = None, **kw: Callable[[], float]) -> QueueRunner:
+               maildir: MaildirDelivery | None = None,
+               clock: Callable[[], float] = time.time) -> QueueRunner:
         assert self.store is not None
-        return QueueRunner(self.store, router or Router(is_local),
-                           maildir or MaildirDelivery(self.mail), config, **kw)
+        router = router or Router(is_local)
+        local = MaildirTransport(maildir or MaildirDelivery(self.mail), router.mailboxes)
+        return QueueRunner(self.store, router, {"maildir": local}, config, hostname=HOSTNAME,
+                           clock=clock, rng=random.Random(7))
 
     async def commit(self, body: bytes, *rcpts: str) -> str:
         assert self.store is not None
@@ -133,14 +139,14 @@ def test_commit_wakes_the_runner_immediately(tmp_path: Path) -> None:
     assert env.delivered("bob@example.test") == [stored(b"wake up\r\n", "bob@example.test")]
 
 
-def test_remote_recipient_stays_deferred(tmp_path: Path) -> None:
+def test_remote_recipient_without_transport_stays_deferred(tmp_path: Path) -> None:
     env = Env(tmp_path)
     buf = io.StringIO()
 
     async def main() -> None:
         store = await env.open()
         queue_id = await env.commit(b"mixed\r\n", "bob@example.test", "dave@remote.example")
-        runner = env.runner()
+        runner = env.runner()  # a "maildir" transport only: no "mx"
         before = time.time()
         logmod.configure("json", "info", buf)
         try:
@@ -151,10 +157,12 @@ def test_remote_recipient_stays_deferred(tmp_path: Path) -> None:
         assert msg is not None
         bob, dave = msg.recipients
         assert bob.status is RcptStatus.DELIVERED
+        assert bob.relay == "local" and bob.final_ts > 0
         assert dave.status is RcptStatus.DEFERRED
-        assert dave.last_reply == "4.4.1 remote delivery is not configured"
-        assert dave.attempts == 1
-        assert before + 60 <= dave.next_attempt <= time.time() + 60
+        assert dave.last_reply == "4.3.5 no transport for this destination"
+        assert dave.attempts == 1 and dave.final_ts == 0
+        # 60 s backoff, jittered by at most 15 %.
+        assert before + 60 * 0.85 <= dave.next_attempt <= time.time() + 60 * 1.15
         assert await store.due(time.time(), 10) == []
         await store.close()
 
@@ -167,9 +175,11 @@ def test_remote_recipient_stays_deferred(tmp_path: Path) -> None:
     assert delivered["status"].startswith("sent")
     assert delivered["queue_id"]
     assert "delay" in delivered
+    missing = next(e for e in events if e["event"] == "no_transport")
+    assert (missing["kind"], missing["nexthop"]) == ("mx", "mx:remote.example")
     deferred = next(e for e in events if e["event"] == "deferred")
-    assert (deferred["dsn"], deferred["relay"]) == ("4.4.1", "none")
-    assert deferred["status"] == "deferred (remote delivery is not configured)"
+    assert (deferred["dsn"], deferred["relay"]) == ("4.3.5", "none")
+    assert deferred["status"] == "deferred (no transport for this destination)"
 
 
 def test_expired_recipient_fails_and_message_goes(tmp_path: Path) -> None:
@@ -181,12 +191,24 @@ def test_expired_recipient_fails_and_message_goes(tmp_path: Path) -> None:
         queue_id = await env.commit(b"old\r\n", "dave@remote.example")
         seen: list[RecipientResult] = []
         runner = env.runner(config, clock=lambda: time.time() + 101)
-        runner.on_results.append(lambda _m, results: seen.extend(results))
+        runner.on_results.append(
+            lambda m, results: seen.extend(results) if m.queue_id == queue_id else None)
         await runner.run_until_idle()
         [result] = seen
         assert result.status is RcptStatus.FAILED
         assert result.reply.startswith("5.4.7 delivery time expired")
         assert await store.get(queue_id) is None
+        # The sender was sent a bounce from <>; (with this clock) it expired
+        # too, and nobody hears of that: no bounce of a bounce.
+        events = await store.history(queue_id)
+        assert [e.event for e in events] == ["queued", "expired", "bounced", "removed"]
+        assert events[1].reply == ("delivery time expired, last error: "
+                                   "4.3.5 no transport for this destination")
+        bounce_id = events[2].reply
+        assert [e.event for e in await store.history(bounce_id)] == [
+            "queued", "expired", "removed"]
+        assert "from=<>" in (await store.history(bounce_id))[0].reply
+        assert await store.list() == []
         await store.close()
 
     run(main)
@@ -204,7 +226,8 @@ def test_alias_expansion_and_unknown_mailbox(tmp_path: Path) -> None:
         await env.commit(b"to the team\r\n", "team@example.test", "ghost@example.test")
         seen: list[RecipientResult] = []
         runner = env.runner(router=Router(is_local, resolve))
-        runner.on_results.append(lambda _m, results: seen.extend(results))
+        runner.on_results.append(
+            lambda m, results: seen.extend(results) if m.sender else None)
         await runner.run_until_idle()
         assert [r.status for r in seen] == [RcptStatus.DELIVERED, RcptStatus.FAILED]
         assert seen[1].reply == "5.1.1 mailbox unavailable"
@@ -335,6 +358,23 @@ def test_backoff_edge_cases(retry_min: float, retry_max: float, attempts: int,
     assert schedule.backoff(attempts, retry_min, retry_max) == delay
 
 
+def test_jitter_spreads_retries_reproducibly() -> None:
+    times = [schedule.next_attempt(3, 0.0, 60.0, 3600.0, random.Random(seed))
+             for seed in range(200)]
+    assert all(240 * (1 - schedule.JITTER) <= t <= 240 * (1 + schedule.JITTER) for t in times)
+    assert len(set(times)) > 150  # spread out, not one instant
+    assert times == [schedule.next_attempt(3, 0.0, 60.0, 3600.0, random.Random(seed))
+                     for seed in range(200)]
+    assert schedule.jittered(0.5, random.Random(1)) == schedule.RETRY_FLOOR
+
+
+@pytest.mark.parametrize(("received", "now", "delay_warning", "expected"), [
+    (0.0, 99.0, 100.0, False), (0.0, 100.0, 100.0, True), (0.0, 1e9, 0.0, False)])
+def test_delay_warning_due_table(received: float, now: float, delay_warning: float,
+                                 expected: bool) -> None:
+    assert schedule.delay_warning_due(received, now, delay_warning) is expected
+
+
 @pytest.mark.parametrize(("received", "now", "lifetime", "expected"), [
     (0.0, 99.0, 100.0, False),
     (0.0, 100.0, 100.0, True),
@@ -345,25 +385,61 @@ def test_expired_table(received: float, now: float, lifetime: float, expected: b
     assert schedule.expired(received, now, lifetime) is expected
 
 
-@pytest.mark.parametrize(("address", "local", "kind"), [
-    ("bob@example.test", True, RouteKind.LOCAL),
-    ("bob@remote.example", False, RouteKind.REMOTE),
-    ("postmaster", False, RouteKind.LOCAL),
+SMARTHOST = DeliveryConfig(
+    smarthost=SmarthostConfig(parse_nexthop("smtp:[192.0.2.25]:587")),
+    transports={"lmtp.example": parse_nexthop("lmtp:unix:/run/dovecot/lmtp"),
+                "example.test": parse_nexthop("lmtp:[127.0.0.1]:24"),
+                "direct.example": parse_nexthop("smtp:[192.0.2.7]:2525"),
+                "own-mx.example": parse_nexthop("mx"),
+                "files.example": parse_nexthop("maildir"),
+                ".sub.example": parse_nexthop("smtp:relay.example")})
+
+
+@pytest.mark.parametrize(("delivery", "address", "key", "mailboxes"), [
+    (DeliveryConfig(), "Bob@EXAMPLE.test", "maildir", ("bob@example.test",)),
+    (DeliveryConfig(), "postmaster", "maildir", ("postmaster",)),
+    (DeliveryConfig(), "x@Remote.Example.", "mx:remote.example", ()),
+    (SMARTHOST, "x@remote.example", "smtp:[192.0.2.25]:587", ()),
+    (SMARTHOST, "x@lmtp.example", "lmtp:unix:/run/dovecot/lmtp", ()),
+    (SMARTHOST, "bob@example.test", "lmtp:[127.0.0.1]:24", ()),  # override beats local
+    (SMARTHOST, "x@direct.example", "smtp:[192.0.2.7]:2525", ()),
+    (SMARTHOST, "x@own-mx.example", "mx:own-mx.example", ()),  # override beats smarthost
+    (SMARTHOST, "X@files.example", "maildir", ("x@files.example",)),
+    (SMARTHOST, "x@a.sub.example", "smtp:relay.example:25", ()),  # parent-domain key
+    (SMARTHOST, "x@sub.example", "smtp:[192.0.2.25]:587", ()),  # ".sub" is not "sub"
 ])
-def test_classify_table(address: str, local: bool, kind: RouteKind) -> None:
-    assert classify(address, local) is kind
+def test_routing_table(delivery: DeliveryConfig, address: str, key: str,
+                       mailboxes: tuple[str, ...]) -> None:
+    route = run(lambda: Router(is_local, delivery=delivery).route(address))
+    assert (route.nexthop.key, route.mailboxes) == (key, mailboxes)
+    assert route.local is (key == "maildir")
+
+
+def test_transport_for_prefers_the_exact_domain() -> None:
+    hops = {"a.example": Nexthop("maildir"), ".a.example": Nexthop("mx")}
+    assert transport_for("a.example", hops) == Nexthop("maildir")
+    assert transport_for("b.a.example", hops) == Nexthop("mx")
+    assert transport_for("example", hops) is None
+    assert transport_for("", hops) is None
 
 
 def test_router_lookups() -> None:
     async def async_local(domain: str) -> bool:
         return domain == LOCAL
 
+    async def resolve(address: Address) -> list[str] | None:
+        return {"team@example.test": ["bob@example.test", "carol@example.test"]}.get(
+            address.key)
+
     async def main() -> None:
         assert domain_of("Bob@Example.TEST.") == "example.test"
-        router = Router(async_local)
-        assert await router.route("Bob@EXAMPLE.test") == Route(
-            RouteKind.LOCAL, "example.test", ("bob@example.test",))
-        assert await router.route("x@remote.example") == Route(RouteKind.REMOTE, "remote.example")
+        router = Router(async_local, resolve)
+        assert await router.route("Team@EXAMPLE.test") == Route(
+            Nexthop("maildir"), "example.test", ("bob@example.test", "carol@example.test"))
+        assert await router.route("ghost@example.test") == Route(
+            Nexthop("maildir"), "example.test", ())
+        assert await router.route("x@remote.example") == Route(
+            Nexthop("mx", host="remote.example"), "remote.example")
 
     run(main)
 

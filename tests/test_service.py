@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -66,17 +67,19 @@ def service_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-def setup_config(directory: Path, cert_files: tuple[Path, Path], extra: str = ""
+def setup_config(directory: Path, cert_files: tuple[Path, Path], dns: Any, extra: str = ""
                  ) -> tuple[Path, list[int], config_mod.Config]:
     ports = free_ports(3)
-    path = write_config(directory, cert_files, extra, ports=(ports[0], ports[1], ports[2]))
+    path = write_config(directory, cert_files, extra, ports=(ports[0], ports[1], ports[2]),
+                        dns_port=dns.port)
     cfg = config_mod.load(path)
     return path, ports, cfg
 
 
-def test_queued_mail_survives_sigkill(tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+def test_queued_mail_survives_sigkill(tmp_path: Path, cert_files: tuple[Path, Path],
+                                      loopback_dns: Any) -> None:
     # First life: accept only (no delivery workers), so nothing leaves the queue.
-    path, ports, cfg = setup_config(tmp_path, cert_files, "[queue]\nworkers = 0\n")
+    path, ports, cfg = setup_config(tmp_path, cert_files, loopback_dns, "[queue]\nworkers = 0\n")
     add_user(cfg, ALICE)
     svc = Service(path, tmp_path / "serve.log")
     svc.wait_ready(ports[0])
@@ -100,14 +103,15 @@ def test_queued_mail_survives_sigkill(tmp_path: Path, cert_files: tuple[Path, Pa
 
 
 def test_sighup_reloads_certificate_without_dropping_sessions(
-        tmp_path: Path, cert_files: tuple[Path, Path], ca: trustme.CA) -> None:
+        tmp_path: Path, cert_files: tuple[Path, Path], ca: trustme.CA, loopback_dns: Any
+) -> None:
     cert_dir = tmp_path / "tls"
     cert_dir.mkdir()
     cert, key = cert_dir / "cert.pem", cert_dir / "key.pem"
     cert.write_bytes(cert_files[0].read_bytes())
     key.write_bytes(cert_files[1].read_bytes())
     key.chmod(0o600)
-    path, ports, cfg = setup_config(tmp_path, (cert, key))
+    path, ports, cfg = setup_config(tmp_path, (cert, key), loopback_dns)
     add_user(cfg, ALICE)
     svc = Service(path, tmp_path / "serve.log")
     try:
@@ -148,12 +152,13 @@ def test_sighup_reloads_certificate_without_dropping_sessions(
     assert b'"event": "tls_reloaded"' in (tmp_path / "serve.log").read_bytes()
 
 
-def test_serve_reports_port_in_use(tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+def test_serve_reports_port_in_use(tmp_path: Path, cert_files: tuple[Path, Path],
+                                   loopback_dns: Any) -> None:
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     port = blocker.getsockname()[1]
-    path = write_config(tmp_path, cert_files, ports=(port, 0, 0))
+    path = write_config(tmp_path, cert_files, ports=(port, 0, 0), dns_port=loopback_dns.port)
     r = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(path), "serve"],
                        capture_output=True, text=True, timeout=30,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -184,8 +184,10 @@ def test_bad_password_is_535(server: ServerThread, client_tls: ssl.SSLContext) -
     client.quit()
 
 
-def test_submission_relays_and_fixes_headers(server: ServerThread,
+def test_submission_relays_and_fixes_headers(make_server: Callable[..., ServerThread],
                                              client_tls: ssl.SSLContext) -> None:
+    # Nothing listens on port 9: the remote copy is deferred and stays queued.
+    server = make_server('[transports]\n"remote.example" = "smtp:[127.0.0.1]:9"\n')
     client = submission(server, client_tls)
     raw_msg = b"From: alice@example.test\r\nTo: alice@example.test\r\nSubject: s\r\n\r\nbody\r\n"
     client.sendmail(ALICE, [ALICE, "friend@remote.example"], raw_msg)
@@ -195,9 +197,12 @@ def test_submission_relays_and_fixes_headers(server: ServerThread,
     text = msgs[0]
     assert b"with ESMTPSA id" in text and b"(using TLSv1.3" in text
     assert b"\nMessage-ID: <" in text and b"\nDate: " in text
-    # The remote copy stays queued (outbound delivery is configured later), not lost.
-    queued = server.call(server.server.store.list())
-    assert any(r.address == "friend@remote.example" for m in queued for r in m.recipients)
+    # The remote copy is deferred (its relay is down) and stays queued, not lost.
+    def remote_deferred() -> bool:
+        queued = server.call(server.server.store.list())
+        return any(r.address == "friend@remote.example" and r.status.value == "deferred"
+                   for m in queued for r in m.recipients)
+    assert wait_for(remote_deferred)
 
 
 def test_sender_bound_to_login(server: ServerThread, client_tls: ssl.SSLContext) -> None:

@@ -22,8 +22,12 @@ from postwarden import __version__
 from postwarden.auth.passwords import hash_password, verify_password_async
 from postwarden.config import Config, ConfigError
 from postwarden.control import ControlServer
-from postwarden.delivery.maildir import MaildirDelivery
+from postwarden.delivery.dns import Resolver
+from postwarden.delivery.maildir import MaildirDelivery, MaildirTransport
+from postwarden.delivery.remote import LmtpTransport, SmtpTransport
 from postwarden.delivery.router import Router
+from postwarden.delivery.transport import Transport
+from postwarden.message.convert import downgrade_to_7bit
 from postwarden.observe import log as logmod
 from postwarden.observe.log import get_logger
 from postwarden.policy import default_policy
@@ -69,9 +73,18 @@ class Server:
                             dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()))
         self.context = ctx
         if cfg.queue.workers > 0:  # workers = 0: an accept-only node
-            router = Router(self.directory.is_local_domain)
-            self.runner = QueueRunner(self.store, router, MaildirDelivery(cfg.mail_dir),
-                                      cfg.queue)
+            router = Router(self.directory.is_local_domain, self.directory.resolve,
+                            cfg.delivery)
+            smtp = SmtpTransport(cfg.hostname, cfg.delivery, Resolver(cfg.dns),
+                                 downgrade=downgrade_to_7bit)
+            transports: dict[str, Transport] = {
+                "maildir": MaildirTransport(MaildirDelivery(cfg.mail_dir), router.mailboxes),
+                "smtp": smtp,
+                "mx": smtp,
+                "lmtp": LmtpTransport(cfg.hostname, cfg.delivery, downgrade=downgrade_to_7bit),
+            }
+            self.runner = QueueRunner(self.store, router, transports, cfg.queue,
+                                      hostname=cfg.hostname)
             await self.runner.start()
         self.control = ControlServer(cfg.data_dir, self.wake)
         await self.control.start()

@@ -11,6 +11,10 @@ are prepended.  Lines are stored with LF endings, the Maildir convention
 Every OS error is a temporary failure: the recipient stays queued and is
 retried; only an unusable mailbox name is a permanent one.
 
+:class:`MaildirTransport` is the :class:`~postwarden.delivery.transport.Transport`
+for next hop ``maildir``: it expands each recipient to its mailboxes
+(aliases, through the router) and writes one copy per mailbox.
+
 Security exposure: the mailbox name comes from the envelope (untrusted).
 Both parts are lower-cased and refused unless they are safe as one path
 component (no ``/``, ``\\``, NUL or control characters, no leading dot),
@@ -23,18 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from postwarden.delivery.result import DeliveryResult
+from postwarden.delivery.result import DeliveryResult, worst
+from postwarden.delivery.transport import DeliveryJob
 from postwarden.observe.log import get_logger
+from postwarden.storage.base import StorageError
 from postwarden.storage.spool import fsync_dir, write_all
 
 log = get_logger("maildir")
@@ -44,6 +51,13 @@ NAME_MAX = 255
 WRITE_BUFFER = 256 * 1024
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count()
+RELAY = "local"
+UNKNOWN_MAILBOX = DeliveryResult.failed("5.1.1", "mailbox unavailable", relay=RELAY)
+LOOKUP_FAILED = DeliveryResult.deferred("4.3.0", "mailbox lookup failed", relay=RELAY)
+QUEUE_FILE_UNREADABLE = DeliveryResult.deferred("4.3.0", "queue file unreadable", relay=RELAY)
+
+# Mailboxes (local@domain) of one recipient address; empty: no such user.
+Expand = Callable[[str], Awaitable[tuple[str, ...]]]
 
 
 class UnsafeMailbox(ValueError):
@@ -208,3 +222,57 @@ def temporary_result(exc: OSError) -> DeliveryResult:
     if exc.errno in (errno.ENOSPC, errno.EFBIG):
         return DeliveryResult.deferred("4.3.1", "insufficient system storage")
     return DeliveryResult.deferred("4.3.0", "mailbox temporarily unavailable")
+
+
+async def _aclose(it: AsyncIterator[bytes]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class MaildirTransport:
+    """The ``maildir`` transport: each recipient's mailboxes get one copy.
+
+    ``expand`` is usually ``Router.mailboxes`` (alias expansion); without it
+    a recipient is its own mailbox.  A recipient's copies are combined with
+    :func:`~postwarden.delivery.result.worst` (one deferral retries them
+    all: at least once).  A mailbox named twice in one job is written once.
+    """
+
+    def __init__(self, delivery: MaildirDelivery, expand: Expand | None = None) -> None:
+        self.delivery = delivery
+        self._expand = expand
+
+    async def deliver(self, job: DeliveryJob) -> list[DeliveryResult]:
+        done: dict[str, DeliveryResult] = {}
+        results = []
+        for rcpt in job.recipients:
+            try:
+                boxes = (await self._expand(rcpt.address) if self._expand is not None
+                         else (rcpt.address.lower(),))
+            except Exception as exc:  # a lookup failure is temporary, never a bounce
+                log.warning("mailbox_lookup_failed", queue_id=job.message.queue_id,
+                            rcpt=rcpt.address, error=repr(exc))
+                results.append(LOOKUP_FAILED)
+                continue
+            if not boxes:
+                results.append(UNKNOWN_MAILBOX)
+                continue
+            outcomes = []
+            for box in boxes:
+                if box not in done:
+                    done[box] = await self._one(job, box)
+                outcomes.append(done[box])
+            results.append(worst(outcomes))
+        return results
+
+    async def _one(self, job: DeliveryJob, mailbox: str) -> DeliveryResult:
+        chunks = job.open_message()
+        try:
+            result = await self.delivery.deliver(mailbox, job.message.sender, chunks)
+        except StorageError as exc:  # corrupt or deleted: nothing was stored
+            log.error("read_failed", queue_id=job.message.queue_id, error=str(exc))
+            return QUEUE_FILE_UNREADABLE
+        finally:
+            await _aclose(chunks)
+        return dataclasses.replace(result, relay=RELAY)

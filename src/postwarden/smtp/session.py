@@ -34,7 +34,6 @@ from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Policy, Stage
 from postwarden.smtp import protocol as P
 from postwarden.smtp import sasl
-from postwarden.smtp.address import xtext_encode
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage.base import (
     BodyWriter,
@@ -297,8 +296,7 @@ class Session:
                 params = ev.params
                 if params.orcpt is None and addr.key != ev.path.address.key:
                     # RFC 3461 4.2: keep the original recipient across expansion.
-                    params = RcptParams(params.notify,
-                                        f"rfc822;{xtext_encode(str(ev.path.address))}")
+                    params = RcptParams(params.notify, f"rfc822;{ev.path.address}")
                 tx.expanded[addr.key] = Recipient(addr, params)
         self.proto.respond(reply)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,6 +61,10 @@ class QueuedRecipient:
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: str = ""
+    relay: str = ""  # who answered the last attempt ("local", "mx.example.org[192.0.2.1]:25")
+    last_attempt: float = 0.0  # time of the last attempt (0: never tried)
+    final_ts: float = 0.0  # time it became delivered or failed (0: still pending)
+    warned: bool = False  # a delay warning (RFC 3464 action "delayed") went out
 
 
 @dataclass(slots=True)
@@ -98,8 +102,13 @@ class RecipientResult:
 
     rcpt_id: int
     status: RcptStatus
-    reply: str = ""  # the remote/local reply or error, for logs and bounces
+    reply: str = ""  # "<dsn> <text>": the remote/local reply or error, for logs and bounces
     next_attempt: float = 0.0  # for DEFERRED
+    relay: str = ""  # who answered ("local", "mx.example.org[192.0.2.1]:25"; "" unknown)
+    # The history event when it is not ``status.value`` ("expired" for a FAILED).
+    event: str = ""
+    # A delay warning for this recipient was committed with this result.
+    warned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +147,12 @@ class QueueStore(Protocol):
     def read_message(self, queue_id: str) -> AsyncIterator[bytes]:
         """The full message (prepend + body) in chunks."""
 
-    async def record_results(self, queue_id: str,
-                             results: builtins.list[RecipientResult]) -> None:
-        """Store attempt outcomes; a message with no pending recipient is removed."""
+    async def record_results(self, queue_id: str, results: builtins.list[RecipientResult],
+                             events: Sequence[DeliveryEvent] = ()) -> None:
+        """Store attempt outcomes, and one history event per result plus
+        ``events`` (DSNs sent), in one transaction; a message with no pending
+        recipient left is removed.  Nothing is written if the message is gone
+        (deleted while it was being delivered)."""
 
     async def flush(self, queue_id: str | None = None) -> int:
         """Make deferred recipients (of one message, or all) due now; the count."""
@@ -148,9 +160,11 @@ class QueueStore(Protocol):
     async def requeue(self, queue_id: str) -> bool:
         """Reset attempts of pending recipients and make them due now."""
 
-    async def set_held(self, queue_id: str, held: bool) -> bool: ...
+    async def set_held(self, queue_id: str, held: bool) -> bool:
+        """Hold (no delivery) or release a message; False if there is none."""
 
-    async def delete(self, queue_id: str) -> bool: ...
+    async def delete(self, queue_id: str) -> bool:
+        """Remove a message whatever its state (no bounce); False if there is none."""
 
     async def history(self, queue_id: str) -> builtins.list[DeliveryEvent]:
         """The message's events, oldest first (also after its removal)."""

@@ -16,6 +16,24 @@ are batched into the next one (one fsync for many messages); the event loop
 never waits for an fsync, only for a future resolved with
 ``call_soon_threadsafe``.
 
+History: every change is written with an event row in the same
+transaction (``queued`` at commit, one per recipient result, ``held``,
+``released``, ``requeued``, ``deleted``, ``bounced``, ...); events outlive
+the message and are pruned after :data:`EVENTS_KEEP`.  Tables and
+migrations: :mod:`postwarden.storage.sqlite_schema`; the write
+transactions: :mod:`postwarden.storage.sqlite_ops`.
+
+Several instances, one database: the server and the CLI (another process)
+each open a store on the same files.  Each has its own writer thread;
+SQLite's WAL and busy timeout serialise their short write transactions, so
+``flush``, ``requeue``, ``set_held`` and ``delete`` are safe while the server
+runs.  Only the instance holding the spool lock (:attr:`owns_spool`, the
+server) removes spool files: a ``delete`` by another instance removes the
+row and leaves the file, which the owner collects later
+(:meth:`SqliteQueueStore.collect_garbage`, every :data:`SPOOL_GC_INTERVAL`),
+so a delivery reading it is never cut short.  Results for a message
+deleted meanwhile are not recorded.
+
 Self-validating records: the row is the commit record.  A spool file no row
 names is garbage, removed at start by the instance holding the spool lock.
 A row whose spool file is missing, or whose size or CRC-32 differs from the
@@ -47,68 +65,46 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from postwarden import limits
-from postwarden.envelope import Envelope, MailParams, RcptParams
+from postwarden.envelope import Envelope
 from postwarden.observe.log import get_logger
+from postwarden.storage import sqlite_ops as ops
 from postwarden.storage.base import (
     BodyWriter,
     CommitMeta,
+    DeliveryEvent,
     QueuedMessage,
     QueuedRecipient,
-    RcptStatus,
     RecipientResult,
     StorageError,
 )
 from postwarden.storage.group_commit import GroupCommitWriter, Job, StoreStats, connect
 from postwarden.storage.spool import SpoolBodyWriter, fsync_dir, is_spool_name, storage_error
+from postwarden.storage.sqlite_ops import STATE_ACTIVE
+from postwarden.storage.sqlite_schema import (
+    EVENT_COLS,
+    MSG_COLS,
+    PENDING,
+    RCPT_COLS,
+    event_from_row,
+    init_schema,
+    insert_events,
+    message_from_row,
+    rcpt_params_json,
+    recipient_from_row,
+)
 
 log = get_logger("queue")
 
-SCHEMA_VERSION = 1
 READ_CHUNK = 64 * 1024
-STATE_ACTIVE = "active"
 STATE_CORRUPT = "corrupt"
-_PENDING = "('queued', 'deferred')"
 _LOCK_NAME = ".lock"
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS messages (
-    queue_id     TEXT PRIMARY KEY,
-    sender       TEXT NOT NULL,
-    params       TEXT NOT NULL,
-    received_at  REAL NOT NULL,
-    size         INTEGER NOT NULL,
-    client_ip    TEXT NOT NULL DEFAULT '',
-    helo         TEXT NOT NULL DEFAULT '',
-    auth_user    TEXT NOT NULL DEFAULT '',
-    listener     TEXT NOT NULL DEFAULT '',
-    session_id   TEXT NOT NULL DEFAULT '',
-    held         INTEGER NOT NULL DEFAULT 0,
-    state        TEXT NOT NULL DEFAULT 'active',
-    prepend      BLOB NOT NULL,
-    body         BLOB,
-    spool_name   TEXT UNIQUE,
-    body_size    INTEGER NOT NULL,
-    checksum     INTEGER NOT NULL,
-    CHECK ((body IS NULL) <> (spool_name IS NULL))
-);
-CREATE TABLE IF NOT EXISTS recipients (
-    id           INTEGER PRIMARY KEY,
-    queue_id     TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
-    address      TEXT NOT NULL,
-    params       TEXT NOT NULL,
-    status       TEXT NOT NULL DEFAULT 'queued',
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0,
-    last_reply   TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE status IN {_PENDING};
-CREATE INDEX IF NOT EXISTS recipients_queue ON recipients(queue_id);
-PRAGMA user_version = {SCHEMA_VERSION};
-"""
-
-_MSG_COLS = ("queue_id, sender, params, received_at, size, client_ip, helo, auth_user, "
-             "listener, held")
-_RCPT_COLS = "id, queue_id, address, params, status, attempts, next_attempt, last_reply"
+# The history of a message is kept this long after its last event.
+EVENTS_KEEP = 30 * 86400.0
+# The spool owner looks for orphaned spool files (bodies of messages that
+# another process deleted) this often, and removes those untouched for
+# SPOOL_GC_MIN_AGE: a body being written or committed has a fresh mtime.
+SPOOL_GC_INTERVAL = 3600.0
+SPOOL_GC_MIN_AGE = 3600.0
 
 
 class MessageCorrupt(StorageError):
@@ -118,36 +114,6 @@ class MessageCorrupt(StorageError):
 def new_queue_id() -> str:
     """16 characters of RFC 4648 base32 (80 random bits): upper case, URL-safe."""
     return base64.b32encode(secrets.token_bytes(10)).decode("ascii")
-
-
-def _init_schema(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
-        return
-    if version != 0:
-        raise StorageError(f"queue database schema {version} is not {SCHEMA_VERSION}")
-    conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-
-
-def _message(row: Sequence[Any], rcpts: list[QueuedRecipient]) -> QueuedMessage:
-    p = json.loads(row[2])
-    return QueuedMessage(
-        queue_id=row[0], sender=row[1], params=MailParams(**p), recipients=rcpts,
-        received_at=row[3], size=row[4], client_ip=row[5], helo=row[6], auth_user=row[7],
-        listener=row[8], held=bool(row[9]))
-
-
-def _recipient(row: Sequence[Any]) -> QueuedRecipient:
-    p = json.loads(row[3])
-    notify = tuple(p["notify"]) if p.get("notify") is not None else None
-    return QueuedRecipient(
-        id=row[0], address=row[2], params=RcptParams(notify=notify, orcpt=p.get("orcpt")),
-        status=RcptStatus(row[4]), attempts=row[5], next_attempt=row[6], last_reply=row[7])
-
-
-def _rcpt_params_json(params: RcptParams) -> str:
-    notify = list(params.notify) if params.notify is not None else None
-    return json.dumps({"notify": notify, "orcpt": params.orcpt})
 
 
 class SqliteQueueStore:
@@ -171,6 +137,7 @@ class SqliteQueueStore:
         self._writer: GroupCommitWriter | None = None
         self._reader: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._gc_task: asyncio.Task[None] | None = None
         self._closed = False
 
     @classmethod
@@ -191,7 +158,7 @@ class SqliteQueueStore:
             await asyncio.to_thread(self._prepare_paths)
         except OSError as exc:
             raise storage_error(exc, "create queue directories") from exc
-        writer = GroupCommitWriter(self.db_path, self.spool_dir, self.stats, _init_schema)
+        writer = GroupCommitWriter(self.db_path, self.spool_dir, self.stats, init_schema)
         writer.start()
         await asyncio.wrap_future(writer.ready)
         self._writer = writer
@@ -232,33 +199,74 @@ class SqliteQueueStore:
         self._lock_fd = fd
         return True
 
+    @property
+    def owns_spool(self) -> bool:
+        """This instance holds the spool lock (the server): it alone removes
+        spool files.  Others (the CLI) only change rows."""
+        return self._lock_fd is not None
+
     async def _recover(self) -> None:
-        removed, broken = await asyncio.to_thread(self._scan_spool)
+        removed = await asyncio.to_thread(self._collect_spool, 0.0)
         if removed:
             log.info("spool_garbage_removed", count=removed)
-        for queue_id, reason in broken:
+        for queue_id, reason in await asyncio.to_thread(self._check_rows):
             await self._mark_corrupt(queue_id, reason)
+        await self.prune_events()
+        self._gc_task = asyncio.create_task(self._gc_loop(), name="spool-gc")
 
-    def _scan_spool(self) -> tuple[int, list[tuple[str, str]]]:
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SPOOL_GC_INTERVAL)
+            try:
+                await self.collect_garbage()
+                await self.prune_events()
+            except Exception as exc:  # keep running; try again next time
+                log.error("spool_gc_failed", error=str(exc) or repr(exc))
+
+    async def collect_garbage(self, min_age: float = SPOOL_GC_MIN_AGE) -> int:
+        """Remove spool files no row names that were untouched for ``min_age``
+        seconds (the bodies of messages another process deleted); only the
+        spool owner does this.  The number removed."""
+        if not self.owns_spool:
+            return 0
+        removed = await asyncio.to_thread(self._collect_spool, min_age)
+        if removed:
+            log.info("spool_garbage_removed", count=removed)
+        return removed
+
+    def _collect_spool(self, min_age: float) -> int:
+        # Names first, files second: a body committed in between is not
+        # named yet but has a fresh mtime, and min_age spares it (at start,
+        # with min_age 0, nothing of ours is in flight).
+        conn = connect(self.db_path, writer=False)
+        try:
+            named = {r[0] for r in conn.execute(
+                "SELECT spool_name FROM messages WHERE spool_name IS NOT NULL")}
+        finally:
+            conn.close()
+        removed = 0
+        cutoff = time.time() - min_age
+        with os.scandir(self.spool_dir) as entries:
+            for entry in entries:
+                if not is_spool_name(entry.name) or entry.name in named:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if min_age and entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def _check_rows(self) -> list[tuple[str, str]]:
         conn = connect(self.db_path, writer=False)
         try:
             rows = conn.execute(
-                "SELECT queue_id, spool_name, body_size, state FROM messages "
-                "WHERE spool_name IS NOT NULL").fetchall()
+                "SELECT queue_id, spool_name, body_size FROM messages "
+                "WHERE spool_name IS NOT NULL AND state = ?", (STATE_ACTIVE,)).fetchall()
         finally:
             conn.close()
-        named = {r[1] for r in rows}
-        removed = 0
-        with os.scandir(self.spool_dir) as entries:
-            for entry in entries:
-                if is_spool_name(entry.name) and entry.name not in named:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-                        removed += 1
         broken: list[tuple[str, str]] = []
-        for queue_id, name, size, state in rows:
-            if state != STATE_ACTIVE:
-                continue
+        for queue_id, name, size in rows:
             try:
                 actual = os.stat(self.spool_dir / name, follow_symlinks=False).st_size
             except FileNotFoundError:
@@ -266,10 +274,21 @@ class SqliteQueueStore:
                 continue
             if actual != size:
                 broken.append((queue_id, f"spool file size {actual} != {size}"))
-        return removed, broken
+        return broken
+
+    async def prune_events(self, keep: float = EVENTS_KEEP) -> int:
+        """Forget the history of messages gone for more than ``keep`` seconds."""
+        before = self._clock() - keep
+        count: int = await self._submit(lambda conn: ops.prune_events(conn, before))
+        return count
 
     async def close(self) -> None:
         """Finish queued writes, then close everything."""
+        gc_task, self._gc_task = self._gc_task, None
+        if gc_task is not None:
+            gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gc_task
         self._closed = True
         writer, self._writer = self._writer, None
         if writer is not None and writer.is_alive():
@@ -306,7 +325,7 @@ class SqliteQueueStore:
         received_at = self._clock()
         sender = str(envelope.sender) if envelope.sender is not None else ""
         size = len(prepend) + body.size
-        rcpts = [(str(r.address), _rcpt_params_json(r.params)) for r in envelope.recipients]
+        rcpts = [(str(r.address), rcpt_params_json(r.params)) for r in envelope.recipients]
         if not rcpts:
             body.discard()
             raise StorageError("a message needs at least one recipient")
@@ -315,6 +334,8 @@ class SqliteQueueStore:
                   bytes(prepend), inline, body.spool_name, body.size, body.checksum)
 
         given = meta.queue_id  # named in the Received header already
+        queued_text = (f"from=<{sender}>, size={size}, nrcpt={len(rcpts)}"
+                       + (f", client={meta.client_ip}" if meta.client_ip else ""))
 
         def apply(conn: sqlite3.Connection) -> str:
             for _ in range(1 if given else 8):
@@ -333,6 +354,8 @@ class SqliteQueueStore:
                 conn.executemany(
                     "INSERT INTO recipients (queue_id, address, params) VALUES (?, ?, ?)",
                     [(queue_id, addr, params) for addr, params in rcpts])
+                insert_events(conn, [DeliveryEvent(received_at, queue_id, "queued",
+                                                   reply=queued_text)])
                 return queue_id
             raise StorageError(f"queue id {queue_id} is taken")
 
@@ -357,66 +380,85 @@ class SqliteQueueStore:
                 log.error("on_commit_failed", queue_id=queue_id, error=repr(exc))
         return queue_id
 
-    async def record_results(self, queue_id: str, results: list[RecipientResult]) -> None:
-        updates = [(r.status.value, r.next_attempt, r.reply, r.rcpt_id, queue_id)
-                   for r in results]
-
-        def apply(conn: sqlite3.Connection) -> tuple[bool, str | None]:
-            conn.executemany(
-                "UPDATE recipients SET status = ?, attempts = attempts + 1, "
-                "next_attempt = ?, last_reply = ? WHERE id = ? AND queue_id = ?", updates)
-            pending = conn.execute(
-                f"SELECT 1 FROM recipients WHERE queue_id = ? AND status IN {_PENDING} LIMIT 1",
-                (queue_id,)).fetchone()
-            if pending is not None:
-                return False, None
-            return self._delete_row(conn, queue_id)
-
-        await self._submit(apply, after_commit=self._removed(queue_id, "delivered"))
-
-    @staticmethod
-    def _delete_row(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, str | None]:
-        row = conn.execute("SELECT spool_name FROM messages WHERE queue_id = ?",
-                           (queue_id,)).fetchone()
-        if row is None:
-            return False, None
-        conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
-        return True, row[0]
+    async def record_results(self, queue_id: str, results: list[RecipientResult],
+                             events: Sequence[DeliveryEvent] = ()) -> None:
+        """Store attempt outcomes with their history events (and ``events``,
+        e.g. "bounced"); remove the message when nothing is pending.  Nothing
+        is written if the message was deleted meanwhile."""
+        results, events = list(results), list(events)
+        now = self._clock()
+        await self._submit(lambda conn: ops.record_results(conn, queue_id, results, events, now),
+                           after_commit=self._removed(queue_id, "delivered"))
 
     def _removed(self, queue_id: str, why: str) -> Callable[[Any], None]:
         def after_commit(value: tuple[bool, str | None]) -> None:
             deleted, spool_name = value
             if not deleted:
                 return
-            if spool_name is not None:
+            if spool_name is not None and self.owns_spool:
                 # After the commit: a crash in between leaves only garbage.
+                # Another process (the CLI) leaves the file to the owner's
+                # garbage collection: the server may be reading it right now.
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.spool_dir / spool_name)
             log.info("removed", queue_id=queue_id, reason=why)
         return after_commit
 
     async def delete(self, queue_id: str) -> bool:
-        """Remove a message whatever its recipients' state (``queue delete``)."""
+        """Remove a message whatever its recipients' state (``queue delete``,
+        no bounce).  A delivery in progress then records nothing."""
+        now = self._clock()
         value: tuple[bool, str | None] = await self._submit(
-            lambda conn: self._delete_row(conn, queue_id),
+            lambda conn: ops.delete(conn, queue_id, now),
             after_commit=self._removed(queue_id, "deleted"))
         return value[0]
 
     async def set_held(self, queue_id: str, held: bool) -> bool:
-        """Hold (no delivery) or release a message; False if it does not exist."""
-        def apply(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("UPDATE messages SET held = ? WHERE queue_id = ?",
-                               (int(held), queue_id))
-            return cur.rowcount > 0
-        found: bool = await self._submit(apply)
+        """Hold (no delivery) or release a message; False if it does not exist.
+        A delivery already in progress finishes."""
+        now = self._clock()
+        found: bool = await self._submit(lambda conn: ops.set_held(conn, queue_id, held, now))
         return found
 
-    async def _mark_corrupt(self, queue_id: str, reason: str) -> None:
-        def apply(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE messages SET state = ? WHERE queue_id = ?",
-                         (STATE_CORRUPT, queue_id))
-        await self._submit(apply)
-        log.error("corrupt", queue_id=queue_id, reason=reason)
+    async def requeue(self, queue_id: str) -> bool:
+        """Pending recipients start over (no attempts, due now) and the
+        message is released; False if it does not exist."""
+        now = self._clock()
+        found: bool = await self._submit(lambda conn: ops.requeue(conn, queue_id, now))
+        return found
+
+    async def flush(self, queue_id: str | None = None) -> int:
+        """Pending recipients of one message (or all), unless held, become due
+        now; the number of recipients that are due now."""
+        now = self._clock()
+        count: int = await self._submit(lambda conn: ops.flush(conn, queue_id, now))
+        return count
+
+    async def history(self, queue_id: str) -> list[DeliveryEvent]:
+        """The events of a message, oldest first (kept after its removal)."""
+        try:
+            rows = self._read().execute(
+                f"SELECT {EVENT_COLS} FROM events WHERE queue_id = ? ORDER BY id",
+                (queue_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "queue read") from exc
+        return [event_from_row(r) for r in rows]
+
+    async def _mark_corrupt(self, queue_id: str, reason: str) -> bool:
+        """Quarantine the message; False if it no longer exists (deleted)."""
+        now = self._clock()
+
+        def apply(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("UPDATE messages SET state = ? WHERE queue_id = ?",
+                               (STATE_CORRUPT, queue_id))
+            if cur.rowcount == 0:
+                return False
+            insert_events(conn, [DeliveryEvent(now, queue_id, "corrupt", reply=reason)])
+            return True
+        found: bool = await self._submit(apply)
+        if found:
+            log.error("corrupt", queue_id=queue_id, reason=reason)
+        return found
 
     # -- reading ------------------------------------------------------------
 
@@ -433,14 +475,14 @@ class SqliteQueueStore:
             part = ids[start:start + 500]
             marks = ",".join("?" * len(part))
             for row in self._read().execute(
-                    f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id IN ({marks}) {where} "
+                    f"SELECT {RCPT_COLS} FROM recipients WHERE queue_id IN ({marks}) {where} "
                     "ORDER BY id", (*part, *args)):
-                out[row[1]].append(_recipient(row))
+                out[row[1]].append(recipient_from_row(row))
         return out
 
     def _messages(self, rows: list[Any], rcpts: dict[str, list[QueuedRecipient]]
                   ) -> list[QueuedMessage]:
-        return [_message(row, rcpts[row[0]]) for row in rows]
+        return [message_from_row(row, rcpts[row[0]]) for row in rows]
 
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
         """Active, unheld messages with recipients due at ``now`` (only those
@@ -453,16 +495,16 @@ class SqliteQueueStore:
             ids = [r[0] for r in conn.execute(
                 "SELECT r.queue_id FROM recipients r INDEXED BY recipients_due "
                 "JOIN messages m ON m.queue_id = r.queue_id "
-                f"WHERE r.status IN {_PENDING} AND r.next_attempt <= ? "
+                f"WHERE r.status IN {PENDING} AND r.next_attempt <= ? "
                 "AND m.held = 0 AND m.state = ? "
                 "GROUP BY r.queue_id ORDER BY MIN(r.next_attempt), r.queue_id LIMIT ?",
                 (now, STATE_ACTIVE, limit))]
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))
-            rows = conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE queue_id IN ({marks})",
+            rows = conn.execute(f"SELECT {MSG_COLS} FROM messages WHERE queue_id IN ({marks})",
                                 ids).fetchall()
-            rcpts = self._recipients(ids, f"AND status IN {_PENDING} AND next_attempt <= ?",
+            rcpts = self._recipients(ids, f"AND status IN {PENDING} AND next_attempt <= ?",
                                      (now,))
         except sqlite3.Error as exc:
             raise storage_error(exc, "queue read") from exc
@@ -481,7 +523,7 @@ class SqliteQueueStore:
         conn = self._read()
         try:
             conn.execute("BEGIN")
-            rows = conn.execute(f"SELECT {_MSG_COLS} FROM messages {clause}", args).fetchall()
+            rows = conn.execute(f"SELECT {MSG_COLS} FROM messages {clause}", args).fetchall()
             rcpts = self._recipients([r[0] for r in rows])
         except sqlite3.Error as exc:
             raise storage_error(exc, "queue read") from exc
@@ -561,9 +603,12 @@ class SqliteQueueStore:
     async def _corrupt(self, queue_id: str, reason: str) -> NoReturn:
         """Quarantine the message and raise :class:`MessageCorrupt`."""
         try:
-            await self._mark_corrupt(queue_id, reason)
+            found = await self._mark_corrupt(queue_id, reason)
         except StorageError as exc:
             log.error("corrupt_mark_failed", queue_id=queue_id, error=str(exc))
+        else:
+            if not found:  # deleted (by the CLI) while we were reading it
+                raise StorageError(f"message {queue_id} was deleted")
         raise MessageCorrupt(f"message {queue_id}: {reason}")
 
     # Last: a method named ``list`` shadows the builtin in later signatures.

@@ -1,0 +1,267 @@
+"""DNS lookups for outbound delivery: MX hosts of a domain, addresses of a host.
+
+:class:`Resolver` wraps dnspython's asynchronous stub resolver, pointed at the
+nameservers of ``[dns]`` (or the system's ``/etc/resolv.conf`` when none are
+configured), and turns DNS outcomes into delivery decisions:
+
+* MX records are ordered by preference, equal preferences shuffled
+  (RFC 5321 5.1); a domain without MX records is its own mail host (the
+  "implicit MX", RFC 5321 5.1);
+* a null MX (RFC 7505) raises :class:`NullMx` (permanent, 5.1.10);
+* a domain that does not exist raises :class:`DnsPermanent` (5.1.2);
+* timeouts, SERVFAIL and unreachable nameservers raise :class:`DnsTemporary`
+  (4.4.3): temporary unless proven permanent.
+
+Errors::
+
+    DnsError                  dsn, text
+     +-- DnsTemporary         4.4.3: retry later (or the next MX host)
+     +-- DnsPermanent         5.1.2: the recipient bounces
+          +-- NullMx          5.1.10: the domain accepts no mail
+
+Security exposure: the names looked up come from envelopes (untrusted).  They
+are only ever used as DNS query names (made absolute, never searched in the
+local search list), and the answers are only used as host names and
+addresses to connect to.  Answers are not DNSSEC-validated: a forged MX can
+divert mail, which is why the ``verify`` TLS policy exists for domains that
+need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from postwarden.config import DnsConfig
+from postwarden.observe.log import get_logger
+
+log = get_logger("dns")
+
+# Cap on MX records used (a hostile domain could publish thousands).
+MAX_MX_HOSTS = 20
+# Cap on addresses returned for one host.
+MAX_ADDRESSES = 16
+
+
+class DnsError(Exception):
+    """A lookup failed; ``dsn`` is the RFC 3463 code for the recipient."""
+
+    dsn = "4.4.3"
+
+    def __init__(self, text: str, dsn: str | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        if dsn is not None:
+            self.dsn = dsn
+
+    @property
+    def permanent(self) -> bool:
+        return self.dsn.startswith("5")
+
+
+class DnsTemporary(DnsError):
+    """Timeout, SERVFAIL, no nameserver reachable: try again later."""
+
+    dsn = "4.4.3"
+
+
+class DnsPermanent(DnsError):
+    """The domain does not exist (NXDOMAIN): the recipient bounces."""
+
+    dsn = "5.1.2"
+
+
+class NullMx(DnsPermanent):
+    """RFC 7505: the domain publishes a null MX, it accepts no mail."""
+
+    dsn = "5.1.10"
+
+
+@dataclass(frozen=True, slots=True)
+class MxAnswer:
+    """The mail hosts of a domain, best first; ``implicit``: no MX records,
+    the domain itself is the host (RFC 5321 5.1)."""
+
+    hosts: tuple[str, ...]
+    implicit: bool = False
+
+
+def _absolute(name: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(name.rstrip(".") + ".")
+    except (dns.exception.DNSException, ValueError) as exc:
+        # Empty labels, labels over 63 octets, names over 255: no such domain.
+        raise DnsPermanent(f"invalid domain name {name!r}: {exc}") from None
+
+
+def _host_text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def order_mx(records: list[tuple[int, str]], rng: random.Random) -> list[str]:
+    """Sort by preference; shuffle hosts of equal preference (RFC 5321 5.1:
+    "the sender-SMTP MUST randomize them to spread the load").  A host listed
+    twice keeps its best position."""
+    by_pref: dict[int, list[str]] = {}
+    for pref, host in records:
+        by_pref.setdefault(pref, []).append(host)
+    ordered: list[str] = []
+    seen: set[str] = set()
+    for pref in sorted(by_pref):
+        group = by_pref[pref]
+        rng.shuffle(group)
+        for host in group:
+            if host not in seen:
+                seen.add(host)
+                ordered.append(host)
+    return ordered
+
+
+def interleave(first: list[str], second: list[str]) -> list[str]:
+    """``[a1, b1, a2, b2, ...]``: a host whose IPv6 is broken still gets an
+    IPv4 attempt early (in the spirit of RFC 8305)."""
+    out: list[str] = []
+    for i in range(max(len(first), len(second))):
+        out.extend(lst[i] for lst in (first, second) if i < len(lst))
+    return out
+
+
+class Resolver:
+    """Asynchronous MX and address lookups for outbound delivery."""
+
+    def __init__(self, config: DnsConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self._rng = rng or random.SystemRandom()
+        if config.nameservers:
+            r = dns.asyncresolver.Resolver(configure=False)
+            r.nameservers = [dns.nameserver.Do53Nameserver(addr, port)
+                             for addr, port in config.nameservers]
+        else:
+            try:
+                r = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            except dns.resolver.NoResolverConfiguration:
+                raise RuntimeError("no DNS resolver: set [dns] nameservers or fix "
+                                   "/etc/resolv.conf") from None
+        # ``timeout`` is per nameserver try, ``lifetime`` the whole lookup.
+        r.timeout = config.timeout
+        r.lifetime = config.timeout
+        self._resolver = r
+
+    async def query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """One lookup; ``None`` when the name exists without such records.
+
+        Raises :class:`DnsPermanent` for NXDOMAIN and :class:`DnsTemporary`
+        for everything that may heal.  Public so that policy checks (SPF,
+        DMARC) can share the resolver.
+        """
+        qname = _absolute(name)
+        start = time.monotonic()
+        outcome = "ok"
+        try:
+            return await self._resolver.resolve(qname, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            outcome = "noanswer"
+            return None
+        except dns.resolver.NXDOMAIN:
+            outcome = "nxdomain"
+            raise DnsPermanent(f"domain {name} not found") from None
+        except dns.resolver.NoNameservers:
+            # Every nameserver answered SERVFAIL/REFUSED or could not be used.
+            outcome = "servfail"
+            raise DnsTemporary(f"DNS server failure looking up {rdtype} of {name}") from None
+        except dns.exception.Timeout:
+            outcome = "timeout"
+            raise DnsTemporary(f"DNS timeout looking up {rdtype} of {name}") from None
+        except dns.exception.DNSException as exc:
+            outcome = "error"
+            raise DnsTemporary(f"DNS error looking up {rdtype} of {name}: "
+                               f"{type(exc).__name__}") from None
+        except OSError as exc:
+            outcome = "error"
+            raise DnsTemporary(f"DNS error looking up {rdtype} of {name}: "
+                               f"{exc.strerror or exc}") from None
+        finally:
+            log.debug("dns_lookup", name=name, type=rdtype, outcome=outcome,
+                      ms=round((time.monotonic() - start) * 1000, 1))
+
+    async def lookup_mx(self, domain: str) -> MxAnswer:
+        """The mail hosts of ``domain`` (see the module docstring)."""
+        domain = domain.lower().rstrip(".")
+        answer = await self.query(domain, "MX")
+        if answer is None:
+            return MxAnswer((domain,), implicit=True)
+        records: list[tuple[int, str]] = []
+        null = False
+        for rr in answer:
+            exchange = getattr(rr, "exchange", None)
+            preference = getattr(rr, "preference", None)
+            if not isinstance(exchange, dns.name.Name) or not isinstance(preference, int):
+                continue
+            if exchange == dns.name.root:
+                # RFC 7505 3: "." as exchange is a null MX.  It must be the
+                # only record; when others are present, use those.
+                null = True
+                continue
+            records.append((preference, _host_text(exchange)))
+        if not records:
+            if null:
+                raise NullMx(f"domain {domain} does not accept mail (null MX)")
+            return MxAnswer((domain,), implicit=True)
+        return MxAnswer(tuple(order_mx(records, self._rng)[:MAX_MX_HOSTS]))
+
+    async def mx_hosts(self, domain: str) -> list[str]:
+        """MX host names of ``domain`` best first, or ``[domain]`` (implicit MX)."""
+        return list((await self.lookup_mx(domain)).hosts)
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv6 and IPv4 addresses of ``host``, interleaved, IPv6 first.
+
+        An IP address is returned as is.  A host that does not exist raises
+        :class:`DnsTemporary` (for an MX host that is the MX's problem, not a
+        proof that the recipient domain is gone); ``[]`` when it has no
+        address records.  If one family fails but the other answers, the
+        answer is used.
+        """
+        if is_ip(host):
+            return [str(ipaddress.ip_address(host))]
+        results = await asyncio.gather(self.query(host, "AAAA"), self.query(host, "A"),
+                                       return_exceptions=True)
+        families: list[list[str]] = []
+        errors: list[DnsError] = []
+        for res in results:
+            if isinstance(res, BaseException):
+                if not isinstance(res, DnsError):
+                    raise res
+                errors.append(res)
+                families.append([])
+            else:
+                families.append([] if res is None else
+                                [str(getattr(rr, "address", "")) for rr in res])
+        v6, v4 = families
+        found = [a for a in interleave(v6, v4) if a]
+        if found:
+            return found[:MAX_ADDRESSES]
+        if errors:
+            err = errors[0]
+            if isinstance(err, DnsPermanent):
+                raise DnsTemporary(f"host {host} not found") from None
+            raise DnsTemporary(err.text) from None
+        return []

@@ -1,0 +1,395 @@
+"""One mail transaction on an open SMTP/LMTP connection: MAIL, RCPT, DATA.
+
+:class:`TransactionRunner` first decides whether the message can go to this
+server at all (SIZE, SMTPUTF8, 8BITMIME; "check, then proceed": nothing is
+sent for a message the server cannot take), then sends the envelope, with
+PIPELINING when offered (RFC 2920: MAIL, every RCPT and DATA in one write,
+replies read in order), streams the message, and maps every reply to a
+:class:`~postwarden.delivery.result.DeliveryResult` per recipient:
+
+* MAIL refused: every recipient gets that reply;
+* RCPT 4xx/5xx: that recipient is deferred/failed;
+* DATA or end-of-data 4xx/5xx: every recipient accepted at RCPT;
+* LMTP (RFC 2033 4.2): one reply per accepted recipient after the dot;
+* a broken connection: everyone not yet answered is deferred (4.4.2).
+
+Security exposure: reply text from the server ends up in logs and bounces
+(cleaned by :mod:`postwarden.delivery.smtp_stream`).  Envelope strings were
+validated when the message was received; parameters are encoded (xtext,
+RFC 3461 4) so nothing in them can add a parameter or a command.  A message
+that cannot be read from the queue halfway through DATA is never ended with
+a dot: the connection is aborted, so no truncated message is delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from postwarden.delivery.result import DeliveryResult
+from postwarden.delivery.smtp_stream import (
+    DataEncoder,
+    PeerClosed,
+    PeerError,
+    Reply,
+    read_reply,
+    send,
+    size_limit,
+)
+from postwarden.envelope import MailParams, RcptParams
+from postwarden.observe.log import get_logger
+from postwarden.smtp.address import xtext_encode
+
+if TYPE_CHECKING:
+    from postwarden.delivery.smtp_client import SmtpClient
+    from postwarden.delivery.transport import DeliveryJob
+
+log = get_logger("smtp_client")
+
+# Commands per pipelined write: replies to one batch must fit the socket
+# buffers while we are still writing (RFC 2920 3.1 deadlock).
+PIPELINE_BATCH = 100
+# Message data is written in pieces of about this size.
+WRITE_CHUNK = 64 * 1024
+# How far to look for the end of the header section (SMTPUTF8 detection).
+HEADER_SCAN_MAX = 1024 * 1024
+
+MessageSource = Callable[[], AsyncIterator[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """What to send: the envelope, its parameters and the message."""
+
+    sender: str  # "" is the null reverse-path
+    params: MailParams
+    recipients: Sequence[tuple[str, RcptParams]]
+    size: int
+    open_message: MessageSource  # a fresh iterator over the message per call
+
+    @classmethod
+    def from_job(cls, job: DeliveryJob, indices: Sequence[int] | None = None) -> Transaction:
+        """The transaction for ``job`` (or the recipients at ``indices``)."""
+        rcpts = job.recipients if indices is None else [job.recipients[i] for i in indices]
+        return cls(job.message.sender, job.message.params,
+                   tuple((r.address, r.params) for r in rcpts), job.message.size,
+                   job.open_message)
+
+
+class SourceError(Exception):
+    """The message could not be read from the queue."""
+
+
+def _escape_utf8_addr(addr: str, allow_utf8: bool) -> str:
+    """RFC 6533 3: utf-8-addr-xtext (or -unitext when the server does
+    SMTPUTF8): ``\\x{HEX}`` for what may not appear literally."""
+    out = []
+    for c in addr:
+        o = ord(c)
+        if o <= 0x20 or o == 0x7F or c in "+=" or (o > 0x7F and not allow_utf8):
+            out.append(f"\\x{{{o:X}}}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def orcpt_param(orcpt: str, allow_utf8: bool) -> str:
+    """The ORCPT value to send for the stored ``type;decoded-address``."""
+    addr_type, _, addr = orcpt.partition(";")
+    if addr_type.lower() == "utf-8":
+        # Stored as the client sent it (already encoded); only non-ASCII
+        # needs escaping for a server without SMTPUTF8.
+        if not allow_utf8 and not addr.isascii():
+            addr = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in addr)
+        return f"utf-8;{addr}"
+    if addr.isascii():
+        return f"{addr_type};{xtext_encode(addr)}"
+    return f"utf-8;{_escape_utf8_addr(addr, allow_utf8)}"
+
+
+async def _read_all(source: MessageSource) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in source()])
+    except Exception as exc:
+        raise SourceError(str(exc)) from exc
+
+
+async def headers_are_ascii(source: MessageSource) -> bool:
+    """Whether the header section (up to the first empty line) is ASCII."""
+    it = source()
+    seen = b""
+    try:
+        async for chunk in it:
+            seen += chunk
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                end = seen.find(b"\n\n")
+            if end >= 0:
+                return seen[:end].isascii()
+            if len(seen) > HEADER_SCAN_MAX:
+                break
+        return seen.isascii()
+    except Exception as exc:
+        raise SourceError(str(exc)) from exc
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+def _memory_source(data: bytes) -> MessageSource:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), WRITE_CHUNK):
+            yield data[i:i + WRITE_CHUNK]
+
+    return chunks
+
+
+class TransactionRunner:
+    """Runs one :class:`Transaction` on ``client``'s open connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 client: SmtpClient, tx: Transaction) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.client = client
+        self.tx = tx
+        self.ext = client.extensions
+        self.display = client.peer.display
+        self.relay = client.peer.relay
+        self.options = client.options
+        self.broken = False  # the connection cannot be used any more
+        self.open_after = False  # the server is mid-transaction: RSET first
+        self.results: list[DeliveryResult | None] = [None] * len(tx.recipients)
+
+    # -- results -------------------------------------------------------
+
+    def _from_reply(self, reply: Reply, command: str) -> DeliveryResult:
+        if reply.positive:
+            return DeliveryResult.delivered(str(reply), reply.enhanced or "2.0.0",
+                                            relay=self.relay, peer_dsn="DSN" in self.ext)
+        text = f"host {self.display} said: {reply} (in reply to {command} command)"
+        if reply.transient:
+            return DeliveryResult.deferred(reply.dsn(), text, relay=self.relay)
+        return DeliveryResult.failed(reply.dsn(), text, relay=self.relay)
+
+    def _all(self, result: DeliveryResult, indices: Sequence[int] | None = None) -> None:
+        for i in range(len(self.results)) if indices is None else indices:
+            if self.results[i] is None:
+                self.results[i] = result
+
+    def _broken_by(self, exc: PeerError) -> DeliveryResult:
+        self.broken = True
+        return self.client.peer_error(exc).result(self.relay)
+
+    def _final(self) -> list[DeliveryResult]:
+        fallback = DeliveryResult.deferred("4.4.2", f"no reply from {self.display}",
+                                           relay=self.relay)
+        return [r or fallback for r in self.results]
+
+    # -- the transaction -------------------------------------------------
+
+    async def run(self) -> list[DeliveryResult]:
+        try:
+            prepared = await self._prepare()
+        except SourceError as exc:
+            log.error("message_unreadable", relay=self.relay, error=str(exc))
+            self._all(DeliveryResult.deferred("4.3.0", "error reading the queued message"))
+            return self._final()
+        if isinstance(prepared, DeliveryResult):
+            self._all(prepared)
+            return self._final()
+        mail_params, source = prepared
+        try:
+            accepted = await self._envelope(mail_params)
+            if accepted:
+                await self._data(accepted, source)
+        except PeerError as exc:
+            self._all(self._broken_by(exc))
+        return self._final()
+
+    async def _prepare(self) -> tuple[str, MessageSource] | DeliveryResult:
+        """MAIL parameters and the message source, or why it cannot go here."""
+        tx, ext, params = self.tx, self.ext, self.tx.params
+        source, size = tx.open_message, tx.size
+        words: list[str] = []
+        envelope_ascii = tx.sender.isascii() and all(a.isascii() for a, _ in tx.recipients)
+        utf8 = False
+        if params.smtputf8 or not envelope_ascii:
+            if "SMTPUTF8" in ext:
+                utf8 = True
+            elif not envelope_ascii or not await headers_are_ascii(source):
+                # RFC 6531 3.4: no downgrade; an ASCII-only message may go
+                # without SMTPUTF8 (as Postfix does).
+                return DeliveryResult.failed(
+                    "5.6.7", f"host {self.display} does not support SMTPUTF8, "
+                             "which this message needs", relay=self.relay)
+        if params.body == "8BITMIME" and "8BITMIME" not in ext:
+            # RFC 6152 3: 8-bit data must be converted to 7 bits or bounced.
+            data = await _read_all(source)
+            if not data.isascii():
+                converted = await self._downgrade(data)
+                if converted is None:
+                    return DeliveryResult.failed(
+                        "5.6.3", f"host {self.display} does not support 8BITMIME and the "
+                                 "message could not be converted to 7 bits", relay=self.relay)
+                data = converted
+            source, size = _memory_source(data), len(data)
+        elif params.body in ("8BITMIME", "7BIT") and "8BITMIME" in ext:
+            words.append(f"BODY={params.body}")
+        limit = size_limit(ext)
+        if limit and size > limit:
+            return DeliveryResult.failed(
+                "5.3.4", f"message size {size} exceeds size limit {limit} of server "
+                         f"{self.display}", relay=self.relay)
+        if "SIZE" in ext:
+            words.append(f"SIZE={size}")
+        if utf8:
+            words.append("SMTPUTF8")
+        if "DSN" in ext:
+            if params.ret:
+                words.append(f"RET={params.ret}")
+            if params.envid:
+                words.append(f"ENVID={xtext_encode(params.envid)}")
+        return "".join(" " + w for w in words), source
+
+    async def _downgrade(self, data: bytes) -> bytes | None:
+        convert = self.client.downgrade
+        if convert is None:
+            return None
+        try:
+            # A CPU-bound rewrite of the whole message: off the event loop.
+            out = await asyncio.to_thread(convert, data)
+        except Exception as exc:
+            log.warning("downgrade_failed", relay=self.relay, error=repr(exc))
+            return None
+        return out if out.isascii() else None
+
+    def _rcpt_line(self, address: str, params: RcptParams) -> str:
+        words = []
+        if "DSN" in self.ext:
+            if params.notify:
+                words.append("NOTIFY=" + ",".join(params.notify))
+            if params.orcpt:
+                words.append("ORCPT=" + orcpt_param(params.orcpt, "SMTPUTF8" in self.ext))
+        return f"RCPT TO:<{address}>" + "".join(" " + w for w in words)
+
+    async def _envelope(self, mail_params: str) -> list[int]:
+        """MAIL, RCPTs and DATA; the indices of recipients now awaiting data."""
+        timeout = self.options.command_timeout
+        lines = [f"MAIL FROM:<{self.tx.sender}>{mail_params}",
+                 *(self._rcpt_line(a, p) for a, p in self.tx.recipients), "DATA"]
+        names = ["MAIL FROM", *(["RCPT TO"] * len(self.tx.recipients)), "DATA"]
+        self.open_after = True
+        replies: list[Reply] = []
+        error: PeerError | None = None
+        try:
+            await self._exchange(lines, names, replies)
+        except PeerError as exc:
+            error = exc  # the replies read so far still count (a 421, say)
+        mail = replies[0] if replies else None
+        data = replies[-1] if len(replies) == len(lines) else None
+        if mail is not None and not mail.positive:
+            self._all(self._from_reply(mail, "MAIL FROM"))
+        for i, reply in enumerate(replies[1:len(lines) - 1]):
+            if not reply.positive and self.results[i] is None:
+                self.results[i] = self._from_reply(reply, "RCPT TO")
+        if error is not None:
+            self._all(self._broken_by(error))
+            return []
+        accepted = [i for i, r in enumerate(self.results) if r is None]
+        if data is not None and data.code == 354 and not accepted:
+            # RFC 2920 3.1: DATA accepted though nothing else was: send an
+            # empty message (a lone dot) and ignore the reply.
+            await send(self.writer, b".\r\n", timeout, "sending end of data")
+            await read_reply(self.reader, self.options.data_timeout,
+                             "receiving the reply to end of data")
+        if not accepted:
+            return []
+        assert data is not None
+        if data.code != 354:
+            self._all(self._from_reply(data, "DATA"), accepted)
+            return []
+        return accepted
+
+    async def _exchange(self, lines: list[str], names: list[str], replies: list[Reply]) -> None:
+        """Send the commands and append their replies (PIPELINING: in
+        batches; otherwise one by one, stopping when MAIL or every RCPT
+        was refused)."""
+        timeout = self.options.command_timeout
+        if "PIPELINING" in self.ext:
+            for start in range(0, len(lines), PIPELINE_BATCH):
+                batch = lines[start:start + PIPELINE_BATCH]
+                await send(self.writer, "".join(f"{x}\r\n" for x in batch).encode("utf-8"),
+                           timeout, "sending the envelope")
+                for name in names[start:start + PIPELINE_BATCH]:
+                    replies.append(await read_reply(self.reader, timeout,
+                                                    f"receiving the reply to {name}"))
+            return
+        for line, name in zip(lines, names, strict=True):
+            if name == "DATA" and not any(r.positive for r in replies[1:]):
+                return
+            await send(self.writer, line.encode("utf-8") + b"\r\n", timeout, f"sending {name}")
+            replies.append(await read_reply(self.reader, timeout,
+                                            f"receiving the reply to {name}"))
+            if name == "MAIL FROM" and not replies[0].positive:
+                return
+
+    async def _data(self, accepted: list[int], source: MessageSource) -> None:
+        timeout = self.options.command_timeout
+        try:
+            await self._stream(source)
+        except SourceError as exc:
+            # Never end with a dot: that would deliver half a message.
+            log.error("message_unreadable", relay=self.relay, error=str(exc))
+            self.broken = True
+            self.writer.transport.abort()
+            self._all(DeliveryResult.deferred("4.3.0", "error reading the queued message"))
+            return
+        except PeerClosed as exc:
+            # The server may have said why before closing (552, 554).
+            with contextlib.suppress(PeerError):
+                reply = await read_reply(self.reader, min(timeout, 5.0), exc.what)
+                if not reply.positive:
+                    self.broken = True
+                    self._all(self._from_reply(reply, "DATA"), accepted)
+            raise
+        what = "receiving the reply to end of data -- message may be sent more than once"
+        if not self.options.lmtp:
+            reply = await read_reply(self.reader, self.options.data_timeout, what)
+            self._all(self._from_reply(reply, "end of DATA"), accepted)
+        else:
+            for i in accepted:  # RFC 2033 4.2: one reply per accepted RCPT
+                reply = await read_reply(self.reader, self.options.data_timeout, what)
+                self.results[i] = self._from_reply(reply, "end of DATA")
+        self.open_after = False
+
+    async def _stream(self, source: MessageSource) -> None:
+        """The message, dot-stuffed, then ``.``; memory stays about one chunk."""
+        encoder = DataEncoder()
+        buffer = bytearray()
+        timeout = self.options.command_timeout  # RFC 5321 4.5.3.2.5: data block
+        it = source()
+        try:
+            while True:
+                try:
+                    chunk = await anext(it)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    raise SourceError(str(exc) or type(exc).__name__) from exc
+                buffer += encoder.feed(chunk)
+                if len(buffer) >= WRITE_CHUNK:
+                    await send(self.writer, bytes(buffer), timeout, "sending message body")
+                    buffer.clear()
+            buffer += encoder.finish()
+            await send(self.writer, bytes(buffer), timeout, "sending end of data")
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()

@@ -1,0 +1,114 @@
+"""SmtpTransport against a real Postfix and LmtpTransport against a real
+Dovecot (private instances on loopback, see tests/peers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from tests.conftest import REQUIRE_ALL, require_tool
+from tests.peers import find_tool
+from tests.peers.dovecot import DovecotLmtpPeer
+from tests.peers.postfix import PostfixPeer
+
+from fixtures_outbound import delivery_config, make_job
+from postwarden.config import DnsConfig
+from postwarden.delivery.dns import Resolver
+from postwarden.delivery.remote import LmtpTransport, SmtpTransport
+from postwarden.delivery.result import DeliveryStatus
+from postwarden.delivery.transport import parse_nexthop
+from postwarden.envelope import MailParams, RcptParams
+
+DELIVERED, DEFERRED, FAILED = (DeliveryStatus.DELIVERED, DeliveryStatus.DEFERRED,
+                               DeliveryStatus.FAILED)
+BODY = (b"From: alice@example.test\r\nTo: bob@remote.test\r\nSubject: outbound peer\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+        b".a line with a leading dot\r\n..two\r\n.\r\nna\xc3\xafve\r\nlast\r\n")
+
+
+def peer_tool(name: str) -> str:
+    path = find_tool(name) or require_tool(name)
+    if os.geteuid() != 0:
+        msg = f"{name} test peers must run as root"
+        if REQUIRE_ALL:
+            pytest.fail(msg + " and POSTWARDEN_REQUIRE_ALL=1")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def peer_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("outbound-peer-tls")
+    cert = ca.issue_cert("mx.remote.test", "127.0.0.1")
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    for i, pem in enumerate(cert.cert_chain_pems):
+        pem.write_to_path(str(cert_path), append=i > 0)
+    cert.private_key_pem.write_to_path(str(key_path))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture
+def postfix(tmp_path: Path, peer_cert: tuple[Path, Path]) -> Iterator[PostfixPeer]:
+    peer = PostfixPeer(tmp_path / "postfix", postfix=peer_tool("postfix"), tls=peer_cert,
+                       reject=["nobody@remote.test"], tempfail=["busy@remote.test"])
+    peer.start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture
+def dovecot(tmp_path: Path) -> Iterator[DovecotLmtpPeer]:
+    peer = DovecotLmtpPeer(tmp_path / "dovecot", dovecot=peer_tool("dovecot"),
+                           users=["bob@remote.test", "carol@remote.test"])
+    peer.start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_smtp_to_postfix_with_verified_tls(postfix: PostfixPeer, ca_file: Path) -> None:
+    hop = parse_nexthop(f"smtp:[127.0.0.1]:{postfix.port}")
+    resolver = Resolver(DnsConfig(nameservers=(("127.0.0.1", 9),), timeout=0.5))
+    transport = SmtpTransport("mail.example.test", delivery_config(tls="verify",
+                                                                   ca_file=ca_file), resolver)
+    job = make_job(["bob@remote.test", ("nobody@remote.test", RcptParams(("FAILURE",), None)),
+                    "busy@remote.test"], BODY, hop, params=MailParams(body="8BITMIME",
+                                                                      envid="E1"))
+    results = run(transport.deliver(job))
+    assert [r.status for r in results] == [DELIVERED, FAILED, DEFERRED]
+    assert results[0].peer_dsn  # Postfix offers DSN
+    assert "no such user here" in results[1].text and results[1].dsn == "5.1.1"
+    (stored,) = postfix.wait_for_messages("bob@remote.test")
+    body = stored.replace(b"\r\n", b"\n")
+    assert body.endswith(BODY.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+    assert b"with ESMTPS" in stored  # Postfix saw TLS
+
+
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+def test_lmtp_to_dovecot(dovecot: DovecotLmtpPeer, via: str) -> None:
+    hop = parse_nexthop(f"lmtp:[127.0.0.1]:{dovecot.port}" if via == "tcp"
+                        else f"lmtp:unix:{dovecot.socket_path}")
+    transport = LmtpTransport("mail.example.test", delivery_config())
+    job = make_job(["bob@remote.test", "stranger@remote.test", "carol@remote.test"], BODY, hop)
+    results = run(transport.deliver(job))
+    assert [r.status for r in results] == [DELIVERED, FAILED, DELIVERED]
+    for rcpt in ("bob@remote.test", "carol@remote.test"):
+        (stored,) = dovecot.wait_for_messages(rcpt)
+        assert stored.replace(b"\r\n", b"\n").endswith(
+            BODY.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+
+

@@ -1,0 +1,137 @@
+"""The client's wire layer: DATA encoding (dot-stuffing, line ends) and
+reply parsing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fixtures_outbound import unstuff
+from postwarden.delivery.smtp_stream import (
+    MAX_REPLY_LINES,
+    DataEncoder,
+    PeerClosed,
+    PeerProtocolError,
+    PeerTimeout,
+    Reply,
+    parse_extensions,
+    read_reply,
+    size_limit,
+)
+
+
+def encode(chunks: list[bytes]) -> bytes:
+    enc = DataEncoder()
+    return b"".join(enc.feed(c) for c in chunks) + enc.finish()
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return pieces
+
+
+@pytest.mark.parametrize(("body", "wire"), [
+    (b"", b".\r\n"),
+    (b"a\r\n", b"a\r\n.\r\n"),
+    (b"a", b"a\r\n.\r\n"),
+    (b".\r\n", b"..\r\n.\r\n"),
+    (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r\n..b\r\n", b"a\r\n...b\r\n.\r\n"),
+    (b"a\nb\n.\n", b"a\r\nb\r\n..\r\n.\r\n"),  # bare LF: RFC 5321 2.3.8
+    (b"a\rb\r", b"a\r\nb\r\n.\r\n"),  # bare CR
+    (b"x\n.\r\n", b"x\r\n..\r\n.\r\n"),  # no smuggled end of data
+])
+def test_encoder_table(body: bytes, wire: bytes) -> None:
+    assert encode([body]) == wire
+    # Same result for every way of cutting the input in chunks.
+    for i in range(len(body) + 1):
+        for j in range(i, len(body) + 1):
+            assert encode([body[:i], body[i:j], body[j:]]) == wire, (i, j)
+
+
+lines = st.lists(st.text(alphabet=".ab\u00e9", max_size=6).map(lambda s: s.encode()),
+                 max_size=12)
+
+
+@given(lines, st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+       st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_encoder_roundtrip(body_lines: list[bytes], cuts: list[int], final_crlf: bool) -> None:
+    body = b"\r\n".join(body_lines) + (b"\r\n" if final_crlf and body_lines else b"")
+    wire = encode(split(body, cuts))
+    expected = body if body.endswith(b"\r\n") or not body else body + b"\r\n"
+    assert unstuff(wire) == expected
+    # The only CRLF.CRLF is the terminator.
+    assert (b"\r\n" + wire).find(b"\r\n.\r\n") == len(wire) - 3
+
+
+@given(st.binary(max_size=60), st.lists(st.integers(min_value=0, max_value=80), max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_encoder_never_emits_bare_cr_or_lf(body: bytes, cuts: list[int]) -> None:
+    wire = encode(split(body, cuts))
+    assert wire.count(b"\r") == wire.count(b"\n") == wire.count(b"\r\n")
+    assert (b"\r\n" + wire).find(b"\r\n.\r\n") == len(wire) - 3
+
+
+def reply_from(data: bytes, timeout: float = 1.0) -> Reply:
+    async def go() -> Reply:
+        reader = asyncio.StreamReader(limit=8192)
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_reply(reader, timeout, "testing")
+
+    return asyncio.run(go())
+
+
+def test_multiline_reply_and_enhanced_code() -> None:
+    r = reply_from(b"550-5.1.1 no such\r\n550 5.1.1 user\r\n")
+    assert r.code == 550 and r.enhanced == "5.1.1" and r.text == "5.1.1 no such 5.1.1 user"
+    assert r.permanent and str(r) == "550 5.1.1 no such 5.1.1 user"
+    assert reply_from(b"250\r\n").lines == ("",)
+    # A code of another class is not believed; defaults are X.0.0.
+    r = reply_from(b"451 5.1.1 odd\r\n")
+    assert r.enhanced == "" and r.dsn() == "4.0.0"
+
+
+@pytest.mark.parametrize("data", [b"hello\r\n", b"2500 x\r\n", b"250-a\r\n251 b\r\n",
+                                  b"650 x\r\n", b"250x\r\n", b"2" * 9000 + b"\r\n"])
+def test_malformed_replies(data: bytes) -> None:
+    with pytest.raises(PeerProtocolError):
+        reply_from(data)
+
+
+def test_too_many_lines() -> None:
+    with pytest.raises(PeerProtocolError):
+        reply_from(b"250-x\r\n" * (MAX_REPLY_LINES + 1) + b"250 x\r\n")
+
+
+def test_eof_and_timeout() -> None:
+    with pytest.raises(PeerClosed):
+        reply_from(b"250-partial\r\n")
+
+    async def silent() -> None:
+        await read_reply(asyncio.StreamReader(), 0.05, "waiting")
+
+    with pytest.raises(PeerTimeout):
+        asyncio.run(silent())
+
+
+def test_control_characters_are_removed() -> None:
+    r = reply_from(b"550 bad\x1b[31m \x00thing\r\n")
+    assert "\x1b" not in r.text and "\x00" not in r.text
+
+
+def test_extensions() -> None:
+    r = Reply(250, ("mx greets", "PIPELINING", "SIZE 1000", "auth=LOGIN PLAIN", "8bitmime",
+                    "AUTH PLAIN"))
+    ext = parse_extensions(r)
+    assert ext == {"PIPELINING": "", "SIZE": "1000", "AUTH": "LOGIN PLAIN", "8BITMIME": ""}
+    assert size_limit(ext) == 1000 and size_limit({"SIZE": ""}) == 0
