@@ -122,7 +122,7 @@ class Server:
             await self.control.stop()
             self.control = None
         if self.runner is not None:
-            await self.runner.stop()
+            await self.runner.stop(self.config.queue.shutdown_timeout)
             self.runner = None
         if self.store is not None:
             await self.store.close()

@@ -95,6 +95,9 @@ class QueueConfig:
     # Concurrent delivery workers (messages in delivery at once); 0 makes an
     # accept-only node.
     workers: int = 8
+    # On SIGTERM, deliveries in flight get this long to finish; the rest stay
+    # queued for the next start.
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,7 +417,9 @@ def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
     transports: dict[str, Nexthop] = {}
     for domain, value in _table(data, "transports").items():
         key = f"transports.{domain}"
-        transports[_check_hostname(key, domain)] = _nexthop(key, value)
+        # ".example.org" matches every subdomain of example.org (as Postfix).
+        dot = "." if domain.startswith(".") else ""
+        transports[dot + _check_hostname(key, domain[len(dot):])] = _nexthop(key, value)
     policies: dict[str, str] = {}
     for domain, value in _table(data, "tls_policy").items():
         key = f"tls_policy.{domain}"
