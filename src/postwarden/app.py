@@ -76,7 +76,7 @@ class Server:
             router = Router(self.directory.is_local_domain, self.directory.resolve,
                             cfg.delivery)
             smtp = SmtpTransport(cfg.hostname, cfg.delivery, Resolver(cfg.dns),
-                                 downgrade=downgrade_to_7bit)
+                                 downgrade=downgrade_to_7bit, mx_port=cfg.delivery.mx_port)
             transports: dict[str, Transport] = {
                 "maildir": MaildirTransport(MaildirDelivery(cfg.mail_dir), router.mailboxes),
                 "smtp": smtp,

@@ -132,6 +132,8 @@ class DeliveryConfig:
     data_timeout: float = 600.0
     max_connections: int = 100
     max_per_destination: int = 20
+    # The port of MX hosts (RFC 5321: 25); another one builds test networks.
+    mx_port: int = 25
     transports: Mapping[str, Nexthop] = field(default_factory=dict)
     tls_policy: Mapping[str, str] = field(default_factory=dict)
 
@@ -371,13 +373,13 @@ def _nexthop(key: str, value: object) -> Nexthop:
 def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
     table = _table(data, "delivery")
     numbers = {"connect_timeout", "greeting_timeout", "command_timeout", "data_timeout",
-               "max_connections", "max_per_destination"}
+               "max_connections", "max_per_destination", "mx_port"}
     _unknown(table, numbers | {"smarthost", "smarthost_username", "smarthost_password",
                                "smarthost_password_file", "smarthost_tls", "tls", "ca_file",
                                "helo_name"}, "delivery.")
     values: dict[str, Any] = {}
     for k in numbers & set(table):
-        integer = k.startswith("max_")
+        integer = k.startswith("max_") or k == "mx_port"
         values[k] = _number(f"delivery.{k}", table[k], minimum=1 if integer else 0.1,
                             integer=integer)
     smarthost = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import ssl
 import time
@@ -79,6 +80,7 @@ class _Transaction:
         self.scanner = cleanup.HeaderScanner()
         self.size = 0
         self.too_big = False
+        self.eight_bit = False  # any octet > 127 seen (RFC 6152)
         self.failure: R.Reply | None = None
         self.failure_detail = ""
 
@@ -334,6 +336,8 @@ class Session:
                 tx.body = None
             return
         tx.scanner.feed(data)
+        if not tx.eight_bit and not data.isascii():
+            tx.eight_bit = True
         if tx.body is not None:
             try:
                 tx.body.write(data)
@@ -387,7 +391,12 @@ class Session:
             return reply
         tx.scanner.close()
         queue_id = new_queue_id()
-        envelope = Envelope(tx.envelope.sender, tx.envelope.params, list(tx.expanded.values()))
+        params = tx.envelope.params
+        if tx.eight_bit and params.body != "8BITMIME":
+            # 8-bit content sent without BODY=8BITMIME: record what it is, so
+            # that outbound delivery declares it or converts it (RFC 6152 3).
+            params = dataclasses.replace(params, body="8BITMIME")
+        envelope = Envelope(tx.envelope.sender, params, list(tx.expanded.values()))
         only = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
         prepend = cleanup.received_header(
             self.cfg.hostname, self.conn, queue_id, str(only) if only else None,
