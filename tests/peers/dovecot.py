@@ -128,9 +128,11 @@ class DovecotLmtpPeer:
                                     env=tool_env(), timeout=START_TIMEOUT,
                                     check=False).returncode
         finally:
-            # The master binds its listeners before it forks into the
-            # background, so when "dovecot" returns the pid file exists.
-            self._pgid = read_pid(self.base_dir / "master.pid")
+            # The master writes its pid file after it forked into the
+            # background, which may be just after "dovecot" returned.
+            pid_file = self.base_dir / "master.pid"
+            wait_until(lambda: read_pid(pid_file) is not None, START_TIMEOUT)
+            self._pgid = read_pid(pid_file)
         if rc != 0 or self._pgid is None:
             self.stop()
             raise PeerError(f"dovecot failed to start ({rc}):\n"
