@@ -34,6 +34,31 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_peer(name: str) -> str:
+    """A daemon run as a private test peer (Postfix, Dovecot): also found in
+    /usr/sbin when that is not on PATH; the peers must start as root."""
+    from tests.peers import find_tool
+
+    path = find_tool(name) or require_tool(name)
+    if os.geteuid() != 0:
+        msg = f"{name} test peers must run as root"
+        if REQUIRE_ALL:
+            pytest.fail(msg + " and POSTWARDEN_REQUIRE_ALL=1")
+        pytest.skip(msg)
+    return path
+
+
+def write_cert(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
+    """A certificate from ``ca`` for ``names``: (chain file, key file 0600)."""
+    issued = ca.issue_cert(*names)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    for i, pem in enumerate(issued.cert_chain_pems):
+        pem.write_to_path(str(cert_path), append=i > 0)
+    issued.private_key_pem.write_to_path(str(key_path))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -41,15 +66,8 @@ def ca() -> trustme.CA:
 
 @pytest.fixture(scope="session")
 def cert_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    cert = ca.issue_cert(HOSTNAME, "localhost", "127.0.0.1", "::1")
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(str(cert_path), append=True)
-    cert.private_key_pem.write_to_path(str(key_path))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    return write_cert(ca, tmp_path_factory.mktemp("tls"), HOSTNAME, "localhost", "127.0.0.1",
+                      "::1")
 
 
 @pytest.fixture(scope="session")

@@ -19,23 +19,23 @@ from typing import Any
 
 import pytest
 import trustme
-from tests.conftest import PASSWORD, ServerThread, maildir_messages, wait_for
+from tests.conftest import (
+    PASSWORD,
+    ServerThread,
+    maildir_messages,
+    require_peer,
+    wait_for,
+    write_cert,
+)
 from tests.peers.dovecot import DovecotLmtpPeer
 from tests.peers.postfix import PostfixPeer
-from tests.test_outbound_peers import peer_tool
 
 ALICE = "alice@example.test"
 
 
 @pytest.fixture
 def mx_cert(ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path]:
-    cert = ca.issue_cert("mx1.remote.test", "mx2.remote.test")
-    cert_path, key_path = tmp_path / "mx-cert.pem", tmp_path / "mx-key.pem"
-    for i, pem in enumerate(cert.cert_chain_pems):
-        pem.write_to_path(str(cert_path), append=i > 0)
-    cert.private_key_pem.write_to_path(str(key_path))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    return write_cert(ca, tmp_path, "mx1.remote.test", "mx2.remote.test")
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def remote_dns(loopback_dns: Any) -> Iterator[Any]:
 
 def start_postfix(tmp_path: Path, name: str, mx_cert: tuple[Path, Path], **kw: Any
                   ) -> PostfixPeer:
-    peer = PostfixPeer(tmp_path / name, postfix=peer_tool("postfix"), tls=mx_cert,
+    peer = PostfixPeer(tmp_path / name, postfix=require_peer("postfix"), tls=mx_cert,
                        hostname="mx2.remote.test", reject=["nobody@remote.test"], **kw)
     return peer.start()
 
@@ -70,7 +70,7 @@ def postfix(tmp_path: Path, mx_cert: tuple[Path, Path]) -> Iterator[PostfixPeer]
 
 @pytest.fixture
 def dovecot(tmp_path: Path) -> Iterator[DovecotLmtpPeer]:
-    peer = DovecotLmtpPeer(tmp_path / "dovecot", dovecot=peer_tool("dovecot"),
+    peer = DovecotLmtpPeer(tmp_path / "dovecot", dovecot=require_peer("dovecot"),
                            users=["dave@lmtp.test"])
     peer.start()
     yield peer

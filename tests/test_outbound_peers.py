@@ -4,15 +4,13 @@ Dovecot (private instances on loopback, see tests/peers)."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
-from tests.conftest import REQUIRE_ALL, require_tool
-from tests.peers import find_tool
+from tests.conftest import require_peer, write_cert
 from tests.peers.dovecot import DovecotLmtpPeer
 from tests.peers.postfix import PostfixPeer
 
@@ -32,31 +30,17 @@ BODY = (b"From: alice@example.test\r\nTo: bob@remote.test\r\nSubject: outbound p
         b".a line with a leading dot\r\n..two\r\n.\r\nna\xc3\xafve\r\nlast\r\n")
 
 
-def peer_tool(name: str) -> str:
-    path = find_tool(name) or require_tool(name)
-    if os.geteuid() != 0:
-        msg = f"{name} test peers must run as root"
-        if REQUIRE_ALL:
-            pytest.fail(msg + " and POSTWARDEN_REQUIRE_ALL=1")
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(scope="module")
 def peer_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("outbound-peer-tls")
-    cert = ca.issue_cert("mx.remote.test", "127.0.0.1")
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    for i, pem in enumerate(cert.cert_chain_pems):
-        pem.write_to_path(str(cert_path), append=i > 0)
-    cert.private_key_pem.write_to_path(str(key_path))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    """A certificate for the Postfix peer, valid for its name and 127.0.0.1."""
+    return write_cert(ca, tmp_path_factory.mktemp("peer-tls"), "mx.remote.test", "127.0.0.1")
 
 
 @pytest.fixture
 def postfix(tmp_path: Path, peer_cert: tuple[Path, Path]) -> Iterator[PostfixPeer]:
-    peer = PostfixPeer(tmp_path / "postfix", postfix=peer_tool("postfix"), tls=peer_cert,
+    peer = PostfixPeer(tmp_path / "postfix", postfix=require_peer("postfix"), tls=peer_cert,
                        reject=["nobody@remote.test"], tempfail=["busy@remote.test"])
     peer.start()
     try:
@@ -67,7 +51,7 @@ def postfix(tmp_path: Path, peer_cert: tuple[Path, Path]) -> Iterator[PostfixPee
 
 @pytest.fixture
 def dovecot(tmp_path: Path) -> Iterator[DovecotLmtpPeer]:
-    peer = DovecotLmtpPeer(tmp_path / "dovecot", dovecot=peer_tool("dovecot"),
+    peer = DovecotLmtpPeer(tmp_path / "dovecot", dovecot=require_peer("dovecot"),
                            users=["bob@remote.test", "carol@remote.test"])
     peer.start()
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import smtplib
 import ssl
 from collections.abc import Callable, Iterator
@@ -15,24 +14,14 @@ from typing import Any
 
 import pytest
 import trustme
-from tests.conftest import REQUIRE_ALL, require_tool
-from tests.peers import accepts_connections, find_tool, group_members
+from tests.conftest import require_peer, write_cert
+from tests.peers import accepts_connections, group_members
 from tests.peers.dovecot import DovecotLmtpPeer
 from tests.peers.postfix import REJECT_REPLY, TEMPFAIL_REPLY, PostfixPeer
 
 SENDER = "alice@example.test"
 
 
-def peer_tool(name: str) -> str:
-    """Like require_tool, but also finds daemons in /usr/sbin when it is not on
-    PATH, and insists on root (both masters must start as root)."""
-    path = find_tool(name) or require_tool(name)
-    if os.geteuid() != 0:
-        msg = f"{name} test peers must run as root"
-        if REQUIRE_ALL:
-            pytest.fail(msg + " and POSTWARDEN_REQUIRE_ALL=1")
-        pytest.skip(msg)
-    return path
 
 
 def message(to: str, subject: str) -> bytes:
@@ -46,7 +35,7 @@ def message(to: str, subject: str) -> bytes:
 
 @pytest.fixture
 def make_postfix(tmp_path: Path) -> Iterator[Callable[..., PostfixPeer]]:
-    binary = peer_tool("postfix")
+    binary = require_peer("postfix")
     with contextlib.ExitStack() as stack:  # stops every peer, even if one fails
         count = itertools.count()
 
@@ -60,7 +49,7 @@ def make_postfix(tmp_path: Path) -> Iterator[Callable[..., PostfixPeer]]:
 
 @pytest.fixture
 def make_dovecot(tmp_path: Path) -> Iterator[Callable[..., DovecotLmtpPeer]]:
-    binary = peer_tool("dovecot")
+    binary = require_peer("dovecot")
     with contextlib.ExitStack() as stack:  # stops every peer, even if one fails
         count = itertools.count()
 
@@ -75,14 +64,7 @@ def make_dovecot(tmp_path: Path) -> Iterator[Callable[..., DovecotLmtpPeer]]:
 @pytest.fixture(scope="module")
 def peer_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A certificate for the Postfix peer, valid for its name and 127.0.0.1."""
-    d = tmp_path_factory.mktemp("peer-tls")
-    cert = ca.issue_cert("mx.remote.test", "127.0.0.1")
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    for i, pem in enumerate(cert.cert_chain_pems):
-        pem.write_to_path(str(cert_path), append=i > 0)
-    cert.private_key_pem.write_to_path(str(key_path))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    return write_cert(ca, tmp_path_factory.mktemp("peer-tls"), "mx.remote.test", "127.0.0.1")
 
 
 # -- Postfix ------------------------------------------------------------------

@@ -28,6 +28,8 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 HOST = "127.0.0.1"
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -42,6 +44,44 @@ UNIX_PATH_MAX = 107
 
 class PeerError(RuntimeError):
     """A peer failed to start, stop or deliver; the message quotes its log."""
+
+
+class LoopbackPeer:
+    """What both peers share: a loopback address, the master's process
+    group, and use as a context manager (``with Peer(...) as peer``)."""
+
+    def __init__(self) -> None:
+        self.host = HOST
+        self._port: int | None = None
+        self._pgid: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise PeerError(f"{type(self).__name__} is not started")
+        return self._port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def master_pid(self) -> int | None:
+        """The master's pid (it leads the process group of the instance)."""
+        return self._pgid
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
 
 
 def find_tool(name: str) -> str | None:

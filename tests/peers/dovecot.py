@@ -24,13 +24,13 @@ import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 
 from tests.peers import (
     HOST,
     POLL_INTERVAL,
     START_TIMEOUT,
     UNIX_PATH_MAX,
+    LoopbackPeer,
     PeerError,
     accepts_connections,
     find_tool,
@@ -55,7 +55,7 @@ _LONGEST_SOCKET_NAME = 24
 STOP_GRACE = 0.2
 
 
-class DovecotLmtpPeer:
+class DovecotLmtpPeer(LoopbackPeer):
     """A private Dovecot LMTP server on 127.0.0.1 and a unix socket.
 
     ``users``: the only recipients accepted (None: everyone).
@@ -73,6 +73,7 @@ class DovecotLmtpPeer:
         mail_user: str = "nobody",
         dovecot: str | None = None,
     ) -> None:
+        super().__init__()
         self.workdir = Path(workdir).absolute()
         self.users = None if users is None else lower_all(users)
         self.hostname = hostname
@@ -86,26 +87,8 @@ class DovecotLmtpPeer:
         self.users_path = self.workdir / "users"
         self.log_path = self.workdir / "dovecot.log"
         self.socket_path = str(self.base_dir / "lmtp")
-        self.host = HOST
-        self._port: int | None = None
-        self._pgid: int | None = None
 
     # -- lifecycle ---------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise PeerError("DovecotLmtpPeer is not started")
-        return self._port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def master_pid(self) -> int | None:
-        """The master's pid (it leads the process group of the instance)."""
-        return self._pgid
 
     def start(self) -> DovecotLmtpPeer:
         if self.dovecot is None:
@@ -151,13 +134,6 @@ class DovecotLmtpPeer:
         if pgid is not None:
             stop_group(pgid, lambda: os.kill(pgid, signal.SIGTERM), grace=STOP_GRACE,
                        term_grace=STOP_GRACE)
-
-    def __enter__(self) -> DovecotLmtpPeer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def _stop_leftover(self) -> None:
         pid = read_pid(self.base_dir / "master.pid")

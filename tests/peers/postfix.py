@@ -27,12 +27,12 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 
 from tests.peers import (
     HOST,
     POLL_INTERVAL,
     START_TIMEOUT,
+    LoopbackPeer,
     PeerError,
     accepts_connections,
     find_tool,
@@ -82,7 +82,7 @@ postlog   unix-dgram n - n - 1 postlogd
 """
 
 
-class PostfixPeer:
+class PostfixPeer(LoopbackPeer):
     """A private Postfix on 127.0.0.1 delivering to Maildirs under ``workdir``.
 
     ``domains``: domains accepted for local (virtual) delivery; the first is
@@ -113,6 +113,7 @@ class PostfixPeer:
         mail_user: str = "nobody",
         postfix: str | None = None,
     ) -> None:
+        super().__init__()
         self.workdir = Path(workdir).absolute()
         self.domains = lower_all(domains)
         if not self.domains:
@@ -133,26 +134,8 @@ class PostfixPeer:
         self.data_dir = self.workdir / "data"
         self.mail_dir = self.workdir / "mail"
         self.log_path = self.workdir / "maillog"
-        self.host = HOST
-        self._port: int | None = None
-        self._pgid: int | None = None
 
     # -- lifecycle ---------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise PeerError("PostfixPeer is not started")
-        return self._port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def master_pid(self) -> int | None:
-        """The master's pid (it leads the process group of the instance)."""
-        return self._pgid
 
     def start(self) -> PostfixPeer:
         if self.postfix is None:
@@ -182,13 +165,6 @@ class PostfixPeer:
         self._pgid = None
         if pgid is not None:
             stop_group(pgid, lambda: self._postfix("stop"))
-
-    def __enter__(self) -> PostfixPeer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def _stop_leftover(self) -> None:
         # A previous run in the same workdir that never stopped its master.
