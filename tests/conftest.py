@@ -134,7 +134,9 @@ class ServerThread:
 
     def __init__(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
-        self.loop = asyncio.new_event_loop()
+        from postwarden.app import new_event_loop
+
+        self.loop = new_event_loop()
         from postwarden.app import Server
 
         self.server = Server(cfg)

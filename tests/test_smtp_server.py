@@ -322,3 +322,22 @@ def test_stalled_tls_handshake_is_dropped(make_server: Callable[..., ServerThrea
     sock = socket.create_connection(("127.0.0.1", server.port("submissions")), timeout=5)
     # Send nothing: the server gives up on the handshake and closes.
     assert sock.recv(100) == b""
+
+
+def test_plaintext_pipelined_after_starttls_is_discarded(server: ServerThread,
+                                                         client_tls: ssl.SSLContext) -> None:
+    """RFC 3207 6 (CVE-2011-0411 class): commands sent in the clear right
+    after STARTTLS must not be executed inside the TLS session."""
+    sock = raw(server)
+    sock.sendall(b"EHLO t\r\n")
+    read_replies(sock, 1)
+    sock.sendall(b"STARTTLS\r\nRSET\r\nMAIL FROM:<injected@remote.example>\r\n")
+    assert read_replies(sock, 1)[0].startswith(b"220")
+    tls = client_tls.wrap_socket(sock, server_hostname="mail.example.test")
+    tls.sendall(b"EHLO t\r\nNOOP\r\n")
+    replies = read_replies(tls, 2)
+    # The EHLO reply then the NOOP reply: nothing answers the injected commands.
+    assert replies[0].startswith(b"250 ") and replies[1] == b"250 2.0.0 OK", replies
+    tls.sendall(b"MAIL FROM:<a@remote.example>\r\n")
+    assert read_replies(tls, 1)[0].startswith(b"250 2.1.0")  # no transaction was open
+    tls.close()

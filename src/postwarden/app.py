@@ -147,6 +147,15 @@ async def _run(config: Config) -> int:
     return 0
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when it is installed (a faster event loop on libuv), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     stream = sys.stderr
@@ -155,7 +164,8 @@ def serve(config: Config) -> int:
         stream = open(config.log.file, "a", encoding="utf-8")  # noqa: SIM115
     logmod.configure(config.log.format, config.log.level, stream)
     try:
-        return asyncio.run(_run(config))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(_run(config))
     except ConfigError as exc:
         print(f"postwarden: config error: {exc}", file=sys.stderr)
         return 1

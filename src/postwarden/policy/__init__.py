@@ -72,7 +72,8 @@ class Policy:
         for check in self.checks[stage]:
             name = getattr(check, "__name__", repr(check))
             try:
-                verdict = await asyncio.wait_for(check(ctx), CHECK_TIMEOUT)
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    verdict = await check(ctx)
             except TimeoutError:
                 log.warning("check_timeout", check=name, session=ctx.conn.session_id)
                 return R.tempfail(f"{name} timed out")

@@ -7,8 +7,8 @@ accept loop already survives EMFILE/ENFILE/ENOBUFS by pausing accepts for a
 second instead of crashing.
 
 Security exposure: the network edge.  Binds only the configured address;
-implicit TLS (port 465, RFC 8314 3.3) is negotiated before the greeting with
-the handshake timeout from :mod:`postwarden.limits`.
+implicit TLS (port 465, RFC 8314 3.3) is negotiated by the transport before
+the session starts, with the handshake timeout from :mod:`postwarden.limits`.
 """
 
 from __future__ import annotations
@@ -43,9 +43,15 @@ class Listener:
 
     async def start(self) -> None:
         host: str | None = None if self.config.host == "*" else self.config.host
+        tls: dict[str, object] = {}
+        if self.config.implicit_tls:
+            # RFC 8314 3.3: the TLS layer is in place before the first byte is
+            # read, so the ClientHello can never land in the plaintext buffer.
+            tls = {"ssl": self.ctx.tls.server,
+                   "ssl_handshake_timeout": self.ctx.config.limits.tls_handshake_timeout}
         self.server = await asyncio.start_server(
             self._accepted, host, self.config.port, reuse_address=True, backlog=1024,
-            limit=1024 * 1024)
+            limit=1024 * 1024, **tls)  # type: ignore[arg-type]
         log.info("listening", listener=self.config.name, mode=self.config.mode,
                  addresses=[f"{h}:{p}" for h, p in self.bound])
 

@@ -113,8 +113,8 @@ class Session:
         log.info("connect", session=c.session_id, listener=c.listener, client=c.peer_ip,
                  port=c.peer_port)
         try:
-            if self.listener.implicit_tls and not await self._handshake():
-                return
+            if self.listener.implicit_tls:
+                self._tls_established()
             if self.ctx.shutting_down:
                 self.proto.send(R.SHUTTING_DOWN)
             else:
@@ -142,7 +142,33 @@ class Session:
             self.writer.write(out)
             await self.writer.drain()
 
+    def _watchdog(self) -> None:
+        """One timer per session instead of one per read (RFC 5321 4.5.3.2):
+        re-armed for the current deadline; when it has passed, 421 and close."""
+        now = self._loop_time()
+        if now < self._deadline:
+            self._timer = self._event_loop.call_at(self._deadline, self._watchdog)
+            return
+        self._timed_out = True
+        log.info("timeout", session=self.conn.session_id, state=self.proto.state.value)
+        self.proto.send(R.TIMEOUT)
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.write(self.proto.data_to_send())
+            transport.close()  # the pending read sees EOF
+
     async def _loop(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        self._loop_time = self._event_loop.time
+        self._deadline = self._loop_time() + self.limits.command_timeout
+        self._timed_out = False
+        self._timer = self._event_loop.call_at(self._deadline, self._watchdog)
+        try:
+            await self._loop_events()
+        finally:
+            self._timer.cancel()
+
+    async def _loop_events(self) -> None:
         proto = self.proto
         while True:
             ev = proto.next_event()
@@ -156,13 +182,10 @@ class Session:
                     proto.tls_started()
                     continue
                 in_data = proto.state in (P.State.DATA, P.State.CHUNK)
-                timeout = self.limits.data_timeout if in_data else self.limits.command_timeout
-                try:
-                    data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
-                except TimeoutError:
-                    log.info("timeout", session=self.conn.session_id, state=proto.state.value)
-                    proto.send(R.TIMEOUT)
-                    await self._flush()
+                self._deadline = self._loop_time() + (
+                    self.limits.data_timeout if in_data else self.limits.command_timeout)
+                data = await self.reader.read(READ_CHUNK)
+                if self._timed_out:
                     return
                 if not data:
                     if proto.state is not P.State.GREETED or proto.buffered:
@@ -190,6 +213,11 @@ class Session:
             log.warning("tls_injection_discarded", session=self.conn.session_id,
                         bytes=len(leftover))
             leftover.clear()
+        self._tls_established()
+        return True
+
+    def _tls_established(self) -> None:
+        self.proto.tls_active = True
         obj = self.writer.get_extra_info("ssl_object")
         if obj is not None:
             self.conn.tls_version = obj.version() or ""
@@ -197,7 +225,6 @@ class Session:
             self.conn.tls_cipher = cipher[0] if cipher else ""
         log.info("tls", session=self.conn.session_id, version=self.conn.tls_version,
                  cipher=self.conn.tls_cipher)
-        return True
 
     # ---- events ----------------------------------------------------------
 

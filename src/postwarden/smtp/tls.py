@@ -2,9 +2,12 @@
 
 Owns the TLS settings: TLS 1.2 minimum (RFC 8996 retires 1.0/1.1), forward-
 secret AEAD cipher suites only for TLS 1.2, no compression, no renegotiation.
-:meth:`TlsContexts.reload` (SIGHUP) builds a fresh context from the files;
-new handshakes use it, established sessions keep theirs.  A reload that
-fails keeps the old context and reports why.
+:meth:`TlsContexts.reload` (SIGHUP) first loads the files into a fresh
+context to validate them, then into the live context: new handshakes get the
+new certificate, established sessions keep theirs.  The live context object
+never changes, so a listener that was given it at start (implicit TLS) picks
+up the renewal too.  A reload that fails keeps the old certificate and
+reports why.
 
 Security exposure: reads the private key; a bad key or certificate is a
 config error at start, and a logged error (old key kept) on reload.
@@ -56,10 +59,14 @@ class TlsContexts:
             return False
         try:
             ctx = build_context(tls)
-        except ConfigError as exc:
+            assert tls.key is not None
+            if self.server is None:
+                self.server = ctx
+            else:
+                self.server.load_cert_chain(str(tls.cert), str(tls.key))
+        except (ConfigError, OSError, ssl.SSLError) as exc:
             log.error("tls_reload_failed", error=str(exc))
             return False
         self.config = tls
-        self.server = ctx
         log.info("tls_reloaded", cert=str(tls.cert))
         return True
