@@ -36,6 +36,20 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+_RUNNING: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_servers() -> Iterator[None]:
+    """A failed assertion must not leave a server running."""
+    yield
+    while _RUNNING:
+        proc = _RUNNING.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 class Service:
     def __init__(self, config_path: Path, log_path: Path) -> None:
         self.config_path = config_path
@@ -43,6 +57,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postwarden", "-c", str(config_path), "serve"],
             stdout=self.log, stderr=self.log)
+        _RUNNING.append(self.proc)
 
     def wait_ready(self, port: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
