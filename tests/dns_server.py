@@ -10,6 +10,7 @@ Zones are a dict of owner name -> {record type -> values}::
         "nullmx.example": {"MX": [(0, ".")]},
         "broken.example": "SERVFAIL",    # every query for the name: SERVFAIL
         "slow.example": "DROP",          # never answered (a timeout)
+        "half.example": {"TXT": ["v=spf1 -all"], "OTHER": "DROP"},
     }
     with LoopbackDns(zones) as dns:
         DnsConfig(nameservers=(("127.0.0.1", dns.port),), timeout=1.0)
@@ -23,14 +24,28 @@ served on the same port (dnspython retries truncated answers over TCP).
 
 Types: A, AAAA (lists of addresses), MX (list of (preference, host)), TXT
 (list of strings, long ones split into 255-octet pieces), CNAME (one name),
-PTR/NS (lists of names).
+PTR/NS (lists of names), TLSA (list of (usage, selector, matching type,
+data as bytes or hex)).  A TXT record given as a list (or tuple) of pieces is
+one record with those character-strings; SPF (type 99) takes the same values
+as TXT.  The key ``"OTHER"`` ("DROP" or "SERVFAIL") applies to the types a
+name does not list: ``{"TXT": [...], "OTHER": "DROP"}`` answers TXT queries
+and lets every other type time out.  Query names are matched on their raw
+label octets, so an owner name may hold a space or other characters that a
+master file would escape.
+
+DNSSEC is pretended, not done: the AD bit of an answer is set when the
+question asked for it (AD or DO) and every name of the answer (the CNAME
+chain included) is in ``signed`` (exact names: ``LoopbackDns(zones,
+signed={"example.org", "mx.example.org"})``, or ``dns.signed.add(...)``
+while running), as a validating resolver would for signed data; otherwise
+AD is clear.  No RRSIGs are sent.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -43,6 +58,7 @@ from dnslib import (  # type: ignore[import-untyped]
     QTYPE,
     RCODE,
     RR,
+    TLSA,
     TXT,
     A,
     DNSRecord,
@@ -62,8 +78,15 @@ def _norm(name: str) -> str:
     return name.lower().rstrip(".")
 
 
-def _txt(value: str | bytes) -> TXT:
-    raw = value.encode() if isinstance(value, str) else value
+def _octets(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _txt(value: str | bytes | list[str | bytes] | tuple[str | bytes, ...]) -> TXT:
+    if isinstance(value, list | tuple):
+        # The character-strings of one record, as given (none: one empty string).
+        return TXT([_octets(piece) for piece in value] or [b""])
+    raw = _octets(value)
     return TXT([raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""])
 
 
@@ -75,7 +98,7 @@ def _rdata(rtype: str, value: Any) -> Any:
     if rtype == "MX":
         pref, host = value
         return MX(host if host != "." else ".", pref)
-    if rtype == "TXT":
+    if rtype in ("TXT", "SPF"):
         return _txt(value)
     if rtype == "CNAME":
         return CNAME(value)
@@ -83,6 +106,10 @@ def _rdata(rtype: str, value: Any) -> Any:
         return NS(value)
     if rtype == "PTR":
         return PTR(value)
+    if rtype == "TLSA":
+        usage, selector, mtype, data = value
+        return TLSA(usage, selector, mtype, bytes.fromhex(data) if isinstance(data, str)
+                    else bytes(data))
     raise ValueError(f"unsupported record type {rtype}")
 
 
@@ -93,12 +120,19 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord | None:
         reply = request.reply()  # aa flag set: we are authoritative
         q = request.q
-        qname = _norm(str(q.qname))
+        # The raw labels, not str(qname), which escapes spaces and the like.
+        qname = _norm(".".join(label.decode("latin-1") for label in q.qname.label))
         qtype = QTYPE.get(q.qtype)
         with self.owner.lock:
             self.owner.queries.append((qname, qtype))
             zones = dict(self.owner.zones)
+        # reply() copies the question's flags; AD only for signed data.
+        wants_ad = bool(request.header.ad) or any(
+            getattr(rr, "rtype", None) == QTYPE.OPT and (rr.ttl >> 15) & 1
+            for rr in request.ar)
+        reply.header.ad = 0
         name = qname
+        chain = [qname]
         for _ in range(8):  # CNAME chain limit
             data = zones.get(name)
             if data == "DROP":
@@ -109,20 +143,31 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
             if data is None:
                 if name == qname and not any(n.endswith("." + name) for n in zones):
                     reply.header.rcode = RCODE.NXDOMAIN
-                return reply
+                return self._sign(reply, chain, wants_ad)
             if "CNAME" in data and qtype != "CNAME":
                 target = _norm(data["CNAME"])
                 reply.add_answer(RR(name + ".", QTYPE.CNAME, ttl=TTL,
                                     rdata=CNAME(target + ".")))
                 name = target
+                chain.append(name)
                 continue
+            if qtype not in data and data.get("OTHER") == "DROP":
+                return None
+            if qtype not in data and data.get("OTHER") == "SERVFAIL":
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply
             values = data.get(qtype, [])
             if isinstance(values, str):
                 values = [values]
             for v in values:
                 reply.add_answer(RR(name + ".", getattr(QTYPE, qtype), ttl=TTL,
                                     rdata=_rdata(qtype, v)))
-            return reply
+            return self._sign(reply, chain, wants_ad)
+        return reply
+
+    def _sign(self, reply: DNSRecord, chain: list[str], wants_ad: bool) -> DNSRecord:
+        if wants_ad and all(self.owner.is_signed(n) for n in chain):
+            reply.header.ad = 1
         return reply
 
 
@@ -166,10 +211,13 @@ class _DropHandler(DNSHandler):  # type: ignore[misc]
 class LoopbackDns:
     """An authoritative DNS server for ``zones`` on 127.0.0.1 (UDP + TCP)."""
 
-    def __init__(self, zones: Zones | None = None, address: str = "127.0.0.1") -> None:
+    def __init__(self, zones: Zones | None = None, address: str = "127.0.0.1", *,
+                 signed: Iterable[str] = ()) -> None:
         self.address = address
         self.lock = threading.Lock()
         self.zones: dict[str, Any] = {}
+        # Answers for these names are "DNSSEC-validated" (the AD bit).
+        self.signed: set[str] = {_norm(n) for n in signed}
         self.queries: list[tuple[str, str]] = []
         for name, data in (zones or {}).items():
             self.set(name, data)
@@ -183,6 +231,9 @@ class LoopbackDns:
     def remove(self, name: str) -> None:
         with self.lock:
             self.zones.pop(_norm(name), None)
+
+    def is_signed(self, name: str) -> bool:
+        return _norm(name) in self.signed
 
     def start(self) -> LoopbackDns:
         resolver = _ZoneResolver(self)

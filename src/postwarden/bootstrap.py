@@ -1,9 +1,9 @@
-"""First-time setup material: the config file ``postwarden init`` writes and
-its self-signed certificate.
+"""First-time setup material: the config file ``postwarden init`` writes,
+its self-signed certificate, and the first DKIM key of the domain.
 
-Security exposure: creates the TLS private key; files are written
-atomically (temporary file, fsync, rename) with their final mode from the
-start (0600 for the key).
+Security exposure: creates the TLS private key and the DKIM signing key;
+files are written atomically (temporary file, fsync, rename) with their
+final mode from the start (0600 for the keys).
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import datetime
 import ipaddress
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postwarden import config as _config
 from postwarden.limits import Limits
+
+if TYPE_CHECKING:
+    from postwarden.dkim_keys import Key
 
 CONFIG_TEMPLATE = """\
 # postwarden configuration, written by 'postwarden init'.
@@ -161,3 +165,18 @@ def self_signed_certificate(hostname: str, listen_host: str) -> tuple[bytes, byt
     return cert_pem, key_pem
 
 
+def init_dkim(data_dir: Path, domain: str) -> list[Key]:
+    """The active DKIM keys of ``domain``, creating and activating an
+    RSA-2048 key (selector ``pwYYYYMM``) when it has none.  Safe to run
+    again (``init --force``): existing keys are kept, never replaced."""
+    # cryptography takes a while to import; only init and signing need it.
+    from postwarden.dkim_keys import KeyStore, default_selector
+
+    store = KeyStore.for_data_dir(data_dir)
+    active = store.active(domain)
+    if active:
+        return active
+    selector = default_selector("rsa")
+    if any(k.selector == selector for k in store.list_keys(domain)):
+        return [store.activate(domain, selector)]
+    return [store.generate(domain, selector, "rsa", activate=True)]

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from postwarden import __version__, bootstrap, cli_queue, sendtest
+from postwarden import __version__, bootstrap, cli_dns, cli_queue, sendtest
 from postwarden import config as _config
 from postwarden.auth import passwords
 from postwarden.storage.sqlite_directory import DirectoryError, SqliteDirectory, check_domain
@@ -125,10 +125,14 @@ def cmd_init(args: argparse.Namespace) -> int:
             password = passwords.generate_password()
             d.add_user(postmaster, passwords.hash_password(password))
             print(f"created account {postmaster}")
+    keys = bootstrap.init_dkim(cfg.data_dir, domain)
+    print(f"DKIM: mail from {domain} is signed with selector "
+          f"{', '.join(k.selector for k in keys)} ({cfg.data_dir / 'dkim' / domain})")
     if password is not None:
         _show_password(postmaster, password)
     print("Next steps:")
     print(f"  postwarden -c {path} check-config")
+    print(f"  postwarden -c {path} dns records    # MX, SPF, DKIM, DMARC... to publish")
     print(f"  postwarden -c {path} serve")
     print(f"  POSTWARDEN_PASSWORD='...' postwarden -c {path} send-test --to {postmaster}")
     return EXIT_OK
@@ -366,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_queue.add_parser(sub, _with_config)
     sendtest.add_parser(sub, _with_config)
+    cli_dns.add_parsers(sub, _with_config)
     return p
 
 
