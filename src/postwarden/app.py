@@ -22,11 +22,15 @@ from postwarden import __version__
 from postwarden.auth.passwords import hash_password, verify_password_async
 from postwarden.config import Config, ConfigError
 from postwarden.control import ControlServer
+from postwarden.delivery.dane import Dane
 from postwarden.delivery.dns import Resolver
 from postwarden.delivery.maildir import MaildirDelivery, MaildirTransport
+from postwarden.delivery.mta_sts import MtaSts
 from postwarden.delivery.remote import LmtpTransport, SmtpTransport
 from postwarden.delivery.router import Router
+from postwarden.delivery.smtp_client import client_tls_context
 from postwarden.delivery.transport import Transport
+from postwarden.dkim_keys import KeyStore
 from postwarden.message.convert import downgrade_to_7bit
 from postwarden.observe import log as logmod
 from postwarden.observe.log import get_logger
@@ -39,6 +43,9 @@ from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 
 log = get_logger("app")
+
+# Answers kept by the shared resolver (for their TTL).
+DNS_CACHE_ENTRIES = 20000
 
 
 class Server:
@@ -67,16 +74,25 @@ class Server:
         self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
         self.store = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
         await self.store.start()
+        resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
+                            cache=DNS_CACHE_ENTRIES)
         ctx = ServerContext(config=cfg, tls=self.tls, directory=self.directory,
                             queue=self.store, policy=default_policy(),
-                            verify_password=verify_password_async,
+                            verify_password=verify_password_async, resolver=resolver,
+                            dkim_keys=KeyStore.for_data_dir(cfg.data_dir)
+                            if cfg.dkim.sign else None,
                             dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()))
         self.context = ctx
         if cfg.queue.workers > 0:  # workers = 0: an accept-only node
             router = Router(self.directory.is_local_domain, self.directory.resolve,
                             cfg.delivery)
-            smtp = SmtpTransport(cfg.hostname, cfg.delivery, Resolver(cfg.dns),
-                                 downgrade=downgrade_to_7bit, mx_port=cfg.delivery.mx_port)
+            mta_sts = MtaSts.from_settings(
+                cfg.delivery.mta_sts, resolver, cfg.data_dir,
+                ssl_context=client_tls_context("verify", cfg.delivery.ca_file))
+            smtp = SmtpTransport(cfg.hostname, cfg.delivery, resolver,
+                                 downgrade=downgrade_to_7bit, mx_port=cfg.delivery.mx_port,
+                                 mta_sts=mta_sts,
+                                 dane=Dane.from_settings(cfg.delivery.dane, resolver))
             transports: dict[str, Transport] = {
                 "maildir": MaildirTransport(MaildirDelivery(cfg.mail_dir), router.mailboxes),
                 "smtp": smtp,

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from postwarden import limits as _limits
+from postwarden.delivery.dane import DaneSettings
+from postwarden.delivery.mta_sts import MtaStsSettings
 from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
 
 DEFAULT_CONFIG = "postwarden.toml"
@@ -101,6 +103,29 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ChecksConfig:
+    """Sender authentication of inbound mail (the mx listener)."""
+
+    # SPF, DKIM, ARC and DMARC on unauthenticated sessions.
+    verify: bool = True
+    # SPF "fail" for a domain that publishes no DMARC policy: "reject"
+    # (550 5.7.23) or "accept" (recorded in Authentication-Results).
+    spf_fail: str = "reject"
+    # DMARC p=reject failure: "reject" (550 5.7.1) or "tag" (a spam header).
+    dmarc_reject: str = "reject"
+    # A DNS temporary error that could decide the outcome: "accept" (with
+    # temperror in Authentication-Results) or "tempfail" (451).
+    temperror: str = "accept"
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    # Sign mail from authenticated users and local domains with the active
+    # keys of <data_dir>/dkim (postwarden dkim keygen/activate).
+    sign: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     # (address, port) of each resolver; empty: the system's /etc/resolv.conf.
     nameservers: tuple[tuple[str, int], ...] = ()
@@ -136,6 +161,10 @@ class DeliveryConfig:
     mx_port: int = 25
     transports: Mapping[str, Nexthop] = field(default_factory=dict)
     tls_policy: Mapping[str, str] = field(default_factory=dict)
+    # RFC 8461 MTA-STS and RFC 7672 DANE: mandatory, verified TLS for the
+    # domains that publish them.
+    mta_sts: MtaStsSettings = field(default_factory=MtaStsSettings)
+    dane: DaneSettings = field(default_factory=DaneSettings)
 
     def policy_for(self, domain: str) -> str:
         return self.tls_policy.get(domain.lower(), self.tls)
@@ -154,6 +183,12 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+
+    @property
+    def dkim_dir(self) -> Path:
+        return self.data_dir / "dkim"
 
     @property
     def db_path(self) -> Path:
@@ -270,7 +305,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate the parsed TOML ``data`` of the file at ``path``."""
     base = path.resolve().parent
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
-           "delivery", "dns", "transports", "tls_policy"}
+           "delivery", "dns", "transports", "tls_policy", "checks", "dkim"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -335,7 +370,39 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                   listeners=tuple(listeners), tls=tls, limits=limits,
                   log=LogConfig(fmt, level, log_file), queue=queue,
                   dns=_parse_dns(_table(data, "dns")),
-                  delivery=_parse_delivery(data, base))
+                  delivery=_parse_delivery(data, base),
+                  checks=_parse_checks(_table(data, "checks")),
+                  dkim=_parse_dkim(_table(data, "dkim")))
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, "must be true or false")
+    return value
+
+
+def _parse_checks(table: Mapping[str, Any]) -> ChecksConfig:
+    _unknown(table, {"verify", "spf_fail", "dmarc_reject", "temperror"}, "checks.")
+    d = ChecksConfig()
+    return ChecksConfig(
+        verify=_bool("checks.verify", table.get("verify", d.verify)),
+        spf_fail=_choice("checks.spf_fail", table.get("spf_fail", d.spf_fail),
+                         ("reject", "accept")),
+        dmarc_reject=_choice("checks.dmarc_reject", table.get("dmarc_reject", d.dmarc_reject),
+                             ("reject", "tag")),
+        temperror=_choice("checks.temperror", table.get("temperror", d.temperror),
+                          ("accept", "tempfail")))
+
+
+def _parse_dkim(table: Mapping[str, Any]) -> DkimConfig:
+    _unknown(table, {"sign"}, "dkim.")
+    return DkimConfig(sign=_bool("dkim.sign", table.get("sign", True)))
 
 
 def _parse_dns(table: Mapping[str, Any]) -> DnsConfig:
@@ -376,8 +443,15 @@ def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
                "max_connections", "max_per_destination", "mx_port"}
     _unknown(table, numbers | {"smarthost", "smarthost_username", "smarthost_password",
                                "smarthost_password_file", "smarthost_tls", "tls", "ca_file",
-                               "helo_name"}, "delivery.")
+                               "helo_name", "mta_sts", "mta_sts_timeout", "mta_sts_cache",
+                               "dane", "dnssec_trust_ad"}, "delivery.")
     values: dict[str, Any] = {}
+    try:
+        values["mta_sts"] = MtaStsSettings.from_table(table)
+        values["dane"] = DaneSettings.from_table(table)
+    except ValueError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ConfigError(f"delivery.{key}", reason) from None
     for k in numbers & set(table):
         integer = k.startswith("max_") or k == "mx_port"
         values[k] = _number(f"delivery.{k}", table[k], minimum=1 if integer else 0.1,

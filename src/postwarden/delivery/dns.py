@@ -22,9 +22,14 @@ Errors::
 Security exposure: the names looked up come from envelopes (untrusted).  They
 are only ever used as DNS query names (made absolute, never searched in the
 local search list), and the answers are only used as host names and
-addresses to connect to.  Answers are not DNSSEC-validated: a forged MX can
-divert mail, which is why the ``verify`` TLS policy exists for domains that
-need it.
+addresses to connect to.  Answers are not DNSSEC-validated here: a forged MX
+can divert mail, which is why the ``verify`` TLS policy exists for domains
+that need it.  With ``dnssec=True`` the queries ask the configured resolver
+to validate (AD and DO flags) and :meth:`Resolver.query_secure`,
+:attr:`MxAnswer.authenticated` and :meth:`Resolver.addresses_secure` report
+its AD bit; that bit is only as trustworthy as the path to the resolver
+(RFC 6698 4.1, RFC 7672 2.1.1), so only DANE (:mod:`postwarden.delivery.dane`)
+uses it, and only when the administrator says the resolver is trusted.
 """
 
 from __future__ import annotations
@@ -34,16 +39,20 @@ import ipaddress
 import random
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from postwarden.config import DnsConfig
 from postwarden.observe.log import get_logger
+
+if TYPE_CHECKING:  # not at run time: config.py may import the TLS policy modules
+    from postwarden.config import DnsConfig
 
 log = get_logger("dns")
 
@@ -90,10 +99,13 @@ class NullMx(DnsPermanent):
 @dataclass(frozen=True, slots=True)
 class MxAnswer:
     """The mail hosts of a domain, best first; ``implicit``: no MX records,
-    the domain itself is the host (RFC 5321 5.1)."""
+    the domain itself is the host (RFC 5321 5.1); ``authenticated``: the
+    answer (or the denial of MX records) carried the AD bit of a resolver
+    asked to validate (always ``False`` without ``dnssec``)."""
 
     hosts: tuple[str, ...]
     implicit: bool = False
+    authenticated: bool = False
 
 
 def _absolute(name: str) -> dns.name.Name:
@@ -147,8 +159,11 @@ def interleave(first: list[str], second: list[str]) -> list[str]:
 class Resolver:
     """Asynchronous MX and address lookups for outbound delivery."""
 
-    def __init__(self, config: DnsConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(self, config: DnsConfig, *, rng: random.Random | None = None,
+                 dnssec: bool = False, cache: int = 0) -> None:
         self.config = config
+        # ``dnssec``: ask the resolver to validate and report it (AD bit).
+        self.dnssec = dnssec
         self._rng = rng or random.SystemRandom()
         if config.nameservers:
             r = dns.asyncresolver.Resolver(configure=False)
@@ -163,6 +178,15 @@ class Resolver:
         # ``timeout`` is per nameserver try, ``lifetime`` the whole lookup.
         r.timeout = config.timeout
         r.lifetime = config.timeout
+        if dnssec:
+            # RFC 6840 5.7: AD in a query asks a validating resolver to set
+            # AD in its answer; DO (RFC 3225) for resolvers that want it.
+            r.flags = dns.flags.RD | dns.flags.AD
+            r.use_edns(0, dns.flags.DO, 1232)
+        if cache:
+            # Positive answers, kept for their TTL: SPF and DMARC look up the
+            # same records for every message from a sender.
+            r.cache = dns.resolver.LRUCache(cache)
         self._resolver = r
 
     async def query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
@@ -172,14 +196,26 @@ class Resolver:
         for everything that may heal.  Public so that policy checks (SPF,
         DMARC) can share the resolver.
         """
+        return (await self.query_secure(name, rdtype))[0]
+
+    def _authenticated(self, response: object) -> bool:
+        flags = getattr(response, "flags", 0)
+        return self.dnssec and isinstance(flags, int) and bool(flags & dns.flags.AD)
+
+    async def query_secure(self, name: str, rdtype: str
+                           ) -> tuple[dns.resolver.Answer | None, bool]:
+        """:meth:`query`, and whether the answer (or the proof that there
+        are no such records) was DNSSEC-validated by the resolver: its AD
+        bit, when this resolver was made with ``dnssec=True``."""
         qname = _absolute(name)
         start = time.monotonic()
         outcome = "ok"
         try:
-            return await self._resolver.resolve(qname, rdtype, search=False)
-        except dns.resolver.NoAnswer:
+            answer = await self._resolver.resolve(qname, rdtype, search=False)
+            return answer, self._authenticated(answer.response)
+        except dns.resolver.NoAnswer as exc:
             outcome = "noanswer"
-            return None
+            return None, self._authenticated(exc.kwargs.get("response"))
         except dns.resolver.NXDOMAIN:
             outcome = "nxdomain"
             raise DnsPermanent(f"domain {name} not found") from None
@@ -205,9 +241,9 @@ class Resolver:
     async def lookup_mx(self, domain: str) -> MxAnswer:
         """The mail hosts of ``domain`` (see the module docstring)."""
         domain = domain.lower().rstrip(".")
-        answer = await self.query(domain, "MX")
+        answer, secure = await self.query_secure(domain, "MX")
         if answer is None:
-            return MxAnswer((domain,), implicit=True)
+            return MxAnswer((domain,), implicit=True, authenticated=secure)
         records: list[tuple[int, str]] = []
         null = False
         for rr in answer:
@@ -224,8 +260,9 @@ class Resolver:
         if not records:
             if null:
                 raise NullMx(f"domain {domain} does not accept mail (null MX)")
-            return MxAnswer((domain,), implicit=True)
-        return MxAnswer(tuple(order_mx(records, self._rng)[:MAX_MX_HOSTS]))
+            return MxAnswer((domain,), implicit=True, authenticated=secure)
+        return MxAnswer(tuple(order_mx(records, self._rng)[:MAX_MX_HOSTS]),
+                        authenticated=secure)
 
     async def mx_hosts(self, domain: str) -> list[str]:
         """MX host names of ``domain`` best first, or ``[domain]`` (implicit MX)."""
@@ -240,28 +277,38 @@ class Resolver:
         address records.  If one family fails but the other answers, the
         answer is used.
         """
+        return (await self.addresses_secure(host))[0]
+
+    async def addresses_secure(self, host: str) -> tuple[list[str], bool]:
+        """:meth:`addresses`, and whether both families were DNSSEC-validated
+        (answers or proofs of no records).  An IP address is never
+        "secure": it has no name to find TLSA records under."""
         if is_ip(host):
-            return [str(ipaddress.ip_address(host))]
-        results = await asyncio.gather(self.query(host, "AAAA"), self.query(host, "A"),
-                                       return_exceptions=True)
+            return [str(ipaddress.ip_address(host))], False
+        results = await asyncio.gather(self.query_secure(host, "AAAA"),
+                                       self.query_secure(host, "A"), return_exceptions=True)
         families: list[list[str]] = []
         errors: list[DnsError] = []
+        secure = True
         for res in results:
             if isinstance(res, BaseException):
                 if not isinstance(res, DnsError):
                     raise res
                 errors.append(res)
                 families.append([])
+                secure = False
             else:
-                families.append([] if res is None else
-                                [str(getattr(rr, "address", "")) for rr in res])
+                answer, authenticated = res
+                secure = secure and authenticated
+                families.append([] if answer is None else
+                                [str(getattr(rr, "address", "")) for rr in answer])
         v6, v4 = families
         found = [a for a in interleave(v6, v4) if a]
         if found:
-            return found[:MAX_ADDRESSES]
+            return found[:MAX_ADDRESSES], secure
         if errors:
             err = errors[0]
             if isinstance(err, DnsPermanent):
                 raise DnsTemporary(f"host {host} not found") from None
             raise DnsTemporary(err.text) from None
-        return []
+        return [], secure

@@ -17,8 +17,21 @@ until every recipient has a final answer:
 
 The TLS policy is the smarthost's for the smarthost, otherwise the
 strictest ``[tls_policy]`` of the recipients' domains (default
-``[delivery] tls``).  Connections are capped at ``max_connections`` in all
-and ``max_per_destination`` per next hop.
+``[delivery] tls``).  Two published policies override it, per MX host, the
+first that applies (:meth:`SmtpTransport._host_tls`):
+
+1. DANE (RFC 7672, :mod:`postwarden.delivery.dane`): the host has
+   DNSSEC-authenticated TLSA records; TLS is required and the certificate
+   must match them;
+2. MTA-STS (RFC 8461, :mod:`postwarden.delivery.mta_sts`) of the recipient
+   domain, for ``mx`` next hops: ``enforce`` skips MX hosts the policy does
+   not list and requires TLS verified for the host name (``verify``);
+   ``testing`` tries ``verify`` first and, when that fails, logs it and
+   delivers under the configured policy.
+
+A failure under either defers (4.7.5); it is never downgraded.
+Connections are capped at ``max_connections`` in all and
+``max_per_destination`` per next hop.
 
 :class:`LmtpTransport` delivers ``lmtp:`` next hops (TCP or a unix socket).
 
@@ -41,7 +54,9 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from postwarden.config import DeliveryConfig
+from postwarden.delivery.dane import Dane, DaneTemporary
 from postwarden.delivery.dns import DnsError, Resolver, is_ip
+from postwarden.delivery.mta_sts import MtaSts, Policy
 from postwarden.delivery.result import DeliveryResult, DeliveryStatus
 from postwarden.delivery.router import domain_of
 from postwarden.delivery.smtp_client import (
@@ -69,6 +84,21 @@ Downgrade = Callable[[bytes], bytes]
 
 def strictest(policies: Iterable[str]) -> str:
     return max(policies, key=lambda p: TLS_STRENGTH.get(p, 3), default="may")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsPlan:
+    """What the published policies say about one destination: the
+    recipient domain's MTA-STS policy (``mx`` next hops only) and whether
+    its MX hosts may use DANE (the MX answer was authenticated, or the host
+    came from the configuration)."""
+
+    domain: str
+    sts: Policy | None = None
+    dane: bool = False
+
+
+HostTls = tuple[SessionOptions, SessionOptions | None]
 
 
 class ConnectionLimiter:
@@ -131,9 +161,13 @@ class SmtpTransport:
     """Remote delivery over SMTP (see the module docstring)."""
 
     def __init__(self, hostname: str, delivery: DeliveryConfig, resolver: Resolver,
-                 downgrade: Downgrade | None = None, *, mx_port: int = SMTP_PORT) -> None:
+                 downgrade: Downgrade | None = None, *, mx_port: int = SMTP_PORT,
+                 mta_sts: MtaSts | None = None, dane: Dane | None = None) -> None:
         # ``mx_port``: the port of MX hosts; 25 except in loopback test networks.
         self.mx_port = mx_port
+        # Published TLS policies (module docstring); None: not used.
+        self.mta_sts = mta_sts
+        self.dane = dane if dane is not None and dane.active else None
         self.helo_name = delivery.helo_name or hostname
         self.delivery = delivery
         self.resolver = resolver
@@ -190,6 +224,9 @@ class SmtpTransport:
         port = self.mx_port if hop.kind == "mx" else hop.port or SMTP_PORT
         domain = hop.host or (domain_of(job.recipients[0].address) if n else "")
         implicit = False
+        # RFC 7672 2.2.2: DANE needs an authenticated MX answer; a host
+        # named in the configuration is as trusted as the configuration.
+        dane = self.dane is not None
         if lookup_mx:
             try:
                 answer = await self.resolver.lookup_mx(domain)
@@ -200,12 +237,64 @@ class SmtpTransport:
                     return [DeliveryResult.failed(exc.dsn, exc.text)] * n
                 return [DeliveryResult.deferred("4.4.3", exc.text)] * n
             hosts, implicit = list(answer.hosts), answer.implicit
+            dane = dane and answer.authenticated
         else:
             hosts = [domain]
-        return await self._try_hosts(job, hosts, port, options, implicit and hop.kind == "mx")
+        sts = None
+        if self.mta_sts is not None and hop.kind == "mx":
+            sts = await self.mta_sts.policy_for(domain)
+            if sts is not None and sts.mode == "none":
+                sts = None
+        plan = TlsPlan(domain, sts, dane) if sts is not None or dane else None
+        return await self._try_hosts(job, hosts, port, options, implicit and hop.kind == "mx",
+                                     plan)
+
+    async def _host_tls(self, host: str, port: int, options: SessionOptions,
+                        plan: TlsPlan | None, secure: bool) -> HostTls | DeliveryResult:
+        """The session options for ``host`` (and, under MTA-STS testing, the
+        ones to fall back to after a TLS failure), or why not to use it.
+        ``secure``: its address records were DNSSEC-authenticated."""
+        if plan is None:
+            return options, None
+        try:
+            if plan.dane and secure and self.dane is not None:
+                try:
+                    tlsa = await self.dane.lookup(host, port)
+                except DaneTemporary as exc:
+                    return DeliveryResult.deferred(exc.dsn, exc.text)
+                if tlsa is not None:
+                    log.info("tls_policy", host=host, source="dane",
+                             usable_records=len(tlsa.records))
+                    check = tlsa.checker(host) if tlsa.records else None
+                    return dataclasses.replace(options, tls="encrypt",
+                                               tls_context=self._tls_context("encrypt"),
+                                               peer_check=check), None
+            sts = plan.sts
+            if sts is None:
+                return options, None
+            if not sts.matches(host):
+                if sts.enforced:
+                    return DeliveryResult.deferred(
+                        "4.7.5", f"MX host {host} is not allowed by the MTA-STS policy of "
+                                 f"{plan.domain}")
+                log.warning("mta_sts_testing_failure", domain=plan.domain, host=host,
+                            reason="MX host not in the policy")
+                return options, None
+            verify = dataclasses.replace(options, tls="verify",
+                                         tls_context=self._tls_context("verify"))
+        except (OSError, ssl.SSLError) as exc:
+            log.error("tls_context_failed", policy="verify", error=str(exc))
+            return DeliveryResult.deferred("4.7.5", "cannot set up TLS (trust store)")
+        log.info("tls_policy", host=host, source="mta-sts", mode=sts.mode)
+        if sts.enforced:
+            return verify, None
+        if options.tls in ("none", "verify"):  # testing: nothing to find out
+            return options, None
+        return verify, options
 
     async def _try_hosts(self, job: DeliveryJob, hosts: list[str], port: int,
-                         options: SessionOptions, implicit_mx: bool) -> list[DeliveryResult]:
+                         options: SessionOptions, implicit_mx: bool,
+                         plan: TlsPlan | None = None) -> list[DeliveryResult]:
         n = len(job.recipients)
         final: list[DeliveryResult | None] = [None] * n
         pending = list(range(n))
@@ -216,7 +305,10 @@ class SmtpTransport:
             if not pending or tried >= MAX_ADDRESSES or sessions >= MAX_SESSIONS:
                 break
             try:
-                addresses = await self.resolver.addresses(host)
+                if plan is not None and plan.dane:
+                    addresses, secure = await self.resolver.addresses_secure(host)
+                else:
+                    addresses, secure = await self.resolver.addresses(host), False
             except DnsError as exc:
                 last = DeliveryResult.deferred("4.4.3", exc.text)
                 continue
@@ -228,18 +320,34 @@ class SmtpTransport:
                     last = DeliveryResult.deferred("4.4.3", f"host {host} has no address "
                                                             "records")
                 continue
+            host_tls = await self._host_tls(host, port, options, plan, secure)
+            if isinstance(host_tls, DeliveryResult):
+                last = host_tls
+                log.info("host_skipped", queue_id=job.message.queue_id, host=host,
+                         reason=host_tls.text)
+                continue
+            host_options, testing_fallback = host_tls
             for address in addresses:
                 if not pending or tried >= MAX_ADDRESSES or sessions >= MAX_SESSIONS:
                     break
                 tried += 1
                 peer = Peer(host, address, port)
-                outcome = await run_session(peer, options, job, pending, self.limiter,
+                used = host_options
+                outcome = await run_session(peer, used, job, pending, self.limiter,
                                             self.downgrade)
+                if (testing_fallback is not None and isinstance(outcome, SessionError)
+                        and (outcome.tls_failed or outcome.dsn == "4.7.5")):
+                    # MTA-STS testing (RFC 8461 5): report, deliver as usual.
+                    log.warning("mta_sts_testing_failure", relay=peer.relay,
+                                reason=outcome.text)
+                    used = testing_fallback
+                    outcome = await run_session(peer, used, job, pending, self.limiter,
+                                                self.downgrade)
                 if (isinstance(outcome, SessionError) and outcome.tls_failed
-                        and options.tls == "may"):
+                        and used.tls == "may"):
                     # Opportunistic TLS that fails is retried without (Postfix).
                     log.info("tls_fallback", relay=peer.relay, reason=outcome.text)
-                    plain = dataclasses.replace(options, tls="none", tls_context=None)
+                    plain = dataclasses.replace(used, tls="none", tls_context=None)
                     outcome = await run_session(peer, plain, job, pending, self.limiter,
                                                 self.downgrade)
                 if isinstance(outcome, SessionError):

@@ -99,6 +99,10 @@ class SessionOptions:
     greeting_timeout: float = 300.0
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    # Authenticates the server after the handshake, beyond ``tls_context``
+    # (DANE, :mod:`postwarden.delivery.dane`): called with the SSLObject,
+    # returns None when satisfied or why not (the session then fails 4.7.5).
+    peer_check: Callable[[ssl.SSLObject], str | None] | None = None
 
     def __repr__(self) -> str:  # never show the password
         return (f"SessionOptions(helo_name={self.helo_name!r}, tls={self.tls!r}, "
@@ -291,8 +295,15 @@ class SmtpClient:
             reason = getattr(exc, "reason", None) or type(exc).__name__
             raise SessionError("4.7.5", f"TLS handshake with host {self.peer.display} "
                                         f"failed: {reason}", tls_failed=True) from None
-        self.tls_active = True
         sslobj = self._writer.get_extra_info("ssl_object")
+        if self.options.peer_check is not None:
+            problem = self.options.peer_check(sslobj)
+            if problem is not None:
+                self._broken = True  # no QUIT: nothing more over this channel
+                raise SessionError("4.7.5", f"server certificate not verified for host "
+                                            f"{self.peer.display}: {problem}", tls_failed=True)
+            verify = True
+        self.tls_active = True
         self.tls_version = sslobj.version() if sslobj is not None else ""
         cipher = sslobj.cipher() if sslobj is not None else None
         log.info("tls", relay=self.peer.relay, version=self.tls_version,

@@ -28,11 +28,15 @@ from dataclasses import dataclass, field
 
 from postwarden import reply as R
 from postwarden.config import Config, ListenerConfig
+from postwarden.delivery.dns import Resolver
+from postwarden.dkim_keys import KeyStore
 from postwarden.envelope import Address, ConnectionInfo, Envelope, RcptParams, Recipient
-from postwarden.limits import READ_CHUNK
-from postwarden.message import cleanup
+from postwarden.limits import HEADER_SCAN_MAX, INLINE_BODY_MAX, READ_CHUNK
+from postwarden.message import authresults, cleanup
+from postwarden.message.dkim_sign import DkimSignError, from_domain, sign_message_async
 from postwarden.observe.log import get_logger
-from postwarden.policy import CheckContext, Policy, Stage
+from postwarden.policy import CheckContext, Policy, Stage, authentication
+from postwarden.policy import spf as spf_mod
 from postwarden.smtp import protocol as P
 from postwarden.smtp import sasl
 from postwarden.smtp.tls import TlsContexts
@@ -60,6 +64,8 @@ class ServerContext:
     queue: QueueStore
     policy: Policy
     verify_password: object  # async (hash, password) -> bool
+    resolver: Resolver | None = None  # SPF, DKIM, DMARC lookups
+    dkim_keys: KeyStore | None = None  # signing keys (None: no signing)
     dummy_hash: str = ""
     shutting_down: bool = False
     stats: dict[str, int] = field(default_factory=dict)
@@ -83,6 +89,17 @@ class _Transaction:
         self.eight_bit = False  # any octet > 127 seen (RFC 6152)
         self.failure: R.Reply | None = None
         self.failure_detail = ""
+        # The header block is held back until it is complete, so that forged
+        # Authentication-Results fields can be dropped before it is written.
+        self.head = bytearray()
+        self.head_done = False
+        self.original_head = b""  # as received (what DKIM verifies)
+        self.cleaned_len = 0  # length of the header block as written
+        self.spf: asyncio.Task[spf_mod.SpfResult] | None = None
+
+    def cancel(self) -> None:
+        if self.spf is not None and not self.spf.done():
+            self.spf.cancel()
 
 
 class Session:
@@ -303,7 +320,20 @@ class Session:
         reply = self._verdict_reply(Stage.MAIL, verdict, R.SENDER_OK, sender=sender)
         if reply.positive:
             self.tx = _Transaction(Envelope(ev.path.address, ev.params))
+            if self._verifies:
+                # RFC 7208 2.4: SPF for MAIL FROM (the HELO identity for <>),
+                # running while the client sends RCPT and DATA.
+                assert self.ctx.resolver is not None
+                self.tx.spf = asyncio.create_task(spf_mod.check_mail_from(
+                    self.conn.peer_ip, sender, self.conn.helo, self.ctx.resolver,
+                    receiver=self.cfg.hostname))
         self.proto.respond(reply)
+
+    @property
+    def _verifies(self) -> bool:
+        """Inbound sender authentication applies: mx, unauthenticated."""
+        return (self.cfg.checks.verify and self.listener.mode == "mx"
+                and not self.conn.auth_user and self.ctx.resolver is not None)
 
     async def _rcpt(self, ev: P.Rcpt) -> None:
         tx = self.tx
@@ -362,6 +392,31 @@ class Session:
                 tx.body.abort()
                 tx.body = None
             return
+        if not tx.head_done:
+            tx.head += data
+            end = _header_end(tx.head)
+            if end < 0 and len(tx.head) < HEADER_SCAN_MAX:
+                return
+            data = self._release_head(tx, len(tx.head) if end < 0 else end)
+        self._write_body(tx, data)
+
+    def _release_head(self, tx: _Transaction, end: int) -> bytes:
+        """The header block is complete: drop forged Authentication-Results
+        claiming our name (RFC 8601 5) and return what is to be written."""
+        head, rest = bytes(tx.head[:end]), bytes(tx.head[end:])
+        tx.head = bytearray()
+        tx.head_done = True
+        tx.original_head = head
+        cleaned, removed = authresults.remove_forged(head, self.cfg.hostname)
+        if removed:
+            log.info("forged_authresults_removed", session=self.conn.session_id,
+                     count=removed)
+        tx.cleaned_len = len(cleaned)
+        return cleaned + rest
+
+    def _write_body(self, tx: _Transaction, data: bytes) -> None:
+        if not data:
+            return
         tx.scanner.feed(data)
         if not tx.eight_bit and not data.isascii():
             tx.eight_bit = True
@@ -408,15 +463,23 @@ class Session:
             self._open_body()
             error = self._content_error(tx, long_lines)
         if error is not None or tx.body is None:
-            reply = error or R.TEMP_FAILURE
-            if tx.body is not None:
-                tx.body.abort()
-            log.info("rejected", session=sid, client=self.conn.peer_ip, stage="data",
-                     code=reply.code, dsn=reply.enhanced, sender=sender, size=tx.size,
-                     reason=tx.failure_detail or ("message too big" if tx.too_big else
-                                                  "line too long" if long_lines else ""))
-            return reply
+            return self._reject_content(tx, error or R.TEMP_FAILURE, long_lines)
+        if not tx.head_done:  # the message ended inside its header block
+            self._write_body(tx, self._release_head(tx, len(tx.head)))
+            error = self._content_error(tx, long_lines)
+            if error is not None or tx.body is None:
+                return self._reject_content(tx, error or R.TEMP_FAILURE, long_lines)
         tx.scanner.close()
+        extra = b""
+        if self._verifies:
+            decision = await self._authenticate(tx)
+            if decision.reply is not None:
+                tx.body.abort()
+                log.info("rejected", session=sid, client=self.conn.peer_ip, stage="data",
+                         code=decision.reply.code, dsn=decision.reply.enhanced,
+                         sender=sender, reason=decision.reason)
+                return decision.reply
+            extra = decision.headers
         queue_id = new_queue_id()
         params = tx.envelope.params
         if tx.eight_bit and params.body != "8BITMIME":
@@ -428,8 +491,17 @@ class Session:
         prepend = cleanup.received_header(
             self.cfg.hostname, self.conn, queue_id, str(only) if only else None,
             utf8=envelope.params.smtputf8)
+        prepend += extra
         if self.conn.auth_user:
-            prepend += cleanup.submission_headers(tx.scanner, self.cfg.hostname)
+            added = cleanup.submission_headers(tx.scanner, self.cfg.hostname)
+            try:
+                prepend += await self._sign(tx, added) + added
+            except DkimSignError as exc:
+                # As Postfix with a signing milter: a message we cannot sign is
+                # not sent unsigned (receivers would reject it by DMARC).
+                tx.body.abort()
+                log.error("dkim_sign_failed", session=sid, error=str(exc))
+                return R.TEMP_FAILURE
         meta = CommitMeta(client_ip=self.conn.peer_ip, helo=self.conn.helo,
                           auth_user=self.conn.auth_user, listener=self.listener.name,
                           session_id=sid, queue_id=queue_id)
@@ -447,11 +519,74 @@ class Session:
                  rcpts=[str(r.address) for r in envelope.recipients][:20])
         return R.Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
+    def _reject_content(self, tx: _Transaction, reply: R.Reply, long_lines: bool) -> R.Reply:
+        tx.cancel()
+        if tx.body is not None:
+            tx.body.abort()
+        log.info("rejected", session=self.conn.session_id, client=self.conn.peer_ip,
+                 stage="data", code=reply.code, dsn=reply.enhanced,
+                 sender=str(tx.envelope.sender or ""), size=tx.size,
+                 reason=tx.failure_detail or ("message too big" if tx.too_big else
+                                              "line too long" if long_lines else ""))
+        return reply
+
+    async def _message_as_written(self, tx: _Transaction) -> bytes:
+        assert tx.body is not None
+        body = tx.body
+        if body.size > INLINE_BODY_MAX:
+            return await asyncio.to_thread(body.read_back)
+        return body.read_back()
+
+    async def _authenticate(self, tx: _Transaction) -> authentication.Decision:
+        """SPF (started at MAIL), DKIM, ARC and DMARC on the message exactly
+        as received; Authentication-Results goes into the prepended lines."""
+        assert self.ctx.resolver is not None and tx.spf is not None
+        sender = str(tx.envelope.sender or "")
+        try:
+            spf = await tx.spf
+        except Exception as exc:  # never an accept by accident: temperror
+            spf = spf_mod.SpfResult("temperror", comment=f"SPF check failed: {exc!r}"[:200])
+        written = await self._message_as_written(tx)
+        raw = tx.original_head + written[tx.cleaned_len:]
+        try:
+            outcome = await authresults.authenticate(
+                raw, self.ctx.resolver, authserv_id=self.cfg.hostname,
+                client_ip=self.conn.peer_ip, helo=self.conn.helo, mail_from=sender,
+                spf_result=spf.result, spf_domain=spf.domain or None,
+                spf_comment=spf.comment)
+        except Exception as exc:
+            log.error("authentication_failed", session=self.conn.session_id,
+                      error=f"{type(exc).__name__}: {exc}")
+            return authentication.Decision(R.TEMP_FAILURE, "sender authentication failed")
+        decision = authentication.decide(spf, outcome, self.cfg.checks)
+        log.info("authenticated", session=self.conn.session_id, spf=spf.result,
+                 dkim=[f"{r.domain}:{r.result}" for r in outcome.dkim.results] or None,
+                 arc=outcome.arc.cv, dmarc=outcome.dmarc.result,
+                 dmarc_policy=outcome.dmarc.policy, decision=decision.reason)
+        return authentication.Decision(decision.reply, decision.reason,
+                                       outcome.header + decision.headers)
+
+    async def _sign(self, tx: _Transaction, added: bytes) -> bytes:
+        """DKIM-Signature lines for mail from our users (RFC 6376), computed
+        over the message as it will leave, including added headers."""
+        keys = self.ctx.dkim_keys
+        if keys is None or not self.cfg.dkim.sign:
+            return b""
+        message = added + await self._message_as_written(tx)
+        sender = str(tx.envelope.sender or "")
+        candidates = {from_domain(message), sender.rpartition("@")[2].lower()}
+        local = {d for d in candidates if d and await self.ctx.directory.is_local_domain(d)}
+        if not local:
+            return b""
+        return await sign_message_async(message, sender, keys, local.__contains__)
+
     def _abort_transaction(self) -> None:
         tx = self.tx
         self.tx = None
-        if tx is not None and tx.body is not None:
-            tx.body.abort()
+        if tx is not None:
+            tx.cancel()
+            if tx.body is not None:
+                tx.body.abort()
 
     # ---- STARTTLS and AUTH ----------------------------------------------
 
@@ -519,6 +654,14 @@ class Session:
         log.info("auth", session=sid, client=self.conn.peer_ip, user=account.address,
                  mechanism=self.conn.auth_mechanism)
         self.proto.respond(R.AUTH_OK)
+
+
+def _header_end(buf: bytearray) -> int:
+    """Offset just past the blank line ending the header block, or -1."""
+    if buf.startswith(b"\r\n"):
+        return 2
+    end = buf.find(b"\r\n\r\n")
+    return end + 4 if end >= 0 else -1
 
 
 def new_queue_id() -> str:

@@ -41,6 +41,9 @@ class BodyWriter(Protocol):
     def write(self, chunk: bytes) -> None:
         """Append ``chunk``; raises :class:`StorageFull` or :class:`StorageError`."""
 
+    def read_back(self) -> bytes:
+        """Everything written so far (blocking when the body is on disk)."""
+
     def abort(self) -> None:
         """Discard what was written (message not accepted)."""
 

@@ -141,6 +141,14 @@ class SpoolBodyWriter:
             write_all(self._fd, self._buf)
             self._buf = bytearray()
 
+    def read_back(self) -> bytes:
+        """Everything written so far (for checks that need the whole message
+        before the commit, such as DKIM; blocking for a spool file)."""
+        if self._name is None:
+            return bytes(self._buf)
+        with open(self._dir / self._name, "rb") as f:
+            return f.read()
+
     def abort(self) -> None:
         """Discard the body, unless a commit owns it already."""
         if self._state == "open":
