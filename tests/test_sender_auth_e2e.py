@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import re
 import smtplib
 import ssl
 from collections.abc import Callable, Iterator
@@ -156,3 +157,17 @@ def test_dns_temperror_can_defer(make_server: Callable[..., ServerThread], zones
     finally:
         zones.remove("flaky.test")
         zones.remove("_dmarc.flaky.test")
+
+
+def test_helo_identity_is_checked_too(make_server: Callable[..., ServerThread],
+                                      zones: Any) -> None:
+    zones.set("sender.example", {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]})
+    try:
+        server = make_server()
+        code, _ = mx_send(server, "news@friend.test", "news@friend.test")
+        assert code == 250
+        (stored,) = wait_for(lambda: maildir_messages(server.cfg, ALICE))
+        header = stored.split(b"\n\n")[0].replace(b"\n\t", b" ").replace(b"\n ", b" ")
+        assert re.search(rb"spf=pass \([^)]*\)\s+smtp\.helo=sender\.example;", header), header
+    finally:
+        zones.remove("sender.example")

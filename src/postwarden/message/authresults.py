@@ -159,13 +159,17 @@ def _fold(first: str, entries: list[list[str]]) -> bytes:
 def build(authserv_id: str, *, spf: SpfOutcome | None = None,
           dkim: DkimReport | Sequence[DkimResult] | None = None,
           dmarc: DmarcResult | None = None, arc: ArcResult | None = None,
-          remote_ip: str = "") -> bytes:
+          remote_ip: str = "", spf_helo: SpfOutcome | None = None) -> bytes:
     """The whole field, CRLF-terminated.  ``dkim`` given but empty (an
     unsigned message) is ``dkim=none``; a part that is None is left out;
     with nothing at all the field says ``none`` (RFC 8601 2.2)."""
     entries: list[list[str]] = []
     if spf is not None:
         entries.append(_spf(spf))
+    if spf_helo is not None and spf_helo.result.lower() != "none":
+        # RFC 7208 2.3: the HELO identity checked on its own.
+        entries.append(_resinfo("spf", spf_helo.result.lower(),
+                                [("smtp.helo", spf_helo.helo)], note=spf_helo.comment))
     if dkim is not None:
         results = dkim.results if isinstance(dkim, DkimReport) else tuple(dkim)
         if results:
@@ -259,7 +263,8 @@ class AuthOutcome:
 async def authenticate(message: bytes, resolver: TxtResolver, *, authserv_id: str,
                        client_ip: str, helo: str, mail_from: str, spf_result: str,
                        spf_domain: str | None = None, spf_comment: str = "",
-                       rng: random.Random | None = None) -> AuthOutcome:
+                       rng: random.Random | None = None,
+                       spf_helo: SpfOutcome | None = None) -> AuthOutcome:
     """DKIM, ARC and DMARC for ``message`` (the raw message as received,
     before anything is added or removed), given the session's SPF result.
 
@@ -274,5 +279,6 @@ async def authenticate(message: bytes, resolver: TxtResolver, *, authserv_id: st
         spf_domain=spf_domain if spf_domain is not None else spf.domain,
         dkim=dkim_report.results, rng=rng)
     header = build(authserv_id, spf=spf, dkim=dkim_report, dmarc=dmarc_result,
-                   arc=arc_result, remote_ip=client_ip)
+                   arc=arc_result, remote_ip=client_ip,
+                   spf_helo=spf_helo if mail_from else None)
     return AuthOutcome(header, dkim_report, arc_result, dmarc_result)

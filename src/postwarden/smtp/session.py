@@ -96,10 +96,12 @@ class _Transaction:
         self.original_head = b""  # as received (what DKIM verifies)
         self.cleaned_len = 0  # length of the header block as written
         self.spf: asyncio.Task[spf_mod.SpfResult] | None = None
+        self.spf_helo: asyncio.Task[spf_mod.SpfResult] | None = None
 
     def cancel(self) -> None:
-        if self.spf is not None and not self.spf.done():
-            self.spf.cancel()
+        for task in (self.spf, self.spf_helo):
+            if task is not None and not task.done():
+                task.cancel()
 
 
 class Session:
@@ -327,6 +329,10 @@ class Session:
                 self.tx.spf = asyncio.create_task(spf_mod.check_mail_from(
                     self.conn.peer_ip, sender, self.conn.helo, self.ctx.resolver,
                     receiver=self.cfg.hostname))
+                if sender:  # RFC 7208 2.3: the HELO identity too
+                    self.tx.spf_helo = asyncio.create_task(spf_mod.check_helo(
+                        self.conn.peer_ip, self.conn.helo, self.ctx.resolver,
+                        receiver=self.cfg.hostname))
         self.proto.respond(reply)
 
     @property
@@ -546,6 +552,13 @@ class Session:
             spf = await tx.spf
         except Exception as exc:  # never an accept by accident: temperror
             spf = spf_mod.SpfResult("temperror", comment=f"SPF check failed: {exc!r}"[:200])
+        helo: authresults.SpfOutcome | None = None
+        if tx.spf_helo is not None:
+            try:
+                h = await tx.spf_helo
+                helo = authresults.SpfOutcome(h.result, "", self.conn.helo, h.comment)
+            except Exception:
+                helo = None
         written = await self._message_as_written(tx)
         raw = tx.original_head + written[tx.cleaned_len:]
         try:
@@ -553,7 +566,7 @@ class Session:
                 raw, self.ctx.resolver, authserv_id=self.cfg.hostname,
                 client_ip=self.conn.peer_ip, helo=self.conn.helo, mail_from=sender,
                 spf_result=spf.result, spf_domain=spf.domain or None,
-                spf_comment=spf.comment)
+                spf_comment=spf.comment, spf_helo=helo)
         except Exception as exc:
             log.error("authentication_failed", session=self.conn.session_id,
                       error=f"{type(exc).__name__}: {exc}")
