@@ -6,7 +6,7 @@ VAR    := var
 CONFIG := $(VAR)/postwarden.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean venv
+.PHONY: run test lint bench bench-quick clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
+# postwarden vs a private Postfix on loopback (needs root and Postfix; see
+# docs/performance.md). bench: the full run (about 10 minutes), written to
+# docs/performance.md (every run as JSON in bench/results/, not committed).
+# bench-quick: a < 2 minute smoke test of the harness.
 bench: $(STAMP)
-	$(BIN)/python bench/accept.py --size 2048
-	$(BIN)/python bench/accept.py --size 102400 --sessions 1,10
+	$(BIN)/python -m bench.compare --docs docs/performance.md --json bench/results/last-run.json
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.compare --quick

@@ -1,107 +1,79 @@
-"""Accept-rate benchmark: messages/s that postwarden commits to its queue.
+"""Accept-rate benchmark of postwarden alone: messages/s committed to its queue.
 
-Starts ``postwarden serve`` in a temporary directory with delivery paused
-(``[queue] workers = 0``, like Postfix's hold queue), then drives the mx
-listener from N concurrent pipelining sessions for a fixed time, and prints
-messages/s (median of the repetitions).  Every 250 counted is an fsync'ed
-commit.  Loopback only.
+A quick check while working on the receiving path; ``make bench``
+(bench/compare.py) is the side-by-side comparison with Postfix.  Starts
+``postwarden serve`` (default configuration, delivery paused with ``[queue]
+workers = 0``, DNS answered by the loopback stub) on 127.0.0.1 and sends
+``--count`` messages from N concurrent sessions with bench/loadgen.py (one
+message per connection; ``--pipelining`` to pipeline MAIL/RCPT/DATA).  Every
+250 counted is an fsync'ed commit.  Prints msg/s, the median of ``--runs``
+runs (a fresh server each).
 
-    python bench/accept.py [--sessions 1,10,50] [--size 2048] [--seconds 5] [--runs 3]
+    python -m bench.accept [--sessions 1,10,50] [--size 2048] [--count 1000] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import signal
-import socket
+import contextlib
+import json
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.dnsstub import DnsStub
+from bench.servers import PostwardenServer, make_postwarden_template, stop_all
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def session(port: int, body: bytes, deadline: float, counts: list[int]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await reader.readline()
-    writer.write(b"EHLO bench.example\r\n")
-    while not (await reader.readline()).startswith(b"250 "):
-        pass
-    txn = b"MAIL FROM:<bench@remote.example>\r\nRCPT TO:<sink@example.test>\r\nDATA\r\n"
-    while time.monotonic() < deadline:
-        writer.write(txn)
-        for _ in range(3):
-            await reader.readline()
-        writer.write(body + b".\r\n")
-        line = await reader.readline()
-        if not line.startswith(b"250"):
-            raise RuntimeError(f"unexpected reply {line!r}")
-        counts[0] += 1
-    writer.write(b"QUIT\r\n")
-    await reader.readline()
-    writer.close()
-
-
-async def load(port: int, sessions: int, size: int, seconds: float) -> float:
-    line = b"x" * 76 + b"\r\n"
-    body = b"Subject: bench\r\n\r\n" + line * max(1, size // len(line))
-    counts = [0]
-    start = time.monotonic()
-    deadline = start + seconds
-    await asyncio.gather(*(session(port, body, deadline, counts) for _ in range(sessions)))
-    return counts[0] / (time.monotonic() - start)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    doc = __doc__ or ""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--sessions", default="1,10,50")
     ap.add_argument("--size", type=int, default=2048)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--pipelining", action="store_true")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        port = free_port()
-        subprocess.run([sys.executable, "-m", "postwarden", "init", "--non-interactive",
-                        "--dir", str(d), "--domain", "example.test", "--mx-port", str(port),
-                        "--submission-port", str(free_port()), "--submissions-port",
-                        str(free_port())], check=True, capture_output=True)
-        cfg = d / "postwarden.toml"
-        cfg.write_text(cfg.read_text().replace("[queue]", "[queue]\nworkers = 0").replace(
-            "level = \"info\"", "level = \"warning\"")
-                       )
-        subprocess.run([sys.executable, "-m", "postwarden", "-c", str(cfg), "user", "add",
-                        "sink@example.test"], check=True, capture_output=True)
-        proc = subprocess.Popen([sys.executable, "-m", "postwarden", "-c", str(cfg), "serve"])
-        try:
-            for _ in range(100):
+    root = Path(tempfile.mkdtemp(prefix="postwarden-accept-"))
+    dns = DnsStub().start()
+    try:
+        template = make_postwarden_template(root / "template")
+        print(f"postwarden accept rate, {args.size} B messages, {args.count} per run, "
+              f"fsync'ed, median of {args.runs} runs")
+        for n in (int(x) for x in args.sessions.split(",")):
+            rates = []
+            for i in range(args.runs):
+                server = PostwardenServer(root / f"s{n}-{i}", "hold", template, dns.port)
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            print(f"postwarden accept rate, {args.size} B messages, fsync'ed, "
-                  f"{args.seconds:.0f} s x {args.runs} runs")
-            for n in (int(x) for x in args.sessions.split(",")):
-                rates = [asyncio.run(load(port, n, args.size, args.seconds))
-                         for _ in range(args.runs)]
-                print(f"  {n:3d} sessions: median {statistics.median(rates):8.0f} msg/s "
-                      f"(min {min(rates):.0f}, max {max(rates):.0f})")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+                    server.start()
+                    out = subprocess.run(
+                        [sys.executable, "-m", "bench.loadgen", "--port", str(server.port),
+                         "--rcpt", "sink@sink.test", "--sessions", str(n), "--size",
+                         str(args.size), "--count", str(args.count),
+                         *(["--pipelining"] if args.pipelining else [])],
+                        cwd=REPO, capture_output=True, timeout=args.timeout, check=False)
+                    report = json.loads(out.stdout)
+                    if out.returncode != 0:
+                        raise RuntimeError(report.get("error") or out.stderr.decode())
+                    rates.append(report["sent"] / report["elapsed"])
+                finally:
+                    server.stop()
+                    shutil.rmtree(server.workdir, ignore_errors=True)
+            print(f"  {n:3d} sessions: median {statistics.median(rates):8.0f} msg/s "
+                  f"(min {min(rates):.0f}, max {max(rates):.0f})")
+    finally:
+        with contextlib.suppress(Exception):
+            stop_all()
+        dns.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     raise SystemExit(main())
