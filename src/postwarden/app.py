@@ -35,6 +35,7 @@ from postwarden.message.convert import downgrade_to_7bit
 from postwarden.observe import log as logmod
 from postwarden.observe.log import get_logger
 from postwarden.policy import default_policy
+from postwarden.policy.dmarc import default_psl
 from postwarden.queue.runner import QueueRunner
 from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
@@ -83,6 +84,10 @@ class Server:
                             if cfg.dkim.sign else None,
                             dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()))
         self.context = ctx
+        if cfg.checks.verify:
+            # DMARC's organisational domains: read the Public Suffix List now,
+            # not while the first message waits.
+            await asyncio.to_thread(default_psl)
         if cfg.queue.workers > 0:  # workers = 0: an accept-only node
             router = Router(self.directory.is_local_domain, self.directory.resolve,
                             cfg.delivery)

@@ -124,6 +124,10 @@ async def verify_arc(message: bytes, resolver: TxtResolver, *,
                      dns_timeout: float = DNS_TIMEOUT, max_keys: int = MAX_KEYS) -> ArcResult:
     """Validate the ARC chain of ``message`` (the raw message as received)."""
     highest, names, domain = _chain_names(message)
+    if highest == 0 and not names and not any(
+            f.lname in _ARC_ALL for f in parse_header(message).fields):
+        # No ARC set at all (RFC 8617 5.2): cv=none, no worker thread.
+        return ArcResult("none", "no ARC sets", 0, "")
     if highest > MAX_INSTANCES:
         return ArcResult("fail", f"more than {MAX_INSTANCES} ARC sets", highest, domain)
     keys = await fetch_keys(resolver, names[:max_keys], dns_timeout)
