@@ -341,3 +341,25 @@ def test_plaintext_pipelined_after_starttls_is_discarded(server: ServerThread,
     tls.sendall(b"MAIL FROM:<a@remote.example>\r\n")
     assert read_replies(tls, 1)[0].startswith(b"250 2.1.0")  # no transaction was open
     tls.close()
+
+
+def test_pregreet_client_is_refused(make_server: Callable[..., ServerThread]) -> None:
+    """RFC 5321 4.3.1 / postscreen: a client that talks before the greeting."""
+    server = make_server('[listeners.mx]\naddress = "127.0.0.1:0"\npregreet_wait = 0.3\n'
+                         .replace("[listeners.mx]\n", "[listeners.early]\nmode = \"mx\"\n"))
+    sock = socket.create_connection(("127.0.0.1", server.port("early")), timeout=10)
+    sock.sendall(b"EHLO impatient\r\n")
+    data = sock.recv(1024)
+    assert data.startswith(b"554 5.5.1"), data
+    # A patient client on the same listener is greeted.
+    patient = socket.create_connection(("127.0.0.1", server.port("early")), timeout=10)
+    assert patient.recv(1024).startswith(b"220 ")
+
+
+def test_http_on_the_smtp_port_is_cut_off(server: ServerThread) -> None:
+    sock = raw(server)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: mail.example.test\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(1024):
+        data += chunk
+    assert data.startswith(b"554 5.5.0") and data.count(b"\r\n") == 1

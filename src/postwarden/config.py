@@ -58,6 +58,12 @@ class ListenerConfig:
     host: str
     port: int
     enabled: bool = True
+    # PROXY protocol v1/v2 (HAProxy) from these load balancers only (CIDRs).
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()
+    # Seconds to wait before the greeting, to catch clients that talk first
+    # (postscreen's pregreet test); 0: only what already arrived is checked.
+    pregreet_wait: float = 0.0
 
     @property
     def implicit_tls(self) -> bool:
@@ -325,7 +331,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         prefix = f"listeners.{name}."
         if not isinstance(table, dict):
             raise ConfigError(f"listeners.{name}", "must be a table")
-        _unknown(table, {"address", "mode", "enabled"}, prefix)
+        _unknown(table, {"address", "mode", "enabled", "proxy_protocol", "trusted_proxies",
+                         "pregreet_wait"}, prefix)
         mode = table.get("mode", name)
         if mode not in MODES:
             raise ConfigError(prefix + "mode", f"must be one of {', '.join(MODES)}")
@@ -335,7 +342,22 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         enabled = table.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigError(prefix + "enabled", "must be true or false")
-        listeners.append(ListenerConfig(name, mode, host, port, enabled))
+        proxy = _bool(prefix + "proxy_protocol", table.get("proxy_protocol", False))
+        trusted_raw = table.get("trusted_proxies", [])
+        if not isinstance(trusted_raw, list) or not all(isinstance(t, str) for t in trusted_raw):
+            raise ConfigError(prefix + "trusted_proxies", "must be a list of addresses/CIDRs")
+        for t in trusted_raw:
+            try:
+                ipaddress.ip_network(t, strict=False)
+            except ValueError:
+                raise ConfigError(prefix + "trusted_proxies", f"{t!r} is not an IP network"
+                                  ) from None
+        if proxy and not trusted_raw:
+            raise ConfigError(prefix + "trusted_proxies",
+                              "is required with proxy_protocol (the load balancers' addresses)")
+        wait = float(_number(prefix + "pregreet_wait", table.get("pregreet_wait", 0.0)))
+        listeners.append(ListenerConfig(name, mode, host, port, enabled, proxy,
+                                        tuple(trusted_raw), wait))
 
     tls_t = _table(data, "tls")
     _unknown(tls_t, {"cert", "key", "min_version"}, "tls.")

@@ -31,11 +31,27 @@ CHECK_TIMEOUT = 30.0
 
 
 class Stage(enum.Enum):
-    CONNECT = "connect"
+    CONNECT = "connect"  # before the greeting: a refusal closes the connection
     HELO = "helo"
+    AUTH = "auth"  # after a correct password, before 235: a refusal is a 535
     MAIL = "mail"
     RCPT = "rcpt"
     DATA = "data"
+
+
+class Event(enum.Enum):
+    """What happened in a session, for the handlers that count and ban.
+
+    Handlers get the context and keyword data and may return a reply that
+    ends the session (421 or 554, e.g. when a client was just banned)."""
+
+    AUTH_FAILED = "auth_failed"  # data: username
+    AUTH_OK = "auth_ok"  # data: username
+    RCPT_REJECTED = "rcpt_rejected"  # data: address, reply
+    ACCEPTED = "accepted"  # data: queue_id, recipients (count), size
+    PREGREET = "pregreet"  # the client spoke before the greeting
+    HTTP = "http"  # the client spoke HTTP to the SMTP port
+    DISCONNECT = "disconnect"
 
 
 @dataclass(slots=True)
@@ -53,9 +69,12 @@ class CheckContext:
     rcpt_params: RcptParams | None = None
     # Filled by the recipient check: the local mailboxes or the relayed address.
     targets: list[str] = field(default_factory=list)
+    # For Stage.AUTH: the account that just gave a correct password.
+    username: str = ""
 
 
 Check = Callable[[CheckContext], Awaitable[R.Verdict]]
+Handler = Callable[..., Awaitable[R.Reply | None]]
 
 
 class Policy:
@@ -64,9 +83,30 @@ class Policy:
     def __init__(self) -> None:
         self.checks: dict[Stage, list[Check]] = {s: [] for s in Stage}
         self.defaults: dict[Stage, R.Verdict] = {s: R.accept("default") for s in Stage}
+        self.handlers: dict[Event, list[Handler]] = {e: [] for e in Event}
 
     def register(self, stage: Stage, check: Check) -> None:
         self.checks[stage].append(check)
+
+    def on(self, event: Event, handler: Handler) -> None:
+        self.handlers[event].append(handler)
+
+    async def emit(self, event: Event, ctx: CheckContext, **data: object) -> R.Reply | None:
+        """Tell every handler; the first reply a handler returns ends the
+        session.  A failing handler is logged and ignored (events only count)."""
+        first: R.Reply | None = None
+        for handler in self.handlers[event]:
+            try:
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    reply = await handler(ctx, **data)
+            except Exception as exc:
+                log.error("event_handler_failed", on=event.value,
+                          handler=getattr(handler, "__name__", repr(handler)),
+                          session=ctx.conn.session_id, error=f"{type(exc).__name__}: {exc}")
+                continue
+            if reply is not None and first is None:
+                first = reply
+        return first
 
     async def run(self, stage: Stage, ctx: CheckContext) -> R.Verdict:
         for check in self.checks[stage]:

@@ -144,6 +144,10 @@ _NEEDS_ANSWER = (Ehlo, Mail, Rcpt, Data, DataEnd, BdatEnd, Rset, Vrfy, StartTls,
 _TRANSACTION_STATES = (State.MAIL, State.RCPT, State.BDAT)
 _UNIMPLEMENTED = {"TURN", "ETRN", "ATRN", "EXPN", "SEND", "SOML", "SAML", "VERB", "XCLIENT",
                   "XFORWARD"}
+# A web client (or a cross-protocol attack) on the SMTP port: postscreen hangs up.
+_HTTP_VERBS = {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE", "HOST:",
+               "USER-AGENT:"}
+HTTP_REFUSED = R.Reply(554, "5.5.0", "Protocol error: this is an SMTP server, not HTTP")
 _DATA_END = b"\r\n.\r\n"
 
 NO_RECIPIENTS = R.Reply(554, "5.5.1", "No valid recipients")
@@ -188,6 +192,7 @@ class ServerProtocol:
         self._long_lines = False
         self._bdat_failed = False
         self._data_done = False  # content handed out, DataEnd comes next
+        self.http_seen = False  # the client spoke HTTP (the session bans it)
 
     # ---- I/O side -----------------------------------------------------
 
@@ -375,6 +380,11 @@ class ServerProtocol:
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         handler = _COMMANDS.get(verb)
+        if handler is None and verb in _HTTP_VERBS:
+            self.http_seen = True
+            self._out += HTTP_REFUSED.to_bytes()
+            self.state = State.CLOSED
+            return None
         if handler is None:
             self._reply(R.NOT_IMPLEMENTED if verb in _UNIMPLEMENTED else R.SYNTAX_ERROR)
             return None

@@ -35,7 +35,7 @@ from postwarden.limits import HEADER_SCAN_MAX, INLINE_BODY_MAX, READ_CHUNK
 from postwarden.message import authresults, cleanup
 from postwarden.message.dkim_sign import DkimSignError, from_domain, sign_message_async
 from postwarden.observe.log import get_logger
-from postwarden.policy import CheckContext, Policy, Stage, authentication
+from postwarden.policy import CheckContext, Event, Policy, Stage, authentication
 from postwarden.policy import spf as spf_mod
 from postwarden.smtp import protocol as P
 from postwarden.smtp import sasl
@@ -52,6 +52,7 @@ from postwarden.storage.base import (
 log = get_logger("smtp")
 
 AUTH_NOT_ENABLED = R.Reply(503, "5.5.1", "Authentication not enabled")
+PREGREET_REFUSED = R.Reply(554, "5.5.1", "Protocol error: talking before the greeting")
 
 
 @dataclass(slots=True)
@@ -136,7 +137,7 @@ class Session:
                 self._tls_established()
             if self.ctx.shutting_down:
                 self.proto.send(R.SHUTTING_DOWN)
-            else:
+            elif await self._admit():
                 self.proto.send(R.Reply(220, "", f"{self.cfg.hostname} ESMTP ready"))
             await self._loop()
         except (ConnectionError, ssl.SSLError, OSError) as exc:
@@ -147,6 +148,8 @@ class Session:
                 self.writer.write(R.SHUTTING_DOWN.to_bytes())
         finally:
             self._abort_transaction()
+            with contextlib.suppress(Exception):
+                await self.ctx.policy.emit(Event.DISCONNECT, self._check_context())
             self.writer.close()
             with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
                 await asyncio.wait_for(self.writer.wait_closed(), 5)
@@ -154,6 +157,40 @@ class Session:
                      accepted=self.accepted, errors=self.proto.errors,
                      commands=self.proto.commands,
                      seconds=round(time.monotonic() - self.started, 3))
+
+    async def _admit(self) -> bool:
+        """Before the greeting: connect-stage checks (access lists, limits,
+        bans, DNSBL) and the pregreet test.  False: refused, reply queued."""
+        verdict = await self.ctx.policy.run(Stage.CONNECT, self._check_context())
+        if verdict.outcome in (R.Outcome.REJECT, R.Outcome.TEMPFAIL):
+            reply = verdict.reply or R.ACCESS_DENIED
+            log.info("rejected", session=self.conn.session_id, client=self.conn.peer_ip,
+                     stage="connect", code=reply.code, dsn=reply.enhanced,
+                     reason=verdict.reason)
+            self.proto.send(reply)
+            self.proto.state = P.State.CLOSED
+            return False
+        if self.listener.pregreet_wait > 0:
+            await asyncio.sleep(self.listener.pregreet_wait)
+        else:
+            await asyncio.sleep(0)  # let what already arrived be read
+        if getattr(self.reader, "_buffer", b""):
+            # RFC 5321 4.3.1: the client must wait for the greeting.
+            log.info("pregreet", session=self.conn.session_id, client=self.conn.peer_ip)
+            banned = await self.ctx.policy.emit(Event.PREGREET, self._check_context())
+            self.proto.send(banned or PREGREET_REFUSED)
+            self.proto.state = P.State.CLOSED
+            return False
+        return True
+
+    async def _event(self, event: Event, **data: object) -> None:
+        """Tell the event handlers; a reply from one ends the session."""
+        reply = await self.ctx.policy.emit(event, self._check_context(), **data)
+        if reply is not None:
+            log.info("session_ended_by_policy", session=self.conn.session_id,
+                     client=self.conn.peer_ip, on=event.value, code=reply.code)
+            self.proto.send(reply)
+            self.proto.state = P.State.CLOSED
 
     async def _flush(self) -> None:
         out = self.proto.data_to_send()
@@ -192,6 +229,11 @@ class Session:
         while True:
             ev = proto.next_event()
             if isinstance(ev, P.NeedData):
+                if proto.http_seen:
+                    proto.http_seen = False
+                    log.info("http_on_smtp", session=self.conn.session_id,
+                             client=self.conn.peer_ip)
+                    await self.ctx.policy.emit(Event.HTTP, self._check_context())
                 await self._flush()
                 if proto.closed:
                     return
@@ -351,6 +393,8 @@ class Session:
         verdict = await self.ctx.policy.run(Stage.RCPT, ctx)
         reply = self._verdict_reply(Stage.RCPT, verdict, R.RCPT_OK, rcpt=rcpt,
                                     sender=str(tx.envelope.sender or ""))
+        if not reply.positive:
+            await self._event(Event.RCPT_REJECTED, address=rcpt, reply=reply)
         if reply.positive and ev.path.address is not None:
             original = Recipient(ev.path.address, ev.params)
             tx.original.append(original)
@@ -523,6 +567,8 @@ class Session:
                  sender=sender, user=self.conn.auth_user or None,
                  nrcpt=len(envelope.recipients), size=tx.size,
                  rcpts=[str(r.address) for r in envelope.recipients][:20])
+        await self._event(Event.ACCEPTED, queue_id=queue_id,
+                          recipients=len(envelope.recipients), size=tx.size)
         return R.Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
     def _reject_content(self, tx: _Transaction, reply: R.Reply, long_lines: bool) -> R.Reply:
@@ -661,12 +707,23 @@ class Session:
                      mechanism=self.conn.auth_mechanism, reason="bad credentials")
             await asyncio.sleep(self.limits.auth_fail_delay)
             self.proto.respond(R.AUTH_FAILED)
+            await self._event(Event.AUTH_FAILED, username=username)
             return
         assert account is not None
+        ctx = self._check_context()
+        ctx.username = account.address
+        verdict = await self.ctx.policy.run(Stage.AUTH, ctx)
+        if verdict.outcome in (R.Outcome.REJECT, R.Outcome.TEMPFAIL):
+            reply = verdict.reply or R.AUTH_FAILED
+            log.info("auth_refused", session=sid, client=self.conn.peer_ip,
+                     user=account.address, code=reply.code, reason=verdict.reason)
+            self.proto.respond(reply)
+            return
         self.conn.auth_user = account.address
         log.info("auth", session=sid, client=self.conn.peer_ip, user=account.address,
                  mechanism=self.conn.auth_mechanism)
         self.proto.respond(R.AUTH_OK)
+        await self._event(Event.AUTH_OK, username=account.address)
 
 
 def _header_end(buf: bytearray) -> int:
