@@ -281,10 +281,13 @@ def test_user_commands(admin: Admin) -> None:
         "in the local part\n")
     assert admin("user", "add", "nobody")[0] == 1
 
+    assert admin("user", "passwd", "bob@example.org", "--password-stdin",
+                 stdin="short\n") == (
+        1, "", "postwarden: password refused: shorter than 12 characters "
+               "([passwords] min_length)\n")
     code, out, err = admin("user", "passwd", "bob@example.org", "--password-stdin",
-                           stdin="short\n")
-    assert (code, out) == (0, "password changed for bob@example.org\n")
-    assert "warning: password shorter than" in err
+                           stdin="a fine long passphrase\n")
+    assert (code, out, err) == (0, "password changed for bob@example.org\n", "")
     assert admin("user", "passwd", "ghost@example.org", "--password-stdin",
                  stdin="whatever password\n") == (
         1, "", "postwarden: no such account: ghost@example.org\n")

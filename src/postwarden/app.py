@@ -19,8 +19,11 @@ import signal
 import sys
 
 from postwarden import __version__
-from postwarden.auth.passwords import hash_password, verify_password_async
+from postwarden.auth import password_policy
+from postwarden.auth.credentials import CredentialVerifier, used_app_password
+from postwarden.auth.passwords import hash_password
 from postwarden.config import Config, ConfigError
+from postwarden.config import load as load_config
 from postwarden.control import ControlServer
 from postwarden.delivery.dane import Dane
 from postwarden.delivery.dns import Resolver
@@ -34,13 +37,24 @@ from postwarden.dkim_keys import KeyStore
 from postwarden.message.convert import downgrade_to_7bit
 from postwarden.observe import log as logmod
 from postwarden.observe.log import get_logger
-from postwarden.policy import default_policy
+from postwarden.policy import (
+    Stage,
+    access,
+    bans,
+    connlimit,
+    default_policy,
+    dnsbl,
+    greylist,
+    ratelimit,
+)
 from postwarden.policy.dmarc import default_psl
 from postwarden.queue.runner import QueueRunner
 from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage.sqlite_directory import SqliteDirectory
+from postwarden.storage.sqlite_greylist import SqliteGreylist
+from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 
 log = get_logger("app")
@@ -60,6 +74,8 @@ class Server:
         self.directory: SqliteDirectory | None = None
         self.tls = TlsContexts(config.tls)
         self.control: ControlServer | None = None
+        self.greylist: SqliteGreylist | None = None
+        self.protect: SqliteProtectStore | None = None
         self._stopped = asyncio.Event()
 
     def port(self, name: str) -> int:
@@ -77,9 +93,27 @@ class Server:
         await self.store.start()
         resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
                             cache=DNS_CACHE_ENTRIES)
+        policy = default_policy()
+        # Protection first: access lists, then connection limits (both go to
+        # the front of the connect stage; an allowed client skips the rest).
+        self.connlimit = connlimit.install(policy, cfg)
+        self.access = access.install(policy, cfg)
+        # Account hygiene: an expired account password is refused (535 5.7.8).
+        policy.register(Stage.AUTH, password_policy.expiry_check(
+            cfg.passwords, self.directory.password_changed, used_app_password))
+        # Bans (refused at connect, before any DNS lookup), brute-force and
+        # harvest counters, rate limits: state shared in the database.
+        self.protect = SqliteProtectStore(cfg.db_path)
+        bans.install(policy, self.protect, cfg.bans)
+        ratelimit.install(policy, self.protect, cfg.ratelimit)
+        # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
+        dnsbl.install(policy, cfg.dnsbl, resolver)
+        self.greylist = greylist.install(policy, cfg)
         ctx = ServerContext(config=cfg, tls=self.tls, directory=self.directory,
-                            queue=self.store, policy=default_policy(),
-                            verify_password=verify_password_async, resolver=resolver,
+                            queue=self.store, policy=policy,
+                            verify_password=CredentialVerifier(
+                                self.directory.app_password_hashes),
+                            resolver=resolver,
                             dkim_keys=KeyStore.for_data_dir(cfg.data_dir)
                             if cfg.dkim.sign else None,
                             dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()))
@@ -131,6 +165,21 @@ class Server:
     def reload(self) -> None:
         """SIGHUP: pick up a renewed certificate; sessions in progress go on."""
         self.tls.reload()
+        self._reload_protection()
+
+    def _reload_protection(self) -> None:
+        """SIGHUP: the config file's [access] and [connections], and the
+        access entries of the database."""
+        if not hasattr(self, "access"):
+            return
+        try:
+            fresh = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            fresh = None
+        self.access.reload(fresh.access if fresh is not None else None)
+        if fresh is not None:
+            self.connlimit.settings = fresh.connections
 
     async def stop(self, grace: float = 10.0) -> None:
         if hasattr(self, "context"):
@@ -151,6 +200,12 @@ class Server:
         if self.directory is not None:
             self.directory.close()
             self.directory = None
+        if self.greylist is not None:
+            self.greylist.close()
+            self.greylist = None
+        if self.protect is not None:
+            self.protect.close()
+            self.protect = None
         log.info("stopped")
 
 

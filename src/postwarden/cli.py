@@ -20,22 +20,26 @@ import ipaddress
 import os
 import sqlite3
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from postwarden import __version__, bootstrap, cli_dns, cli_queue, sendtest
+from postwarden import __version__, bootstrap, cli_access, cli_ban, cli_dns, cli_queue, sendtest
 from postwarden import config as _config
-from postwarden.auth import passwords
-from postwarden.storage.sqlite_directory import DirectoryError, SqliteDirectory, check_domain
+from postwarden.auth import password_policy, passwords
+from postwarden.storage.sqlite_directory import (
+    MAX_APP_PASSWORDS,
+    DirectoryError,
+    SqliteDirectory,
+    check_domain,
+)
 
 PROG = "postwarden"
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
-# Passwords shorter than this get a warning (they are still accepted).
-SHORT_PASSWORD = 12
 
 
 class CliError(Exception):
@@ -69,15 +73,21 @@ def _read_password(stdin: TextIO) -> str:
         raise CliError("empty password on standard input")
     if any(ord(c) < 32 or ord(c) == 127 for c in password):
         raise CliError("the password contains control characters")
-    if len(password) < SHORT_PASSWORD:
-        _err(f"warning: password shorter than {SHORT_PASSWORD} characters")
     return password
 
 
-def _new_password(args: argparse.Namespace) -> tuple[str, bool]:
-    """The password to set and whether it was generated (and must be shown)."""
+def _new_password(args: argparse.Namespace, cfg: _config.Config) -> tuple[str, bool]:
+    """The password to set and whether it was generated (and must be shown).
+
+    A password given on standard input must pass ``[passwords]`` rules
+    (:mod:`postwarden.auth.password_policy`); generated ones always do."""
     if args.password_stdin:
-        return _read_password(sys.stdin), False
+        password = _read_password(sys.stdin)
+        try:
+            password_policy.check_password(password, cfg.passwords)
+        except password_policy.PasswordRejected as exc:
+            raise CliError(str(exc)) from None
+        return password, False
     return passwords.generate_password(), True
 
 
@@ -181,7 +191,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     cfg = _load(args, check_files=False)
-    password, generated = _new_password(args)
+    password, generated = _new_password(args, cfg)
     with _directory(cfg) as d:
         address = d.add_user(args.address, passwords.hash_password(password))
     print(f"created account {address}")
@@ -192,12 +202,45 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_user_passwd(args: argparse.Namespace) -> int:
     cfg = _load(args, check_files=False)
-    password, generated = _new_password(args)
+    password, generated = _new_password(args, cfg)
     with _directory(cfg) as d:
         address = d.set_password(args.address, passwords.hash_password(password))
     print(f"password changed for {address}")
     if generated:
         _show_password(address, password)
+    return EXIT_OK
+
+
+def cmd_app_password_add(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    password = passwords.generate_password()
+    with _directory(cfg) as d:
+        app_id = d.add_app_password(args.address, passwords.hash_password(password),
+                                    args.label)
+    address = args.address.strip().lower()
+    print(f"created application password {app_id} for {address}"
+          + (f" ({args.label})" if args.label else ""))
+    print(f"\nApplication password for {address} (SMTP AUTH with username {address}; "
+          "shown only this once):\n")
+    print(f"    {password}\n")
+    return EXIT_OK
+
+
+def cmd_app_password_list(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        rows = d.list_app_passwords(args.address)
+    for app_id, label, created in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(created))
+        print(f"{app_id}\t{when}\t{label}")
+    return EXIT_OK
+
+
+def cmd_app_password_revoke(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    with _directory(cfg) as d:
+        address = d.revoke_app_password(args.address, args.id)
+    print(f"revoked application password {args.id} of {address}")
     return EXIT_OK
 
 
@@ -348,6 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("address")
     sp.set_defaults(func=cmd_user_del)
     user.add_parser("list", help="list accounts").set_defaults(func=cmd_user_list)
+    app = user.add_parser(
+        "app-password",
+        help=f"application passwords for SMTP AUTH (up to {MAX_APP_PASSWORDS} per account)"
+    ).add_subparsers(dest="app_action", required=True, metavar="ACTION")
+    sp = app.add_parser("add", help="generate one and print it once")
+    sp.add_argument("address")
+    sp.add_argument("--label", default="", help="what it is for (e.g. 'phone')")
+    sp.set_defaults(func=cmd_app_password_add)
+    sp = app.add_parser("list", help="list an account's application passwords")
+    sp.add_argument("address")
+    sp.set_defaults(func=cmd_app_password_list)
+    sp = app.add_parser("revoke", help="revoke one application password")
+    sp.add_argument("address")
+    sp.add_argument("id", type=int)
+    sp.set_defaults(func=cmd_app_password_revoke)
 
     domain = sub.add_parser("domain", help="manage local domains").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -369,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     alias.add_parser("list", help="list aliases").set_defaults(func=cmd_alias_list)
 
     cli_queue.add_parser(sub, _with_config)
+    cli_ban.add_parser(sub, _with_config)
+    cli_access.add_parser(sub, _with_config)
     sendtest.add_parser(sub, _with_config)
     cli_dns.add_parsers(sub, _with_config)
     return p

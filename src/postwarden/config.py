@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -125,6 +126,19 @@ class ChecksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PasswordsConfig:
+    """Account password rules (``[passwords]``), see
+    :mod:`postwarden.auth.password_policy`."""
+
+    # Passwords set with ``user add/passwd --password-stdin`` must be at
+    # least this long (NIST SP 800-63B 3.1.1.2 asks for 8; we ask for more).
+    min_length: int = 12
+    # Days after which an account password no longer authenticates (535
+    # 5.7.8 "password expired"); 0 = passwords never expire.
+    max_age_days: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class DkimConfig:
     # Sign mail from authenticated users and local domains with the active
     # keys of <data_dir>/dkim (postwarden dkim keygen/activate).
@@ -177,6 +191,84 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsblZone:
+    """One DNS list: ``<reversed client IP>.<zone>`` has A records when the
+    client is listed.  ``match``: the return codes that count (empty: any)."""
+
+    zone: str
+    weight: int
+    match: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DnsblConfig:
+    """Postscreen-style DNSBL/DNSWL scoring at connect (``[dnsbl]``), see
+    :mod:`postwarden.policy.dnsbl`.  No zones (the default): disabled."""
+
+    zones: tuple[DnsblZone, ...] = ()
+    # DNS allow lists (DNSWL): negative weights that offset block lists.
+    allow_zones: tuple[DnsblZone, ...] = ()
+    # A client whose summed weight reaches this is refused (554 5.7.1).
+    threshold: int = 3
+    # Seconds for each lookup; a zone that does not answer in time counts 0.
+    timeout: float = 3.0
+    # Seconds a client's score is kept in memory.
+    cache_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class GreylistConfig:
+    """Greylisting at RCPT (``[greylist]``), see :mod:`postwarden.policy.greylist`."""
+
+    enabled: bool = False
+    # Seconds before a retry of a new (network, sender, recipient) is accepted.
+    delay: float = 300.0
+    # Seconds after which an unretried triplet is forgotten.
+    expiry: float = 4 * 3600.0
+    # Days a client network stays allow-listed after a successful retry.
+    allow_days: float = 35.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLists:
+    """Allow/deny CIDRs and deny patterns (``[access]`` and
+    ``[access.listeners.NAME]``).  Patterns are shell globs matched without
+    regard to case (``*.example.com``, ``*@spam.test``), or Python regular
+    expressions when written ``/regex/`` (searched, case-insensitive)."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    deny_helo: tuple[str, ...] = ()
+    deny_sender: tuple[str, ...] = ()
+    deny_recipient: tuple[str, ...] = ()
+
+
+ACCESS_KINDS = ("allow", "deny", "deny_helo", "deny_sender", "deny_recipient")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    lists: AccessLists = field(default_factory=AccessLists)
+    listeners: Mapping[str, AccessLists] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsConfig:
+    """``[connections]``: concurrent and new connections (0: no limit)."""
+
+    max_total: int = 1000
+    # Postfix's smtpd_client_connection_count_limit default.
+    max_per_ip: int = 50
+    # Clients are counted per network of this prefix length (32/128: per
+    # address; 24/64 group a provider's neighbouring addresses).
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    # Off by default, as Postfix's smtpd_client_connection_rate_limit: big
+    # senders open many connections from one address.
+    max_new_per_minute: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     hostname: str
@@ -191,6 +283,13 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    bans: BansConfig = field(default_factory=lambda: BansConfig())
+    ratelimit: RateLimitConfig = field(default_factory=lambda: RateLimitConfig())
+    access: AccessConfig = field(default_factory=AccessConfig)
+    connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
+    dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    passwords: PasswordsConfig = field(default_factory=PasswordsConfig)
 
     @property
     def dkim_dir(self) -> Path:
@@ -311,7 +410,9 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate the parsed TOML ``data`` of the file at ``path``."""
     base = path.resolve().parent
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
-           "delivery", "dns", "transports", "tls_policy", "checks", "dkim"}
+           "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
+           "dnsbl", "greylist",
+           "passwords", "bans", "ratelimit"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -352,6 +453,10 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
             except ValueError:
                 raise ConfigError(prefix + "trusted_proxies", f"{t!r} is not an IP network"
                                   ) from None
+        if proxy and mode == MODE_SUBMISSIONS:
+            raise ConfigError(prefix + "proxy_protocol",
+                              "is not supported with implicit TLS (the TLS handshake comes "
+                              "first); terminate TLS at the load balancer or use port 587")
         if proxy and not trusted_raw:
             raise ConfigError(prefix + "trusted_proxies",
                               "is required with proxy_protocol (the load balancers' addresses)")
@@ -394,7 +499,15 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                   dns=_parse_dns(_table(data, "dns")),
                   delivery=_parse_delivery(data, base),
                   checks=_parse_checks(_table(data, "checks")),
-                  dkim=_parse_dkim(_table(data, "dkim")))
+                  dnsbl=_parse_dnsbl(_table(data, "dnsbl")),
+                  greylist=_parse_greylist(_table(data, "greylist")),
+                  dkim=_parse_dkim(_table(data, "dkim")),
+                  bans=_parse_bans(_table(data, "bans")),
+                  ratelimit=_parse_ratelimit(_table(data, "ratelimit")),
+                  access=parse_access(_table(data, "access"),
+                                      {lst.name for lst in listeners}),
+                  connections=_parse_connections(_table(data, "connections")),
+                  passwords=_parse_passwords(_table(data, "passwords")))
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
@@ -422,9 +535,138 @@ def _parse_checks(table: Mapping[str, Any]) -> ChecksConfig:
                           ("accept", "tempfail")))
 
 
+def _dnsbl_zones(key: str, value: object, *, allow: bool) -> tuple[DnsblZone, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, 'must be a list of { zone = "...", weight = N }')
+    zones = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(k, 'must be a table { zone = "...", weight = N }')
+        _unknown(item, {"zone", "weight", "match"}, k + ".")
+        if "zone" not in item:
+            raise ConfigError(k + ".zone", "is required")
+        zone = _check_hostname(k + ".zone", item["zone"])
+        weight = item.get("weight", -1 if allow else 1)
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            raise ConfigError(k + ".weight", "must be an integer")
+        if allow and weight >= 0:
+            raise ConfigError(k + ".weight", "must be negative for an allow list")
+        raw = item.get("match", [])
+        raw = [raw] if isinstance(raw, str) else raw
+        if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+            raise ConfigError(k + ".match", "must be an IPv4 address or a list of them")
+        try:
+            match = tuple(str(ipaddress.IPv4Address(m)) for m in raw)
+        except ValueError:
+            raise ConfigError(k + ".match", "must hold IPv4 addresses such as 127.0.0.2"
+                              ) from None
+        zones.append(DnsblZone(zone, weight, match))
+    return tuple(zones)
+
+
+def _parse_dnsbl(table: Mapping[str, Any]) -> DnsblConfig:
+    _unknown(table, {"zones", "allow_zones", "threshold", "timeout", "cache_ttl"}, "dnsbl.")
+    d = DnsblConfig()
+    return DnsblConfig(
+        zones=_dnsbl_zones("dnsbl.zones", table.get("zones", []), allow=False),
+        allow_zones=_dnsbl_zones("dnsbl.allow_zones", table.get("allow_zones", []),
+                                 allow=True),
+        threshold=_number("dnsbl.threshold", table.get("threshold", d.threshold),
+                          minimum=1, integer=True),
+        timeout=float(_number("dnsbl.timeout", table.get("timeout", d.timeout),
+                              minimum=0.1)),
+        cache_ttl=float(_number("dnsbl.cache_ttl", table.get("cache_ttl", d.cache_ttl))))
+
+
+def _parse_greylist(table: Mapping[str, Any]) -> GreylistConfig:
+    _unknown(table, {"enabled", "delay", "expiry", "allow_days"}, "greylist.")
+    d = GreylistConfig()
+    delay = float(_number("greylist.delay", table.get("delay", d.delay)))
+    expiry = float(_number("greylist.expiry", table.get("expiry", d.expiry)))
+    if expiry <= delay:
+        raise ConfigError("greylist.expiry", "must be longer than greylist.delay")
+    return GreylistConfig(
+        enabled=_bool("greylist.enabled", table.get("enabled", d.enabled)),
+        delay=delay, expiry=expiry,
+        allow_days=float(_number("greylist.allow_days",
+                                 table.get("allow_days", d.allow_days))))
+
+
+def check_cidr(key: str, value: object) -> str:
+    """A network (or single address) in canonical form."""
+    if not isinstance(value, str):
+        raise ConfigError(key, "must be a list of addresses/CIDRs")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ConfigError(key, f"{value!r} is not an IP network") from None
+
+
+def check_pattern(key: str, value: object) -> str:
+    """A glob, or a ``/regex/`` that compiles."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be a list of non-empty patterns")
+    if len(value) >= 2 and value.startswith("/") and value.endswith("/"):
+        try:
+            re.compile(value[1:-1])
+        except re.error as exc:
+            raise ConfigError(key, f"{value!r}: bad regular expression: {exc}") from None
+    return value
+
+
+def _access_lists(table: Mapping[str, Any], prefix: str, *, nested: bool) -> AccessLists:
+    _unknown(table, set(ACCESS_KINDS) | ({"listeners"} if nested else set()), prefix)
+    values: dict[str, tuple[str, ...]] = {}
+    for kind in ACCESS_KINDS:
+        raw = table.get(kind, [])
+        if not isinstance(raw, list):
+            raise ConfigError(prefix + kind, "must be a list")
+        check = check_cidr if kind in ("allow", "deny") else check_pattern
+        values[kind] = tuple(check(prefix + kind, v) for v in raw)
+    return AccessLists(**values)
+
+
+def parse_access(table: Mapping[str, Any], listener_names: set[str]) -> AccessConfig:
+    lists = _access_lists(table, "access.", nested=True)
+    per: dict[str, AccessLists] = {}
+    for name, sub in _table(table, "listeners").items():
+        if name not in listener_names:
+            raise ConfigError(f"access.listeners.{name}", "no such listener")
+        if not isinstance(sub, dict):
+            raise ConfigError(f"access.listeners.{name}", "must be a table")
+        per[name] = _access_lists(sub, f"access.listeners.{name}.", nested=False)
+    return AccessConfig(lists, per)
+
+
+def _parse_connections(table: Mapping[str, Any]) -> ConnectionsConfig:
+    d = ConnectionsConfig()
+    _unknown(table, {f.name for f in fields(ConnectionsConfig)}, "connections.")
+    values = {f.name: _number(f"connections.{f.name}", table.get(f.name, getattr(d, f.name)),
+                              integer=True) for f in fields(ConnectionsConfig)}
+    if values["ipv4_prefix"] > 32:
+        raise ConfigError("connections.ipv4_prefix", "must be 0-32")
+    if values["ipv6_prefix"] > 128:
+        raise ConfigError("connections.ipv6_prefix", "must be 0-128")
+    return ConnectionsConfig(**values)
+
+
 def _parse_dkim(table: Mapping[str, Any]) -> DkimConfig:
     _unknown(table, {"sign"}, "dkim.")
     return DkimConfig(sign=_bool("dkim.sign", table.get("sign", True)))
+
+
+def _parse_passwords(table: Mapping[str, Any]) -> PasswordsConfig:
+    _unknown(table, {"min_length", "max_age_days"}, "passwords.")
+    d = PasswordsConfig()
+    min_length = _number("passwords.min_length", table.get("min_length", d.min_length),
+                         minimum=1, integer=True)
+    if min_length > 1024:
+        raise ConfigError("passwords.min_length", "must be at most 1024")
+    return PasswordsConfig(
+        min_length=min_length,
+        max_age_days=_number("passwords.max_age_days",
+                             table.get("max_age_days", d.max_age_days), integer=True))
 
 
 def _parse_dns(table: Mapping[str, Any]) -> DnsConfig:
@@ -557,3 +799,138 @@ def check_tls_files(cfg: Config) -> None:
     mode = cfg.tls.key.stat().st_mode
     if mode & 0o077:
         raise ConfigError("tls.key", f"file {cfg.tls.key} is readable by others (chmod 600 it)")
+
+
+# --- [bans] and [ratelimit] (see postwarden.policy.bans / .ratelimit) -------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(key: str, value: object) -> float:
+    """Seconds, as a number or a string like ``"90s"``, ``"15m"``, ``"1h"``,
+    ``"7d"``; must be positive."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1:]) if text else None
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            raise ConfigError(key, f"{value!r} is not a duration (e.g. 900, \"15m\", "
+                                   "\"1h\", \"7d\")") from None
+    else:
+        seconds = float(_number(key, value))
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ConfigError(key, "must be a positive duration")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class BansConfig:
+    """Brute-force protection and automatic bans (``[bans]``)."""
+
+    enabled: bool = True
+    # Failed AUTH from one IP (any accounts) within auth_window: ban the IP.
+    auth_failures: int = 5
+    # Failed AUTH for one account from one IP within auth_window: lock that
+    # account for that IP (AUTH refused with 535 5.7.8) for the ban duration.
+    account_failures: int = 5
+    auth_window: float = 900.0
+    # Escalating ban durations: the first ban, the second within `memory`, ...
+    durations: tuple[float, ...] = (900.0, 3600.0, 86400.0, 7 * 86400.0)
+    # A ban that ended less than this long ago makes the next one longer.
+    memory: float = 7 * 86400.0
+    # Directory harvest: this many 5.1.1 rejects within harvest_window: ban.
+    harvest_rejects: int = 10
+    harvest_window: float = 600.0
+    # Talking before the greeting or speaking HTTP: a short fixed ban.
+    protocol_ban: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateQuota:
+    messages: int  # 0: unlimited
+    recipients: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Messages and recipients per window (``[ratelimit]``); 0 = unlimited.
+    Authenticated sessions count against their account, others against
+    their client IP."""
+
+    enabled: bool = True
+    window: int = 3600
+    account_messages: int = 1000
+    account_recipients: int = 5000
+    # Unauthenticated clients (other mail servers): off by default, since
+    # one address of a large provider legitimately sends a lot.
+    ip_messages: int = 0
+    ip_recipients: int = 0
+    # Per-account quotas (e.g. applications), lower-cased address -> quota.
+    accounts: Mapping[str, RateQuota] = field(default_factory=dict)
+
+    def account_quota(self, account: str) -> RateQuota:
+        return self.accounts.get(account.lower(),
+                                 RateQuota(self.account_messages, self.account_recipients))
+
+
+def _parse_bans(table: Mapping[str, Any]) -> BansConfig:
+    p = "bans."
+    _unknown(table, {"enabled", "auth_failures", "account_failures", "auth_window",
+                     "durations", "memory", "harvest_rejects", "harvest_window",
+                     "protocol_ban"}, p)
+    d = BansConfig()
+    durations = d.durations
+    if "durations" in table:
+        raw = table["durations"]
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(p + "durations", "must be a non-empty list of durations")
+        durations = tuple(parse_duration(f"{p}durations", v) for v in raw)
+
+    def count(key: str, default: int) -> int:
+        return int(_number(p + key, table.get(key, default), minimum=1, integer=True))
+
+    def seconds(key: str, default: float) -> float:
+        return parse_duration(p + key, table[key]) if key in table else default
+
+    return BansConfig(
+        enabled=_bool(p + "enabled", table.get("enabled", d.enabled)),
+        auth_failures=count("auth_failures", d.auth_failures),
+        account_failures=count("account_failures", d.account_failures),
+        auth_window=seconds("auth_window", d.auth_window),
+        durations=durations, memory=seconds("memory", d.memory),
+        harvest_rejects=count("harvest_rejects", d.harvest_rejects),
+        harvest_window=seconds("harvest_window", d.harvest_window),
+        protocol_ban=seconds("protocol_ban", d.protocol_ban))
+
+
+def _parse_ratelimit(table: Mapping[str, Any]) -> RateLimitConfig:
+    p = "ratelimit."
+    numbers = {"account_messages", "account_recipients", "ip_messages", "ip_recipients"}
+    _unknown(table, numbers | {"enabled", "window", "accounts"}, p)
+    d = RateLimitConfig()
+    values = {k: int(_number(p + k, table.get(k, getattr(d, k)), integer=True))
+              for k in numbers}
+    window = int(parse_duration(p + "window", table.get("window", d.window)))
+    if window < 1:
+        raise ConfigError(p + "window", "must be at least 1 second")
+    accounts: dict[str, RateQuota] = {}
+    accounts_t = table.get("accounts", {})
+    if not isinstance(accounts_t, dict):
+        raise ConfigError(p + "accounts", "must be a table of address = { messages, "
+                                          "recipients }")
+    for address, quota in accounts_t.items():
+        key = f"{p}accounts.{address}"
+        if "@" not in address:
+            raise ConfigError(key, "must be an account address")
+        if not isinstance(quota, dict):
+            raise ConfigError(key, "must be a table { messages = N, recipients = N }")
+        _unknown(quota, {"messages", "recipients"}, key + ".")
+        accounts[address.lower()] = RateQuota(
+            int(_number(key + ".messages", quota.get("messages", values["account_messages"]),
+                        integer=True)),
+            int(_number(key + ".recipients",
+                        quota.get("recipients", values["account_recipients"]), integer=True)))
+    return RateLimitConfig(enabled=_bool(p + "enabled", table.get("enabled", d.enabled)),
+                           window=window, accounts=accounts, **values)

@@ -95,6 +95,9 @@ class ConnectionInfo:
     tls_cipher: str = ""
     auth_user: str = ""
     auth_mechanism: str = ""
+    # On an allow list ([access] allow): exempt from the protection checks
+    # (connection limits, bans, rate limits, DNSBL, greylisting).
+    trusted: bool = False
 
     @property
     def tls(self) -> bool:

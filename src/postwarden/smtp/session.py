@@ -38,7 +38,7 @@ from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Event, Policy, Stage, authentication
 from postwarden.policy import spf as spf_mod
 from postwarden.smtp import protocol as P
-from postwarden.smtp import sasl
+from postwarden.smtp import proxy, sasl
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage.base import (
     BodyWriter,
@@ -133,6 +133,9 @@ class Session:
         log.info("connect", session=c.session_id, listener=c.listener, client=c.peer_ip,
                  port=c.peer_port)
         try:
+            if self.listener.proxy_protocol and not await proxy.accept_header(
+                    self.conn, self.listener.trusted_proxies, self.reader):
+                return  # not from a trusted proxy, or a bad header: no greeting
             if self.listener.implicit_tls:
                 self._tls_established()
             if self.ctx.shutting_down:

@@ -3,8 +3,15 @@
 :class:`SqliteDirectory` implements :class:`postwarden.storage.base.Directory`
 for the running server (async methods) and the administration commands of
 the CLI (sync methods).  It shares ``postwarden.db`` with the queue store but
-owns only the tables ``domains``, ``accounts``, ``aliases`` and its own
-version table ``directory_schema``.
+owns only the tables ``domains``, ``accounts``, ``aliases``,
+``app_passwords`` and its own version table ``directory_schema``.
+
+Schema version 2 added ``accounts.password_changed`` (Unix time of the last
+password change, for ``[passwords] max_age_days``; existing rows take their
+``updated_at``) and ``app_passwords``: per-account application passwords,
+argon2id-hashed like account passwords, at most
+:data:`MAX_APP_PASSWORDS` per account, deleted when revoked or when the
+account is deleted.
 
 Local domains are the union of the config file's ``domains`` and the
 ``domains`` table.  Lookups fold addresses to lower case.  There is no
@@ -43,7 +50,10 @@ from postwarden.envelope import Address
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import Account, Alias, StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Every AUTH attempt for an account verifies the account password and each
+# of its application passwords (one argon2id each, ~50 ms): bound the work.
+MAX_APP_PASSWORDS = 10
 # Alias chains longer than this are cut (Postfix stops at 1000 results and
 # 100 levels; a mail system with ten levels of aliases has other problems).
 MAX_ALIAS_DEPTH = 10
@@ -83,6 +93,14 @@ CREATE TABLE IF NOT EXISTS aliases (
     PRIMARY KEY (source, target)
 );
 CREATE INDEX IF NOT EXISTS aliases_domain ON aliases (domain);
+CREATE TABLE IF NOT EXISTS app_passwords (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS app_passwords_address ON app_passwords (address);
 """
 
 log = get_logger("directory")
@@ -209,8 +227,14 @@ class SqliteDirectory:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            columns = {str(r[1]) for r in db.execute("PRAGMA table_info(accounts)")}
+            if "password_changed" not in columns:  # schema 1 -> 2
+                db.execute("ALTER TABLE accounts ADD COLUMN password_changed REAL")
+                db.execute("UPDATE accounts SET password_changed = updated_at")
             row = db.execute("SELECT version FROM directory_schema").fetchone()
-            if row is None:
+            if row is not None and row[0] < SCHEMA_VERSION:
+                db.execute("UPDATE directory_schema SET version = ?", (SCHEMA_VERSION,))
+            elif row is None:
                 db.execute("INSERT INTO directory_schema (version) VALUES (?)",
                            (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
@@ -374,20 +398,80 @@ class SqliteDirectory:
             now = time.time()
             db.execute(
                 "INSERT INTO accounts (address, domain, password_hash, enabled, created_at,"
-                " updated_at) VALUES (?, ?, ?, 1, ?, ?)",
-                (key, domain, password_hash, now, now))
+                " updated_at, password_changed) VALUES (?, ?, ?, 1, ?, ?, ?)",
+                (key, domain, password_hash, now, now, now))
         return key
 
     def set_password(self, address: str, password_hash: str) -> str:
         key = normalize(check_address(address))
         _check_hash(password_hash)
+        now = time.time()
         with self._write() as db:
             cur = db.execute(
-                "UPDATE accounts SET password_hash = ?, updated_at = ? WHERE address = ?",
-                (password_hash, time.time(), key))
+                "UPDATE accounts SET password_hash = ?, updated_at = ?, password_changed = ?"
+                " WHERE address = ?", (password_hash, now, now, key))
             if cur.rowcount == 0:
                 raise DirectoryError(f"no such account: {key}")
         return key
+
+    def password_changed(self, address: str) -> float | None:
+        """When the account's password was last set (Unix time), or ``None``."""
+        rows = self._query("SELECT password_changed FROM accounts WHERE address = ?",
+                           (normalize(address),))
+        if not rows or rows[0][0] is None:
+            return None
+        return float(rows[0][0])  # type: ignore[arg-type]
+
+    # -- application passwords
+
+    def add_app_password(self, address: str, password_hash: str, label: str = "") -> int:
+        """Store an application password for an account; returns its id."""
+        key = normalize(check_address(address))
+        _check_hash(password_hash)
+        if len(label) > 100 or any(ord(c) < 32 or ord(c) == 127 for c in label):
+            raise DirectoryError("label: at most 100 printable characters")
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM accounts WHERE address = ?", (key,)).fetchone():
+                raise DirectoryError(f"no such account: {key}")
+            (count,) = db.execute("SELECT count(*) FROM app_passwords WHERE address = ?",
+                                  (key,)).fetchone()
+            if count >= MAX_APP_PASSWORDS:
+                raise DirectoryError(
+                    f"account {key} already has {MAX_APP_PASSWORDS} application passwords "
+                    "(the maximum); revoke one first")
+            cur = db.execute(
+                "INSERT INTO app_passwords (address, label, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?)", (key, label, password_hash, time.time()))
+            assert cur.lastrowid is not None
+            return int(cur.lastrowid)
+
+    def list_app_passwords(self, address: str) -> list[tuple[int, str, float]]:
+        """``(id, label, created_at)`` of an account's application passwords."""
+        key = normalize(check_address(address))
+        if not self._is_account(key):
+            raise DirectoryError(f"no such account: {key}")
+        rows = self._query("SELECT id, label, created_at FROM app_passwords "
+                           "WHERE address = ? ORDER BY id", (key,))
+        return [(int(i), str(lbl), float(c)) for i, lbl, c in rows]  # type: ignore[call-overload, arg-type]
+
+    def revoke_app_password(self, address: str, app_id: int) -> str:
+        key = normalize(check_address(address))
+        with self._write() as db:
+            cur = db.execute("DELETE FROM app_passwords WHERE address = ? AND id = ?",
+                             (key, app_id))
+            if cur.rowcount == 0:
+                raise DirectoryError(f"no application password {app_id} for {key}")
+        return key
+
+    def app_password_hashes(self, account_hash: str) -> list[tuple[int, str]]:
+        """``(id, hash)`` of the application passwords of the enabled account
+        whose password hash is ``account_hash`` (hashes are salted, hence
+        unique: this is how the AUTH verifier finds them)."""
+        rows = self._query(
+            "SELECT p.id, p.password_hash FROM app_passwords p JOIN accounts a"
+            " ON a.address = p.address WHERE a.password_hash = ? AND a.enabled = 1"
+            " ORDER BY p.id LIMIT ?", (account_hash, MAX_APP_PASSWORDS))
+        return [(int(i), str(h)) for i, h in rows]  # type: ignore[call-overload]
 
     def del_user(self, address: str) -> str:
         key = normalize(check_address(address))
@@ -395,6 +479,7 @@ class SqliteDirectory:
             cur = db.execute("DELETE FROM accounts WHERE address = ?", (key,))
             if cur.rowcount == 0:
                 raise DirectoryError(f"no such account: {key}")
+            db.execute("DELETE FROM app_passwords WHERE address = ?", (key,))
         return key
 
     def list_users(self, domain: str | None = None) -> list[Account]:

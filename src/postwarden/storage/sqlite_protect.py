@@ -1,0 +1,380 @@
+"""Bans, failure counters and rate counters in SQLite (the protection store).
+
+:class:`SqliteProtectStore` shares ``postwarden.db`` with the queue and the
+directory but owns only its tables (all prefixed ``protect_``):
+
+- ``protect_bans``: one row per banned network (a single IP is a /32 or
+  /128), with its reason, escalation level, expiry (``until``; NULL is
+  permanent) and creation time.  Expired rows are kept for a while: their
+  level is the starting point of the next, longer ban (escalation).
+- ``protect_locks``: an account locked for one client IP after too many
+  failed AUTH attempts for it.
+- ``protect_events``: timestamped events (a failed AUTH, a 5.1.1 reject)
+  counted over a sliding window; rows older than the window are pruned as
+  new ones arrive.
+- ``protect_rates``: fixed-window counters ``(key, window start, count)``;
+  :meth:`rate` gives the sliding-window estimate (the previous window
+  weighted by how much of it still overlaps the last ``window`` seconds).
+
+Every node and the CLI use the same tables, so a ban written by any of them
+applies everywhere.  The server keeps the active bans in memory for at most
+:data:`BAN_CACHE_SECONDS`, so a ban or unban from ``postwarden ban`` takes
+effect within that time; its own bans update the cache at once.
+
+Security exposure: :meth:`banned` is asked for every connection by an
+untrusted client; it reads the in-memory cache.  All queries are
+parameterised; networks are validated with :mod:`ipaddress` before they are
+stored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from postwarden.storage.base import StorageError
+from postwarden.storage.sqlite_directory import _connect
+
+SCHEMA_VERSION = 1
+# The server reloads the active bans at most this often (CLI bans apply within it).
+BAN_CACHE_SECONDS = 1.0
+# Expired bans and stale counters are deleted after this long.
+HISTORY_SECONDS = 30 * 86400
+# Prune old rows at most this often.
+PRUNE_INTERVAL = 600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS protect_schema (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS protect_bans (
+    network TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    level INTEGER NOT NULL DEFAULT 0,
+    until REAL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS protect_locks (
+    account TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    until REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (account, ip)
+);
+CREATE TABLE IF NOT EXISTS protect_events (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS protect_events_key ON protect_events (kind, key, at);
+CREATE TABLE IF NOT EXISTS protect_rates (
+    key TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (key, window_start)
+);
+"""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ProtectError(Exception):
+    """An administration request that cannot be done (one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    network: str  # canonical CIDR, e.g. 192.0.2.7/32
+    reason: str
+    level: int
+    until: float | None  # None: permanent
+    created: float
+
+    def active(self, now: float) -> bool:
+        return self.until is None or self.until > now
+
+    @property
+    def shown(self) -> str:
+        """The network, without the prefix length for a single address."""
+        net = ipaddress.ip_network(self.network)
+        return str(net.network_address) if net.num_addresses == 1 else self.network
+
+
+def parse_network(text: str) -> Network:
+    """An IP address or CIDR network; host bits are cleared (192.0.2.7/24 -> /24)."""
+    try:
+        net = ipaddress.ip_network(text.strip().strip("[]"), strict=False)
+    except ValueError:
+        raise ProtectError(f"{text!r} is not an IP address or network") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped:
+        mapped = net.network_address.ipv4_mapped
+        net = ipaddress.ip_network(f"{mapped}/{max(0, net.prefixlen - 96)}")
+    return net
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+class SqliteProtectStore:
+    """The protection tables in ``db_path`` (see module docstring).
+
+    One connection guarded by a lock; the async methods run their short
+    queries inline on the event loop (index reads and single-row writes).
+    ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.db_path = db_path
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = _connect(db_path)
+        self._bans: list[tuple[Network, Ban]] = []
+        self._loaded = float("-inf")  # time.monotonic() of the last load
+        self._pruned = 0.0
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteProtectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            row = db.execute("SELECT version FROM protect_schema").fetchone()
+            if row is None:
+                db.execute("INSERT INTO protect_schema (version) VALUES (?)",
+                           (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise ProtectError(f"{self.db_path}: protection schema version {row[0]} is "
+                                   f"newer than this postwarden supports ({SCHEMA_VERSION})")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"protection store: {exc}") from exc
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"protection store: {exc}") from exc
+
+    # -- bans (sync: the CLI; the server uses the async methods below)
+
+    def list_bans(self, *, include_expired: bool = False) -> list[Ban]:
+        now = self.clock()
+        rows = self._query("SELECT network, reason, level, until, created FROM protect_bans"
+                           " ORDER BY created")
+        bans = [_ban(r) for r in rows]
+        return bans if include_expired else [b for b in bans if b.active(now)]
+
+    def add_ban(self, network: str, reason: str, seconds: float | None, level: int = 0) -> Ban:
+        """Ban ``network`` for ``seconds`` (None: until deleted), replacing any
+        ban of the same network."""
+        net = parse_network(network)
+        now = self.clock()
+        ban = Ban(str(net), reason, level, None if seconds is None else now + seconds, now)
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO protect_bans (network, reason, level, until,"
+                       " created) VALUES (?, ?, ?, ?, ?)",
+                       (ban.network, ban.reason, ban.level, ban.until, ban.created))
+        self._cache_put(net, ban)
+        return ban
+
+    def del_ban(self, network: str) -> bool:
+        """Lift the ban of ``network`` and forget its failures and account
+        locks (a fresh start).  False: there was no such ban."""
+        net = parse_network(network)
+        with self._write() as db:
+            cur = db.execute("DELETE FROM protect_bans WHERE network = ?", (str(net),))
+            found = cur.rowcount > 0
+            if net.num_addresses == 1:
+                ip = str(net.network_address)
+                n = db.execute("DELETE FROM protect_locks WHERE ip = ?", (ip,)).rowcount
+                db.execute("DELETE FROM protect_events WHERE key = ? OR key LIKE ?",
+                           (ip, f"%|{ip}"))
+                found = found or n > 0
+        self._bans = [(n_, b) for n_, b in self._bans if n_ != net]
+        return found
+
+    def get_ban(self, network: str) -> Ban | None:
+        net = parse_network(network)
+        rows = self._query("SELECT network, reason, level, until, created FROM protect_bans"
+                           " WHERE network = ?", (str(net),))
+        return _ban(rows[0]) if rows else None
+
+    def _cache_put(self, net: Network, ban: Ban) -> None:
+        self._bans = [(n, b) for n, b in self._bans if n != net] + [(net, ban)]
+
+    def _reload(self) -> None:
+        now = self.clock()
+        rows = self._query("SELECT network, reason, level, until, created FROM protect_bans"
+                           " WHERE until IS NULL OR until > ?", (now,))
+        bans: list[tuple[Network, Ban]] = []
+        for row in rows:
+            ban = _ban(row)
+            try:
+                bans.append((ipaddress.ip_network(ban.network), ban))
+            except ValueError:  # written by hand into the table: ignore it
+                continue
+        self._bans = bans
+        self._loaded = time.monotonic()
+
+    def banned_sync(self, ip: str) -> Ban | None:
+        if time.monotonic() - self._loaded >= BAN_CACHE_SECONDS:
+            self._reload()
+        addr = _ip(ip)
+        if addr is None:
+            return None
+        now = self.clock()
+        for net, ban in self._bans:
+            if net.version == addr.version and addr in net and ban.active(now):
+                return ban
+        return None
+
+    # -- the server's API (async; short queries run inline)
+
+    async def banned(self, ip: str) -> Ban | None:
+        """The active ban covering ``ip`` (from the cache), or None."""
+        return self.banned_sync(ip)
+
+    async def ban(self, ip: str, reason: str, durations: tuple[float, ...],
+                  memory: float) -> Ban:
+        """An automatic, escalating ban: the level goes up by one when the
+        previous ban of this address ended less than ``memory`` seconds ago;
+        the duration is ``durations[level]`` (the last one repeats)."""
+        net = parse_network(ip)
+        now = self.clock()
+        level = 0
+        with self._write() as db:
+            row = db.execute("SELECT level, until FROM protect_bans WHERE network = ?",
+                             (str(net),)).fetchone()
+            if row is not None:
+                until = row[1]
+                if until is None:  # a permanent ban stays permanent
+                    return _ban(db.execute(
+                        "SELECT network, reason, level, until, created FROM protect_bans"
+                        " WHERE network = ?", (str(net),)).fetchone())
+                if float(until) > now - memory:
+                    level = int(row[0]) + 1
+            seconds = durations[min(level, len(durations) - 1)]
+            ban = Ban(str(net), reason, level, now + seconds, now)
+            db.execute("INSERT OR REPLACE INTO protect_bans (network, reason, level, until,"
+                       " created) VALUES (?, ?, ?, ?, ?)",
+                       (ban.network, ban.reason, ban.level, ban.until, ban.created))
+        self._cache_put(net, ban)
+        return ban
+
+    async def ban_for(self, ip: str, reason: str, seconds: float) -> Ban:
+        """A fixed-length ban (never shortens a longer one already in place)."""
+        current = self.banned_sync(ip)
+        now = self.clock()
+        if current is not None and (current.until is None or current.until >= now + seconds):
+            return current
+        return self.add_ban(ip, reason, seconds)
+
+    async def lock(self, account: str, ip: str, reason: str, seconds: float) -> None:
+        now = self.clock()
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO protect_locks (account, ip, reason, until,"
+                       " created) VALUES (?, ?, ?, ?, ?)",
+                       (account.lower(), ip, reason, now + seconds, now))
+
+    async def locked(self, account: str, ip: str) -> bool:
+        rows = self._query("SELECT 1 FROM protect_locks WHERE account = ? AND ip = ?"
+                           " AND until > ?", (account.lower(), ip, self.clock()))
+        return bool(rows)
+
+    async def record(self, kind: str, key: str, window: float) -> int:
+        """Record one ``kind`` event for ``key``; the number of them in the
+        last ``window`` seconds, this one included."""
+        now = self.clock()
+        with self._write() as db:
+            db.execute("DELETE FROM protect_events WHERE kind = ? AND key = ? AND at <= ?",
+                       (kind, key, now - window))
+            db.execute("INSERT INTO protect_events (kind, key, at) VALUES (?, ?, ?)",
+                       (kind, key, now))
+            (count,) = db.execute("SELECT count(*) FROM protect_events WHERE kind = ?"
+                                  " AND key = ?", (kind, key)).fetchone()
+            self._maybe_prune(db, now)
+        return int(count)
+
+    async def clear(self, kind: str, key: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM protect_events WHERE kind = ? AND key = ?", (kind, key))
+
+    # -- rate counters
+
+    async def rate(self, key: str, window: int) -> float:
+        """The sliding-window estimate of ``key``'s count over the last
+        ``window`` seconds."""
+        now = self.clock()
+        start = int(now // window) * window
+        rows = self._query("SELECT window_start, count FROM protect_rates WHERE key = ?"
+                           " AND window_start >= ?", (key, start - window))
+        current = sum(int(str(c)) for s, c in rows if s == start)
+        previous = sum(int(str(c)) for s, c in rows if s == start - window)
+        overlap = 1.0 - (now - start) / window
+        return current + previous * overlap
+
+    async def add_rate(self, key: str, window: int, amount: int = 1) -> None:
+        now = self.clock()
+        start = int(now // window) * window
+        with self._write() as db:
+            db.execute("INSERT INTO protect_rates (key, window_start, count) VALUES (?, ?, ?)"
+                       " ON CONFLICT (key, window_start) DO UPDATE SET count = count + ?",
+                       (key, start, amount, amount))
+            db.execute("DELETE FROM protect_rates WHERE key = ? AND window_start < ?",
+                       (key, start - window))
+
+    def _maybe_prune(self, db: sqlite3.Connection, now: float) -> None:
+        if now - self._pruned < PRUNE_INTERVAL:
+            return
+        self._pruned = now
+        old = now - HISTORY_SECONDS
+        db.execute("DELETE FROM protect_bans WHERE until IS NOT NULL AND until < ?", (old,))
+        db.execute("DELETE FROM protect_locks WHERE until < ?", (now,))
+        db.execute("DELETE FROM protect_events WHERE at < ?", (now - 86400,))
+        db.execute("DELETE FROM protect_rates WHERE window_start < ?", (now - 2 * 86400,))
+
+
+def _ban(row: tuple[object, ...]) -> Ban:
+    network, reason, level, until, created = row
+    return Ban(str(network), str(reason), int(str(level)),
+               None if until is None else float(str(until)), float(str(created)))
