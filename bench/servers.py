@@ -503,6 +503,11 @@ class PostwardenServer:
         text = toml_set(text, "log", "file", '"postwarden.log"')
         # Every DNS query goes to the bench's loopback stub (bench.dnsstub).
         text = toml_set(text, "dns", "nameservers", f'["{HOST}:{self.dns_port}"]')
+        # The load comes from one loopback address: like Postfix, which exempts
+        # $mynetworks from its client limits (smtpd_client_event_limit_exceptions),
+        # lift the per-client and total connection limits for the bench.
+        text = toml_set(text, "connections", "max_per_ip", "0")
+        text = toml_set(text, "connections", "max_total", "0")
         if not self.checks:
             text = toml_set(text, "checks", "verify", "false")
         if self.log_level:
