@@ -71,12 +71,17 @@ class Pattern:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
-            self.regex = re.compile(text[1:-1], re.IGNORECASE)
-        else:
+        # A /regex/ is searched; a glob must match the whole value, so that
+        # "bad.example" does not also refuse "notbad.example".
+        self.glob = not (len(text) >= 2 and text.startswith("/") and text.endswith("/"))
+        if self.glob:
             self.regex = re.compile(fnmatch.translate(text.lower()), re.IGNORECASE)
+        else:
+            self.regex = re.compile(text[1:-1], re.IGNORECASE)
 
     def matches(self, value: str) -> bool:
+        if self.glob:
+            return self.regex.fullmatch(value) is not None
         return self.regex.search(value) is not None
 
 
