@@ -37,7 +37,6 @@ nothing malformed reaches the table that the relay policy trusts.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -49,6 +48,7 @@ from typing import ParamSpec, TypeVar
 from postwarden.envelope import Address
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import Account, Alias, StorageError
+from postwarden.storage.sqlite_shared import connect
 
 SCHEMA_VERSION = 2
 # Every AUTH attempt for an account verifies the account password and each
@@ -58,7 +58,6 @@ MAX_APP_PASSWORDS = 10
 # 100 levels; a mail system with ten levels of aliases has other problems).
 MAX_ALIAS_DEPTH = 10
 # The CLI and the server write the same file; wait this long for a lock.
-BUSY_TIMEOUT_MS = 5000
 # RFC 5321 4.5.3.1.1-3: local part 64 octets, domain 255, path 256 (with <>).
 LOCAL_PART_MAX = 64
 DOMAIN_MAX = 255
@@ -203,7 +202,7 @@ class SqliteDirectory:
         self.config_domains: tuple[str, ...] = tuple(
             d.lower().removesuffix(".") for d in config_domains)
         self._lock = threading.Lock()
-        self._db = _connect(db_path)
+        self._db = connect(db_path)
         try:
             self._migrate()
         except BaseException:
@@ -549,24 +548,6 @@ class SqliteDirectory:
             raise DirectoryError(
                 f"{what}: domain {domain} is not a local domain "
                 f"(add it with 'postwarden domain add {domain}')")
-
-
-def _connect(db_path: Path) -> sqlite3.Connection:
-    if not db_path.exists():
-        # Create the file private before SQLite does (with the umask).
-        os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
-    # isolation_level=None: autocommit; reads see the latest committed state,
-    # writes use explicit BEGIN IMMEDIATE (see _write).
-    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
-                         timeout=BUSY_TIMEOUT_MS / 1000)
-    try:
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-    except BaseException:
-        db.close()
-        raise
-    return db
 
 
 def _check_source(source: str) -> str:

@@ -23,14 +23,14 @@ attempts from the whole Internet, so expired rows are pruned (at most every
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from postwarden.storage.sqlite_shared import connect
+
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_MS = 5000
 # Expired triplets and allow-list entries are deleted at most this often.
 PRUNE_INTERVAL = 600.0
 
@@ -76,14 +76,10 @@ class SqliteGreylist:
         self.allow = allow
         self._lock = threading.Lock()
         self._last_prune = 0.0
-        if not db_path.exists():
-            os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_MS / 1000)
+        # NORMAL: losing the last greylist update in a power cut only makes a
+        # sender retry once more.
+        self._db = connect(db_path, synchronous="NORMAL")
         try:
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except BaseException:
             self._db.close()

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postwarden.storage.base import StorageError
-from postwarden.storage.sqlite_directory import _connect
+from postwarden.storage.sqlite_shared import connect
 
 SCHEMA_VERSION = 1
 # The server reloads the active bans at most this often (CLI bans apply within it).
@@ -139,7 +139,7 @@ class SqliteProtectStore:
         self.db_path = db_path
         self.clock = clock
         self._lock = threading.Lock()
-        self._db = _connect(db_path)
+        self._db = connect(db_path)
         self._bans: list[tuple[Network, Ban]] = []
         self._loaded = float("-inf")  # time.monotonic() of the last load
         self._pruned = 0.0
