@@ -73,10 +73,15 @@ def set_groups(ctx: ssl.SSLContext) -> str:
     if setter is not None:  # Python 3.15+
         setter(TLS_GROUPS.split(":"))
         return TLS_GROUPS
+    import sys
+
+    # The object layout is known for these CPython versions only.
+    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
+        ctx.set_ecdh_curve("prime256v1")
+        return "P-256"
     try:
         import _ssl
         import ctypes
-        import sys
 
         lib = ctypes.CDLL(_ssl.__file__)
         lib.SSL_CTX_get_options.restype = ctypes.c_uint64
