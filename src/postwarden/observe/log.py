@@ -46,10 +46,32 @@ def _logfmt_value(v: Any) -> str:
     return json.dumps(s)
 
 
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 def format_line(record: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(record, default=str, ensure_ascii=False)
+        return _JSON.encode(record)
     return " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.items())
+
+
+class _Clock:
+    """ISO 8601 timestamps; the seconds part is formatted once per second
+    (a log line per SMTP event is on the hot path)."""
+
+    second = -1
+    prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        sec = int(t)
+        if sec != self.second:
+            self.second = sec
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self.prefix}.{int((t - sec) * 1000):03d}Z"
+
+
+_clock = _Clock()
 
 
 class Logger:
@@ -62,8 +84,7 @@ class Logger:
         if _LEVELS[level] < _sink.level:
             return
         record: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "ts": _clock.now(),
             "level": level,
             "component": self.component,
             "event": event,

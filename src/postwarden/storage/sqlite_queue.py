@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from postwarden import limits
-from postwarden.envelope import Envelope
+from postwarden.envelope import Envelope, MailParams
 from postwarden.observe.log import get_logger
 from postwarden.storage import sqlite_ops as ops
 from postwarden.storage.base import (
@@ -109,6 +109,10 @@ SPOOL_GC_MIN_AGE = 3600.0
 
 class MessageCorrupt(StorageError):
     """The message's body does not match its commit record; it is quarantined."""
+
+
+# dataclasses.asdict() is a deep, generic copy: too slow for every commit.
+_MAIL_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(MailParams))
 
 
 def new_queue_id() -> str:
@@ -329,7 +333,9 @@ class SqliteQueueStore:
         if not rcpts:
             body.discard()
             raise StorageError("a message needs at least one recipient")
-        values = (sender, json.dumps(dataclasses.asdict(envelope.params)), received_at, size,
+        params = envelope.params
+        values = (sender, json.dumps({f: getattr(params, f) for f in _MAIL_PARAM_FIELDS}),
+                  received_at, size,
                   meta.client_ip, meta.helo, meta.auth_user, meta.listener, meta.session_id,
                   bytes(prepend), inline, body.spool_name, body.size, body.checksum)
 
