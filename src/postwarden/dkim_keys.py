@@ -34,6 +34,7 @@ import base64
 import datetime
 import json
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ LABEL_MAX = 63
 NAME_MAX = 253
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+# Parsed keys by file, with the mtime they were read at (signing threads share it).
+_KEY_CACHE: dict[Path, tuple[int, PrivateKey]] = {}
+_KEY_CACHE_LOCK = threading.Lock()
 
 
 class DkimKeyError(Exception):
@@ -83,7 +87,22 @@ class Key:
         return "rsa-sha256" if self.algorithm == "rsa" else "ed25519-sha256"
 
     def private_key(self) -> PrivateKey:
-        """Read and parse the private key file."""
+        """The parsed private key; parsed again only when the file changed
+        (every submitted message is signed: no read and parse per message)."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError as exc:
+            raise DkimKeyError(f"cannot read DKIM key {self.path}: {exc.strerror}") from None
+        with _KEY_CACHE_LOCK:
+            cached = _KEY_CACHE.get(self.path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        key = self._load_private_key()
+        with _KEY_CACHE_LOCK:
+            _KEY_CACHE[self.path] = (mtime, key)
+        return key
+
+    def _load_private_key(self) -> PrivateKey:
         try:
             data = self.path.read_bytes()
         except OSError as exc:

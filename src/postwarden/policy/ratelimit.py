@@ -98,12 +98,17 @@ class RateLimits:
         subject = self._subject(ctx)
         if subject is None:
             return None
-        key = subject[0]
-        window = self.config.window
-        await self.store.add_rate(f"msg:{key}", window, 1)
+        key, message_limit, recipient_limit = subject
+        # Count only what some limit reads: with the per-IP limits off (the
+        # default) mail from other servers costs no database write.
+        amounts = []
+        if message_limit > 0:
+            amounts.append((f"msg:{key}", 1))
         count = recipients if isinstance(recipients, int) else 0
-        if count > 0:
-            await self.store.add_rate(f"rcpt:{key}", window, count)
+        if recipient_limit > 0 and count > 0:
+            amounts.append((f"rcpt:{key}", count))
+        if amounts:
+            await self.store.add_rates(amounts, self.config.window)
         return None
 
     async def on_disconnect(self, ctx: CheckContext, **_: object) -> R.Reply | None:

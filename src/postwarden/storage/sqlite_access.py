@@ -11,10 +11,11 @@ values were validated (CIDR, pattern) by the caller.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from postwarden.storage.sqlite_shared import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS access_entries (
@@ -45,9 +46,8 @@ class AccessStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path), timeout=5.0, isolation_level=None,
-                                    check_same_thread=False)
-        self.conn.execute("PRAGMA busy_timeout = 5000")
+        # The same file as the password hashes: created 0600, WAL.
+        self.conn = connect(path)
         self.conn.executescript(SCHEMA)
 
     def close(self) -> None:

@@ -38,17 +38,15 @@ nothing malformed reaches the table that the relay policy trusts.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from postwarden.envelope import Address
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import Account, Alias, StorageError
-from postwarden.storage.sqlite_shared import connect
+from postwarden.storage.sqlite_shared import SharedTables
 
 SCHEMA_VERSION = 2
 # Every AUTH attempt for an account verifies the account password and each
@@ -190,73 +188,28 @@ def _domain_of(address: str) -> str:
 # --- the directory --------------------------------------------------------
 
 
-class SqliteDirectory:
+class SqliteDirectory(SharedTables):
     """Domains, accounts and aliases in ``db_path`` (see module docstring).
 
     One connection, guarded by a lock: async lookups run inline on the event
     loop (they are index reads taking microseconds); admin methods are sync.
     """
 
+    schema = _SCHEMA
+    schema_table = "directory_schema"
+    schema_version = SCHEMA_VERSION
+    schema_error = DirectoryError
+
     def __init__(self, db_path: Path, config_domains: Iterable[str] = ()) -> None:
-        self.db_path = db_path
         self.config_domains: tuple[str, ...] = tuple(
             d.lower().removesuffix(".") for d in config_domains)
-        self._lock = threading.Lock()
-        self._db = connect(db_path)
-        try:
-            self._migrate()
-        except BaseException:
-            self._db.close()
-            raise
+        super().__init__(db_path)
 
-    # -- lifecycle
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> SqliteDirectory:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _migrate(self) -> None:
-        with self._write() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            columns = {str(r[1]) for r in db.execute("PRAGMA table_info(accounts)")}
-            if "password_changed" not in columns:  # schema 1 -> 2
-                db.execute("ALTER TABLE accounts ADD COLUMN password_changed REAL")
-                db.execute("UPDATE accounts SET password_changed = updated_at")
-            row = db.execute("SELECT version FROM directory_schema").fetchone()
-            if row is not None and row[0] < SCHEMA_VERSION:
-                db.execute("UPDATE directory_schema SET version = ?", (SCHEMA_VERSION,))
-            elif row is None:
-                db.execute("INSERT INTO directory_schema (version) VALUES (?)",
-                           (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise DirectoryError(
-                    f"{self.db_path}: directory schema version {row[0]} is newer than "
-                    f"this postwarden supports ({SCHEMA_VERSION})")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE: take the write lock up front,
-        so concurrent writers wait for busy_timeout instead of failing)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        columns = {str(r[1]) for r in db.execute("PRAGMA table_info(accounts)")}
+        if "password_changed" not in columns:  # schema 1 -> 2
+            db.execute("ALTER TABLE accounts ADD COLUMN password_changed REAL")
+            db.execute("UPDATE accounts SET password_changed = updated_at")
 
     # -- lookups (sync)
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from postwarden.storage.sqlite_shared import connect
+from postwarden.storage.sqlite_shared import SharedTables
 
 SCHEMA_VERSION = 1
 # Expired triplets and allow-list entries are deleted at most this often.
@@ -65,49 +64,23 @@ class Decision:
     reason: str
 
 
-class SqliteGreylist:
+class SqliteGreylist(SharedTables):
     """Greylisting decisions over ``db_path``; thread-safe (one connection
     behind a lock), meant to be called from a worker thread."""
 
+    schema = _SCHEMA
+    schema_table = "greylist_schema"
+    schema_version = SCHEMA_VERSION
+    schema_error = GreylistStoreError
+
     def __init__(self, db_path: Path, *, delay: float, expiry: float, allow: float) -> None:
-        self.db_path = db_path
         self.delay = delay
         self.expiry = expiry
         self.allow = allow
-        self._lock = threading.Lock()
         self._last_prune = 0.0
         # NORMAL: losing the last greylist update in a power cut only makes a
         # sender retry once more.
-        self._db = connect(db_path, synchronous="NORMAL")
-        try:
-            self._migrate()
-        except BaseException:
-            self._db.close()
-            raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _migrate(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            row = db.execute("SELECT version FROM greylist_schema").fetchone()
-            if row is None:
-                db.execute("INSERT INTO greylist_schema (version) VALUES (?)",
-                           (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise GreylistStoreError(
-                    f"{self.db_path}: greylist schema version {row[0]} is newer than "
-                    f"this postwarden supports ({SCHEMA_VERSION})")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        super().__init__(db_path, synchronous="NORMAL")
 
     def decide(self, network: str, sender: str, recipient: str, now: float) -> Decision:
         """Record an attempt of the triplet at ``now`` and say whether it passes."""

@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import ipaddress
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from postwarden.storage.base import StorageError
-from postwarden.storage.sqlite_shared import connect
+from postwarden.storage.sqlite_shared import SharedTables
 
 SCHEMA_VERSION = 1
 # The server reloads the active bans at most this often (CLI bans apply within it).
@@ -127,7 +124,7 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
-class SqliteProtectStore:
+class SqliteProtectStore(SharedTables):
     """The protection tables in ``db_path`` (see module docstring).
 
     One connection guarded by a lock; the async methods run their short
@@ -135,65 +132,18 @@ class SqliteProtectStore:
     ``clock`` is injectable for tests.
     """
 
+    schema = _SCHEMA
+    schema_table = "protect_schema"
+    schema_version = SCHEMA_VERSION
+    schema_error = ProtectError
+    storage_error_label = "protection store"
+
     def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.db_path = db_path
         self.clock = clock
-        self._lock = threading.Lock()
-        self._db = connect(db_path)
         self._bans: list[tuple[Network, Ban]] = []
         self._loaded = float("-inf")  # time.monotonic() of the last load
         self._pruned = 0.0
-        try:
-            self._migrate()
-        except BaseException:
-            self._db.close()
-            raise
-
-    # -- lifecycle
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> SqliteProtectStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _migrate(self) -> None:
-        with self._write() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            row = db.execute("SELECT version FROM protect_schema").fetchone()
-            if row is None:
-                db.execute("INSERT INTO protect_schema (version) VALUES (?)",
-                           (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise ProtectError(f"{self.db_path}: protection schema version {row[0]} is "
-                                   f"newer than this postwarden supports ({SCHEMA_VERSION})")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"protection store: {exc}") from exc
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StorageError(f"protection store: {exc}") from exc
+        super().__init__(db_path)
 
     # -- bans (sync: the CLI; the server uses the async methods below)
 
@@ -354,14 +304,19 @@ class SqliteProtectStore:
         return current + previous * overlap
 
     async def add_rate(self, key: str, window: int, amount: int = 1) -> None:
+        await self.add_rates([(key, amount)], window)
+
+    async def add_rates(self, amounts: list[tuple[str, int]], window: int) -> None:
+        """Add to several counters in one transaction (one commit)."""
         now = self.clock()
         start = int(now // window) * window
         with self._write() as db:
-            db.execute("INSERT INTO protect_rates (key, window_start, count) VALUES (?, ?, ?)"
-                       " ON CONFLICT (key, window_start) DO UPDATE SET count = count + ?",
-                       (key, start, amount, amount))
-            db.execute("DELETE FROM protect_rates WHERE key = ? AND window_start < ?",
-                       (key, start - window))
+            for key, amount in amounts:
+                db.execute("INSERT INTO protect_rates (key, window_start, count) "
+                           "VALUES (?, ?, ?) ON CONFLICT (key, window_start) "
+                           "DO UPDATE SET count = count + ?", (key, start, amount, amount))
+                db.execute("DELETE FROM protect_rates WHERE key = ? AND window_start < ?",
+                           (key, start - window))
 
     def _maybe_prune(self, db: sqlite3.Connection, now: float) -> None:
         if now - self._pruned < PRUNE_INTERVAL:
