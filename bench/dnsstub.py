@@ -25,6 +25,14 @@ QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
           33: "SRV", 43: "DS", 48: "DNSKEY", 52: "TLSA"}
 
 
+# The authority section of every answer: a SOA for the root zone whose TTL and
+# MINIMUM (300 s) make the NXDOMAIN cacheable, as real servers' answers are
+# (RFC 2308 3; without a SOA a negative answer is not cached).
+NEGATIVE_TTL = 300
+NEGATIVE_SOA = (b"\x00" + struct.pack("!HHIH", 6, 1, NEGATIVE_TTL, 22) + b"\x00\x00"
+                + struct.pack("!IIIII", 1, 3600, 600, 86400, NEGATIVE_TTL))
+
+
 def nxdomain(query: bytes) -> tuple[bytes, str] | None:
     """The NXDOMAIN answer to ``query`` and the query's type, or None if
     it is not a parsable one-question query."""
@@ -44,8 +52,8 @@ def nxdomain(query: bytes) -> tuple[bytes, str] | None:
     qtype = struct.unpack("!H", query[pos + 1:pos + 3])[0]
     # QR, the query's opcode, AA, RD as asked, RA, RCODE 3 (NXDOMAIN).
     answer_flags = 0x8000 | (flags & 0x7800) | 0x0400 | (flags & 0x0100) | 0x0080 | 3
-    header = struct.pack("!HHHHHH", qid, answer_flags, 1, 0, 0, 0)
-    return header + query[12:end], QTYPES.get(qtype, str(qtype))
+    header = struct.pack("!HHHHHH", qid, answer_flags, 1, 0, 1, 0)
+    return header + query[12:end] + NEGATIVE_SOA, QTYPES.get(qtype, str(qtype))
 
 
 class DnsStub:

@@ -58,6 +58,7 @@ from dnslib import (  # type: ignore[import-untyped]
     QTYPE,
     RCODE,
     RR,
+    SOA,
     TLSA,
     TXT,
     A,
@@ -143,6 +144,7 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
             if data is None:
                 if name == qname and not any(n.endswith("." + name) for n in zones):
                     reply.header.rcode = RCODE.NXDOMAIN
+                self._negative(reply, name)
                 return self._sign(reply, chain, wants_ad)
             if "CNAME" in data and qtype != "CNAME":
                 target = _norm(data["CNAME"])
@@ -162,8 +164,18 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
             for v in values:
                 reply.add_answer(RR(name + ".", getattr(QTYPE, qtype), ttl=TTL,
                                     rdata=_rdata(qtype, v)))
+            if not values:
+                self._negative(reply, name)
             return self._sign(reply, chain, wants_ad)
         return reply
+
+    def _negative(self, reply: DNSRecord, name: str) -> None:
+        """RFC 2308 3: a SOA in the authority section of a negative answer,
+        when the server is set to give one (its MINIMUM is the negative TTL)."""
+        ttl = self.owner.negative_ttl
+        if ttl is not None:
+            reply.add_auth(RR(name + ".", QTYPE.SOA, ttl=ttl, rdata=SOA(
+                "ns.invalid.", "hostmaster.invalid.", (1, 3600, 600, 86400, ttl))))
 
     def _sign(self, reply: DNSRecord, chain: list[str], wants_ad: bool) -> DNSRecord:
         if wants_ad and all(self.owner.is_signed(n) for n in chain):
@@ -219,6 +231,8 @@ class LoopbackDns:
         # Answers for these names are "DNSSEC-validated" (the AD bit).
         self.signed: set[str] = {_norm(n) for n in signed}
         self.queries: list[tuple[str, str]] = []
+        # With a value, negative answers carry a SOA with that MINIMUM.
+        self.negative_ttl: int | None = None
         for name, data in (zones or {}).items():
             self.set(name, data)
         self._servers: list[DNSServer] = []

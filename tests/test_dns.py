@@ -183,3 +183,64 @@ def test_fixture_starts_empty(dns_server: LoopbackDns) -> None:  # noqa: F811
     dns_server.remove("added.example")
     with pytest.raises(DnsTemporary):
         asyncio.run(r.addresses("added.example"))
+
+
+# -- the answer cache in front of dnspython (RFC 2308 for negative answers)
+
+
+def caching(dns: LoopbackDns) -> Resolver:
+    return Resolver(DnsConfig(nameservers=dns.nameservers, timeout=2.0), cache=100)
+
+
+def asked(dns: LoopbackDns, name: str) -> int:
+    return sum(1 for qname, _ in dns.queries if qname == name)
+
+
+def test_answers_are_cached_until_their_ttl() -> None:
+    with LoopbackDns({"ttl.example": {"TXT": ["v=spf1 -all"]}}) as dns:
+        r = caching(dns)
+
+        async def twice() -> list[str]:
+            first = await r.query("ttl.example", "TXT")
+            second = await r.query("TTL.example.", "TXT")  # same name, other spelling
+            assert first is not None and second is not None
+            return [rr.to_text() for rr in first] + [rr.to_text() for rr in second]
+
+        assert asyncio.run(twice()) == ['"v=spf1 -all"'] * 2
+        assert asked(dns, "ttl.example") == 1
+
+
+def test_negative_answers_are_cached_for_the_soa_minimum() -> None:
+    with LoopbackDns({"here.example": {"A": ["127.0.0.9"]}}) as dns:
+        dns.negative_ttl = 1
+        r = caching(dns)
+
+        async def lookups() -> None:
+            for _ in range(3):
+                with pytest.raises(DnsPermanent):
+                    await r.query("gone.example", "TXT")
+                assert await r.query("here.example", "TXT") is None  # NODATA
+            assert asked(dns, "gone.example") == 1
+            assert asked(dns, "here.example") == 1
+            await asyncio.sleep(1.1)  # the SOA's MINIMUM has passed
+            with pytest.raises(DnsPermanent):
+                await r.query("gone.example", "TXT")
+            assert asked(dns, "gone.example") == 2
+
+        asyncio.run(lookups())
+
+
+def test_negative_answers_without_soa_and_failures_are_not_cached() -> None:
+    with LoopbackDns({"broken.example": "SERVFAIL"}) as dns:
+        r = caching(dns)
+
+        async def lookups() -> None:
+            for _ in range(2):
+                with pytest.raises(DnsPermanent):
+                    await r.query("gone.example", "TXT")
+                with pytest.raises(DnsTemporary):
+                    await r.query("broken.example", "TXT")
+
+        asyncio.run(lookups())
+        assert asked(dns, "gone.example") == 2
+        assert asked(dns, "broken.example") >= 2

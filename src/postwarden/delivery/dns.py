@@ -56,6 +56,10 @@ if TYPE_CHECKING:  # not at run time: config.py may import the TLS policy module
 
 log = get_logger("dns")
 
+# No answer is kept longer than this, whatever its TTL (as Postfix's and
+# most resolvers' caps).
+MAX_CACHE_TTL = 3600.0
+
 # Cap on MX records used (a hostile domain could publish thousands).
 MAX_MX_HOSTS = 20
 # Cap on addresses returned for one host.
@@ -156,6 +160,23 @@ def interleave(first: list[str], second: list[str]) -> list[str]:
     return out
 
 
+@dataclass(slots=True)
+class _Cached:
+    expires: float  # time.monotonic()
+    answer: dns.resolver.Answer | None  # None: NODATA or NXDOMAIN
+    secure: bool
+    nxdomain: bool
+
+
+def _negative_ttl(response: object) -> float:
+    """RFC 2308 5: a negative answer is cached for the smaller of the SOA's
+    TTL and its MINIMUM field; without a SOA it is not cached."""
+    for rrset in getattr(response, "authority", ()):
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return float(min(rrset.ttl, rrset[0].minimum))
+    return 0.0
+
+
 class Resolver:
     """Asynchronous MX and address lookups for outbound delivery."""
 
@@ -183,10 +204,12 @@ class Resolver:
             # AD in its answer; DO (RFC 3225) for resolvers that want it.
             r.flags = dns.flags.RD | dns.flags.AD
             r.use_edns(0, dns.flags.DO, 1232)
-        if cache:
-            # Positive answers, kept for their TTL: SPF and DMARC look up the
-            # same records for every message from a sender.
-            r.cache = dns.resolver.LRUCache(cache)
+        # Answers, NODATA and NXDOMAIN, kept for their TTL (RFC 2308 5 for
+        # the negative ones) in front of dnspython: SPF and DMARC look up the
+        # same records for every message from a sender, and a hit here costs
+        # a dict lookup instead of dnspython's query machinery.
+        self._cache: dict[tuple[str, str], _Cached] = {}
+        self._cache_max = cache
         self._resolver = r
 
     async def query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
@@ -207,17 +230,33 @@ class Resolver:
         """:meth:`query`, and whether the answer (or the proof that there
         are no such records) was DNSSEC-validated by the resolver: its AD
         bit, when this resolver was made with ``dnssec=True``."""
+        key = (name.lower().rstrip("."), rdtype)
+        cached = self._cache.get(key)
+        if cached is not None:
+            if cached.expires > time.monotonic():
+                if cached.nxdomain:
+                    raise DnsPermanent(f"domain {name} not found")
+                return cached.answer, cached.secure
+            del self._cache[key]
         qname = _absolute(name)
         start = time.monotonic()
         outcome = "ok"
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
-            return answer, self._authenticated(answer.response)
+            secure = self._authenticated(answer.response)
+            self._remember(key, answer.expiration - time.time(), answer, secure)
+            return answer, secure
         except dns.resolver.NoAnswer as exc:
             outcome = "noanswer"
-            return None, self._authenticated(exc.kwargs.get("response"))
-        except dns.resolver.NXDOMAIN:
+            response = exc.kwargs.get("response")
+            secure = self._authenticated(response)
+            self._remember(key, _negative_ttl(response), None, secure)
+            return None, secure
+        except dns.resolver.NXDOMAIN as exc:
             outcome = "nxdomain"
+            responses = list(exc.responses().values())  # type: ignore[no-untyped-call]
+            ttl = _negative_ttl(responses[0]) if responses else 0.0
+            self._remember(key, ttl, None, False, nxdomain=True)
             raise DnsPermanent(f"domain {name} not found") from None
         except dns.resolver.NoNameservers:
             # Every nameserver answered SERVFAIL/REFUSED or could not be used.
@@ -237,6 +276,19 @@ class Resolver:
         finally:
             log.debug("dns_lookup", name=name, type=rdtype, outcome=outcome,
                       ms=round((time.monotonic() - start) * 1000, 1))
+
+    def _remember(self, key: tuple[str, str], ttl: float, answer: dns.resolver.Answer | None,
+                  secure: bool, nxdomain: bool = False) -> None:
+        if self._cache_max <= 0 or ttl <= 0:
+            return
+        if len(self._cache) >= self._cache_max:
+            now = time.monotonic()
+            for k in [k for k, v in self._cache.items() if v.expires <= now]:
+                del self._cache[k]
+            while len(self._cache) >= self._cache_max:  # the oldest entries go
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = _Cached(time.monotonic() + min(ttl, MAX_CACHE_TTL), answer,
+                                   secure, nxdomain)
 
     async def lookup_mx(self, domain: str) -> MxAnswer:
         """The mail hosts of ``domain`` (see the module docstring)."""
