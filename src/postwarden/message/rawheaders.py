@@ -72,9 +72,27 @@ def unfold(value: bytes) -> bytes:
     return value.replace(b"\r", b"").replace(b"\n", b"")
 
 
+# The last message parsed, with its result: DKIM, ARC and DMARC each parse
+# the header of the same message object one after the other.  Only for
+# messages up to this size, so that no big message is kept alive by it.
+_MEMO_MAX = 1 << 20
+_memo: tuple[bytes, HeaderBlock] | None = None
+
+
 def parse_header(data: bytes) -> HeaderBlock:
     """Split the header section of ``data`` (a message or a header block,
     CRLF or bare LF line ends) into fields."""
+    global _memo
+    memo = _memo
+    if memo is not None and memo[0] is data:
+        return memo[1]
+    block = _parse(data)
+    if type(data) is bytes and len(data) <= _MEMO_MAX:
+        _memo = (data, block)
+    return block
+
+
+def _parse(data: bytes) -> HeaderBlock:
     fields: list[Field] = []
     malformed = 0
     pos = 0

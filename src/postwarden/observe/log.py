@@ -26,9 +26,72 @@ class _Sink:
         self.format = "json"
         self.level = _LEVELS["info"]
         self.lock = threading.Lock()
+        # Lines waiting for the writer thread (see background_writes()).
+        self.pending: list[str] | None = None
+        self.wake = threading.Condition(self.lock)
+        self.writer: threading.Thread | None = None
+        self.io = threading.Lock()
+
+    def write(self, text: str) -> None:
+        """Called holding ``lock``, which it releases: the write itself
+        happens under ``io`` only, taken before ``lock`` is let go, so that
+        batches are written in the order they were taken."""
+        self.io.acquire()
+        self.lock.release()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.io.release()
+            self.lock.acquire()
+
+    def run_writer(self) -> None:
+        with self.lock:
+            while True:
+                if self.pending is not None and len(self.pending) < MAX_PENDING:
+                    self.wake.wait(WRITE_INTERVAL)
+                lines = self.pending
+                if lines:
+                    self.pending = []
+                    self.write("".join(lines))
+                if lines is None:
+                    return
 
 
 _sink = _Sink()
+
+# How long a line at level info or debug may wait to be written by the
+# background writer.
+WRITE_INTERVAL = 0.05
+# ... or sooner when this many lines are waiting.
+MAX_PENDING = 512
+
+
+def background_writes(enabled: bool) -> None:
+    """Let a thread write lines at level info and below, WRITE_INTERVAL at
+    the latest after they were logged, instead of a write(2) per line on the
+    event loop: a busy server logs several lines per message.  Warnings and
+    errors are still written at once (with what is pending before them).
+    ``False`` writes what is pending and stops the thread."""
+    if enabled:
+        with _sink.lock:
+            if _sink.writer is not None:
+                return
+            _sink.pending = []
+            _sink.writer = threading.Thread(target=_sink.run_writer, name="log-writer",
+                                            daemon=True)
+        _sink.writer.start()
+        return
+    with _sink.lock:
+        writer, _sink.writer = _sink.writer, None
+        lines, _sink.pending = _sink.pending, None
+        if lines:
+            _sink.write("".join(lines))
+        _sink.wake.notify()
+    if writer is not None:
+        writer.join(5)
 
 
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
@@ -90,13 +153,18 @@ class Logger:
             "event": event,
         }
         record.update({k: v for k, v in fields.items() if v is not None})
-        line = format_line(record, _sink.format)
+        line = format_line(record, _sink.format) + "\n"
         with _sink.lock:
-            try:
-                _sink.stream.write(line + "\n")
-                _sink.stream.flush()
-            except (OSError, ValueError):
-                pass
+            pending = _sink.pending
+            if pending is not None and level in ("info", "debug"):
+                pending.append(line)
+                if len(pending) >= MAX_PENDING:
+                    _sink.wake.notify()
+                return
+            if pending:
+                line = "".join(pending) + line
+                pending.clear()
+            _sink.write(line)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit("debug", event, fields)

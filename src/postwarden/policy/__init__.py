@@ -94,8 +94,11 @@ class Policy:
     async def emit(self, event: Event, ctx: CheckContext, **data: object) -> R.Reply | None:
         """Tell every handler; the first reply a handler returns ends the
         session.  A failing handler is logged and ignored (events only count)."""
+        handlers = self.handlers[event]
+        if not handlers:
+            return None
         first: R.Reply | None = None
-        for handler in self.handlers[event]:
+        for handler in handlers:
             try:
                 async with asyncio.timeout(CHECK_TIMEOUT):
                     reply = await handler(ctx, **data)
@@ -109,23 +112,30 @@ class Policy:
         return first
 
     async def run(self, stage: Stage, ctx: CheckContext) -> R.Verdict:
-        for check in self.checks[stage]:
-            name = getattr(check, "__name__", repr(check))
-            try:
-                async with asyncio.timeout(CHECK_TIMEOUT):
-                    verdict = await check(ctx)
-            except TimeoutError:
-                log.warning("check_timeout", check=name, session=ctx.conn.session_id)
-                return R.tempfail(f"{name} timed out")
-            except Exception as exc:  # a broken check must not accept mail
-                log.error("check_failed", check=name, session=ctx.conn.session_id,
-                          error=f"{type(exc).__name__}: {exc}")
-                return R.tempfail(f"{name} failed")
-            if verdict.final:
-                if verdict.outcome is not R.Outcome.ACCEPT and verdict.reply is None:
-                    return R.Verdict(verdict.outcome, R.TEMP_FAILURE if verdict.outcome is
-                                     R.Outcome.TEMPFAIL else R.ACCESS_DENIED, verdict.reason)
-                return verdict
+        checks = self.checks[stage]
+        if not checks:
+            return self.defaults[stage]
+        current: Check | None = None
+        try:
+            # One deadline for the whole stage, not one timer per check.
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                for current in checks:
+                    verdict = await current(ctx)
+                    if verdict.final:
+                        if verdict.outcome is not R.Outcome.ACCEPT and verdict.reply is None:
+                            return R.Verdict(verdict.outcome, R.TEMP_FAILURE if verdict.outcome
+                                             is R.Outcome.TEMPFAIL else R.ACCESS_DENIED,
+                                             verdict.reason)
+                        return verdict
+        except TimeoutError:
+            name = getattr(current, "__name__", repr(current))
+            log.warning("check_timeout", check=name, session=ctx.conn.session_id)
+            return R.tempfail(f"{name} timed out")
+        except Exception as exc:  # a broken check must not accept mail
+            name = getattr(current, "__name__", repr(current))
+            log.error("check_failed", check=name, session=ctx.conn.session_id,
+                      error=f"{type(exc).__name__}: {exc}")
+            return R.tempfail(f"{name} failed")
         return self.defaults[stage]
 
 

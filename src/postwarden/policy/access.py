@@ -39,6 +39,7 @@ from pathlib import Path
 
 from postwarden import reply as R
 from postwarden.config import ACCESS_KINDS, AccessConfig, AccessLists, Config
+from postwarden.netaddr import client_address
 from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Policy, Stage
 from postwarden.storage.sqlite_access import AccessEntry, AccessStore
@@ -55,15 +56,6 @@ DB_CHECK_INTERVAL = 1.0
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's address; IPv4-mapped IPv6 as IPv4 (dual-stack sockets)."""
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 class Pattern:

@@ -50,6 +50,7 @@ import dns.rdtypes.IN.AAAA
 import dns.reversename
 
 from postwarden.delivery.dns import DnsError, DnsPermanent, DnsTemporary
+from postwarden.netaddr import client_address
 
 Result = Literal["pass", "fail", "softfail", "neutral", "none", "permerror", "temperror"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -400,10 +401,10 @@ def _is_spf_record(text: bytes) -> bool:
 # --- Names and addresses ------------------------------------------------------------
 
 def _client_ip(ip: str) -> IPAddress:
-    addr = ipaddress.ip_address(ip.strip().strip("[]").split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        # RFC 7208 5: an IPv4-mapped IPv6 address is an IPv4 client.
-        return addr.ipv4_mapped
+    # RFC 7208 5: an IPv4-mapped IPv6 address is an IPv4 client.
+    addr = client_address(ip)
+    if addr is None:
+        raise ValueError(f"{ip!r} is not an IP address")
     return addr
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import secrets
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ from postwarden.config import Config, ListenerConfig
 from postwarden.delivery.dns import Resolver
 from postwarden.dkim_keys import KeyStore
 from postwarden.envelope import Address, ConnectionInfo, Envelope, RcptParams, Recipient
+from postwarden.ids import new_queue_id, new_session_id
 from postwarden.limits import HEADER_SCAN_MAX, INLINE_BODY_MAX, READ_CHUNK
 from postwarden.message import authresults, cleanup
 from postwarden.message.dkim_sign import DkimSignError, from_domain, sign_message_async
@@ -72,10 +73,6 @@ class ServerContext:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def new_session_id() -> str:
-    return secrets.token_hex(5)
-
-
 class _Transaction:
     """The mail transaction in progress (RFC 5321 3.3)."""
 
@@ -98,6 +95,8 @@ class _Transaction:
         self.cleaned_len = 0  # length of the header block as written
         self.spf: asyncio.Task[spf_mod.SpfResult] | None = None
         self.spf_helo: asyncio.Task[spf_mod.SpfResult] | None = None
+        # The sender authentication results, for the message's log line.
+        self.auth_log: dict[str, object] = {}
 
     def cancel(self) -> None:
         for task in (self.spf, self.spf_helo):
@@ -130,8 +129,8 @@ class Session:
 
     async def run(self) -> None:
         c = self.conn
-        log.info("connect", session=c.session_id, listener=c.listener, client=c.peer_ip,
-                 port=c.peer_port)
+        log.info("connect", session=c.session_id, pid=os.getpid(), listener=c.listener,
+                 client=c.peer_ip, port=c.peer_port)
         try:
             if self.listener.proxy_protocol and not await proxy.accept_header(
                     self.conn, self.listener.trusted_proxies, self.reader):
@@ -530,7 +529,7 @@ class Session:
                 tx.body.abort()
                 log.info("rejected", session=sid, client=self.conn.peer_ip, stage="data",
                          code=decision.reply.code, dsn=decision.reply.enhanced,
-                         sender=sender, reason=decision.reason)
+                         sender=sender, reason=decision.reason, **tx.auth_log)
                 return decision.reply
             extra = decision.headers
         queue_id = new_queue_id()
@@ -569,7 +568,7 @@ class Session:
         log.info("accepted", session=sid, queue_id=queue_id, client=self.conn.peer_ip,
                  sender=sender, user=self.conn.auth_user or None,
                  nrcpt=len(envelope.recipients), size=tx.size,
-                 rcpts=[str(r.address) for r in envelope.recipients][:20])
+                 rcpts=[str(r.address) for r in envelope.recipients][:20], **tx.auth_log)
         await self._event(Event.ACCEPTED, queue_id=queue_id,
                           recipients=len(envelope.recipients), size=tx.size)
         return R.Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
@@ -621,10 +620,11 @@ class Session:
                       error=f"{type(exc).__name__}: {exc}")
             return authentication.Decision(R.TEMP_FAILURE, "sender authentication failed")
         decision = authentication.decide(spf, outcome, self.cfg.checks)
-        log.info("authenticated", session=self.conn.session_id, spf=spf.result,
-                 dkim=[f"{r.domain}:{r.result}" for r in outcome.dkim.results] or None,
-                 arc=outcome.arc.cv, dmarc=outcome.dmarc.result,
-                 dmarc_policy=outcome.dmarc.policy, decision=decision.reason)
+        # Logged with the message's "accepted" or "rejected" line.
+        tx.auth_log = {"spf": spf.result,
+                       "dkim": [f"{r.domain}:{r.result}" for r in outcome.dkim.results] or None,
+                       "arc": outcome.arc.cv, "dmarc": outcome.dmarc.result,
+                       "dmarc_policy": outcome.dmarc.policy, "auth_decision": decision.reason}
         return authentication.Decision(decision.reply, decision.reason,
                                        outcome.header + decision.headers)
 
@@ -735,10 +735,3 @@ def _header_end(buf: bytearray) -> int:
         return 2
     end = buf.find(b"\r\n\r\n")
     return end + 4 if end >= 0 else -1
-
-
-def new_queue_id() -> str:
-    """A queue id: 10 bytes of randomness, upper-case base32 (16 characters)."""
-    import base64
-
-    return base64.b32encode(secrets.token_bytes(10)).decode("ascii")

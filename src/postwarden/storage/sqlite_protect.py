@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from postwarden.netaddr import client_address
 from postwarden.storage.sqlite_shared import SharedTables
 
 SCHEMA_VERSION = 1
@@ -112,16 +113,6 @@ def parse_network(text: str) -> Network:
         mapped = net.network_address.ipv4_mapped
         net = ipaddress.ip_network(f"{mapped}/{max(0, net.prefixlen - 96)}")
     return net
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return addr.ipv4_mapped
-    return addr
 
 
 class SqliteProtectStore(SharedTables):
@@ -209,7 +200,7 @@ class SqliteProtectStore(SharedTables):
     def banned_sync(self, ip: str) -> Ban | None:
         if time.monotonic() - self._loaded >= BAN_CACHE_SECONDS:
             self._reload()
-        addr = _ip(ip)
+        addr = client_address(ip)
         if addr is None:
             return None
         now = self.clock()

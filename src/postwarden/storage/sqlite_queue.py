@@ -50,13 +50,11 @@ the same mode) and the spool directory 0700.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import fcntl
 import json
 import os
-import secrets
 import sqlite3
 import time
 import zlib
@@ -66,6 +64,7 @@ from typing import Any, NoReturn
 
 from postwarden import limits
 from postwarden.envelope import Envelope, MailParams
+from postwarden.ids import new_queue_id
 from postwarden.observe.log import get_logger
 from postwarden.storage import sqlite_ops as ops
 from postwarden.storage.base import (
@@ -113,11 +112,6 @@ class MessageCorrupt(StorageError):
 
 # dataclasses.asdict() is a deep, generic copy: too slow for every commit.
 _MAIL_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(MailParams))
-
-
-def new_queue_id() -> str:
-    """16 characters of RFC 4648 base32 (80 random bits): upper case, URL-safe."""
-    return base64.b32encode(secrets.token_bytes(10)).decode("ascii")
 
 
 class SqliteQueueStore:
@@ -376,7 +370,7 @@ class SqliteQueueStore:
             body.discard()
             raise
         queue_id: str = await future
-        log.info("queued", queue_id=queue_id, session=meta.session_id or None,
+        log.debug("queued", queue_id=queue_id, session=meta.session_id or None,
                  sender=f"<{sender}>", size=size, nrcpt=len(rcpts),
                  inline=inline is not None)
         for hook in list(self.on_commit):
