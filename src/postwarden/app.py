@@ -47,6 +47,7 @@ from postwarden.policy import (
     greylist,
     ratelimit,
 )
+from postwarden.policy.connlimit import ConnectionTable
 from postwarden.policy.dmarc import default_psl
 from postwarden.queue.runner import QueueRunner
 from postwarden.smtp.listener import Listener
@@ -56,6 +57,14 @@ from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_greylist import SqliteGreylist
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_queue import SqliteQueueStore
+from postwarden.workers import (
+    CommitNotifier,
+    WorkerArgs,
+    WorkerPool,
+    connection_table,
+    die_with_parent,
+    process_count,
+)
 
 log = get_logger("app")
 
@@ -66,8 +75,16 @@ DNS_CACHE_ENTRIES = 20000
 class Server:
     """A whole postwarden instance, startable and stoppable in-process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, processes: int = 1,
+                 worker: WorkerArgs | None = None,
+                 conn_table: ConnectionTable | None = None) -> None:
+        """``processes``: how many processes accept mail; ``worker``: this
+        is a worker process, with these inherited sockets; ``conn_table``:
+        the connection counts shared among the processes (see workers.py)."""
         self.config = config
+        self.processes = processes
+        self.worker = worker
+        self.conn_table = conn_table
         self.listeners: list[Listener] = []
         self.runner: QueueRunner | None = None
         self.store: SqliteQueueStore | None = None
@@ -96,7 +113,8 @@ class Server:
         policy = default_policy()
         # Protection first: access lists, then connection limits (both go to
         # the front of the connect stage; an allowed client skips the rest).
-        self.connlimit = connlimit.install(policy, cfg)
+        self.connlimit = connlimit.install(policy, cfg.connections, self.conn_table,
+                                           self.processes)
         self.access = access.install(policy, cfg)
         # Account hygiene: an expired account password is refused (535 5.7.8).
         policy.register(Stage.AUTH, password_policy.expiry_check(
@@ -122,7 +140,10 @@ class Server:
             # DMARC's organisational domains: read the Public Suffix List now,
             # not while the first message waits.
             await asyncio.to_thread(default_psl)
-        if cfg.queue.workers > 0:  # workers = 0: an accept-only node
+        if self.worker is not None:
+            # Deliveries are the main process's: tell it about new mail.
+            self.store.on_commit.append(CommitNotifier(self.worker.notify_fd))
+        elif cfg.queue.workers > 0:  # workers = 0: an accept-only node
             router = Router(self.directory.is_local_domain, self.directory.resolve,
                             cfg.delivery)
             mta_sts = MtaSts.from_settings(
@@ -141,20 +162,25 @@ class Server:
             self.runner = QueueRunner(self.store, router, transports, cfg.queue,
                                       hostname=cfg.hostname)
             await self.runner.start()
-        self.control = ControlServer(cfg.data_dir, self.wake)
-        await self.control.start()
+        if self.worker is None:
+            self.control = ControlServer(cfg.data_dir, self.wake)
+            await self.control.start()
+        inherited = self.worker.adopt() if self.worker is not None else {}
         try:
             for lc in cfg.listeners:
                 if not lc.enabled:
                     continue
-                lst = Listener(lc, ctx)
+                if self.worker is not None and lc.name not in inherited:
+                    continue
+                lst = Listener(lc, ctx, inherited.get(lc.name))
                 await lst.start()
                 self.listeners.append(lst)
         except OSError as exc:
             await self.stop()
             raise ConfigError(f"listeners.{lc.name}.address",
                               f"cannot listen on {lc.host}:{lc.port}: {exc.strerror}") from None
-        log.info("ready", version=__version__, hostname=cfg.hostname,
+        log.info("ready", version=__version__, hostname=cfg.hostname, pid=os.getpid(),
+                 worker=self.worker.slot if self.worker is not None else None,
                  listeners={lst.config.name: lst.port for lst in self.listeners})
 
     def wake(self) -> None:
@@ -209,18 +235,62 @@ class Server:
         log.info("stopped")
 
 
-async def _run(config: Config) -> int:
-    server = Server(config)
-    await server.start()
+# Seconds sessions in progress get to finish on SIGTERM.
+SHUTDOWN_GRACE = 10.0
+
+
+async def _run(config: Config, worker: WorkerArgs | None) -> int:
+    processes = process_count(config.processes)
+    table: ConnectionTable | None = None
+    table_fd = -1
+    if worker is not None:
+        table = worker.table()
+    elif processes > 1:
+        table, table_fd = connection_table(processes)
+    server = Server(config, processes=processes, worker=worker, conn_table=table)
     loop = asyncio.get_running_loop()
+    logmod.background_writes(True)
+    pool: WorkerPool | None = None
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
-    await stop.wait()
-    log.info("shutdown", reason="signal")
-    await server.stop()
-    return 0
+    try:
+        await server.start()
+        if worker is None and table is not None:
+            pool = WorkerPool(config.path, processes - 1,
+                              {lst.config.name: lst.fds for lst in server.listeners},
+                              server.wake, grace=SHUTDOWN_GRACE, table=table,
+                              table_fd=table_fd)
+            await pool.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def reload() -> None:
+            server.reload()
+            if pool is not None:
+                pool.reload()
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        if worker is not None:
+            orphan = asyncio.create_task(_exit_with_parent(worker.main_pid, stop))
+        await stop.wait()
+        log.info("shutdown")
+        if pool is not None:
+            await asyncio.gather(server.stop(SHUTDOWN_GRACE), pool.stop())
+        else:
+            await server.stop(SHUTDOWN_GRACE)
+        if worker is not None:
+            orphan.cancel()
+        return 0
+    finally:
+        logmod.background_writes(False)
+
+
+async def _exit_with_parent(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose main process died stops too (it would otherwise go on
+    accepting on the inherited sockets): at once by the SIGTERM the kernel
+    sends (see serve()), else when it finds itself orphaned."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    stop.set()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -232,8 +302,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+def serve(config: Config, worker: WorkerArgs | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code.  ``worker``: run as
+    a worker process of a main ``serve`` (see workers.py)."""
+    if worker is not None:
+        die_with_parent(worker.main_pid)
     stream = sys.stderr
     if config.log.file is not None:
         config.log.file.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +314,7 @@ def serve(config: Config) -> int:
     logmod.configure(config.log.format, config.log.level, stream)
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(_run(config))
+            return runner.run(_run(config, worker))
     except ConfigError as exc:
         print(f"postwarden: config error: {exc}", file=sys.stderr)
         return 1

@@ -156,7 +156,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The composition root, imported late (it pulls in the whole server).
     from postwarden.app import serve  # type: ignore[import-untyped, unused-ignore]
 
-    status: int = serve(cfg)
+    worker = None
+    if args.worker is not None:
+        from postwarden.workers import WorkerArgs
+
+        worker = WorkerArgs.decode(args.worker, args.notify_fd, args.worker_slot,
+                                   args.table_fd, args.main_pid)
+    status: int = serve(cfg, worker)
     return status
 
 
@@ -373,7 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="overwrite an existing config and certificate")
     init.set_defaults(func=cmd_init)
 
-    sub.add_parser("serve", help="run the server").set_defaults(func=cmd_serve)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.set_defaults(func=cmd_serve)
+    # Set by the main process for its worker processes (workers.py).
+    serve.add_argument("--worker", help=argparse.SUPPRESS)
+    serve.add_argument("--notify-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--table-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    serve.add_argument("--main-pid", type=int, default=0, help=argparse.SUPPRESS)
     sub.add_parser("check-config", help="validate the config file").set_defaults(
         func=cmd_check_config)
 

@@ -290,6 +290,8 @@ class Config:
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     passwords: PasswordsConfig = field(default_factory=PasswordsConfig)
+    # Processes accepting mail (workers.py); 0: one per CPU.
+    processes: int = 0
 
     @property
     def dkim_dir(self) -> Path:
@@ -412,7 +414,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
-           "passwords", "bans", "ratelimit"}
+           "passwords", "bans", "ratelimit", "processes"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -507,7 +509,17 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                   access=parse_access(_table(data, "access"),
                                       {lst.name for lst in listeners}),
                   connections=_parse_connections(_table(data, "connections")),
-                  passwords=_parse_passwords(_table(data, "passwords")))
+                  passwords=_parse_passwords(_table(data, "passwords")),
+                  processes=_parse_processes(data.get("processes", "auto")))
+
+
+def _parse_processes(value: object) -> int:
+    """``processes``: "auto" (0: one per CPU) or a count (see workers.py)."""
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ConfigError("processes", 'must be "auto" or a whole number from 1 to 64')
+    return value
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:

@@ -25,17 +25,26 @@ log = get_logger("listener")
 
 
 class Listener:
-    def __init__(self, config: ListenerConfig, ctx: ServerContext) -> None:
+    """``sockets``: listening sockets bound by another process (a worker's,
+    see :mod:`postwarden.workers`) to accept on instead of binding."""
+
+    def __init__(self, config: ListenerConfig, ctx: ServerContext,
+                 sockets: list[socket.socket] | None = None) -> None:
         self.config = config
         self.ctx = ctx
-        self.server: asyncio.Server | None = None
+        self.inherited = sockets
+        self.servers: list[asyncio.Server] = []
         self.sessions: set[asyncio.Task[None]] = set()
 
     @property
+    def fds(self) -> list[int]:
+        """The listening sockets' descriptors (to hand to worker processes)."""
+        return [s.fileno() for srv in self.servers for s in srv.sockets]
+
+    @property
     def bound(self) -> list[tuple[str, int]]:
-        if self.server is None:
-            return []
-        return [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self.server.sockets]
+        return [(str(s.getsockname()[0]), int(s.getsockname()[1]))
+                for srv in self.servers for s in srv.sockets]
 
     @property
     def port(self) -> int:
@@ -49,9 +58,15 @@ class Listener:
             # read, so the ClientHello can never land in the plaintext buffer.
             tls = {"ssl": self.ctx.tls.server,
                    "ssl_handshake_timeout": self.ctx.config.limits.tls_handshake_timeout}
-        self.server = await asyncio.start_server(
-            self._accepted, host, self.config.port, reuse_address=True, backlog=1024,
-            limit=1024 * 1024, **tls)  # type: ignore[arg-type]
+        if self.inherited is not None:
+            for sock in self.inherited:
+                self.servers.append(await asyncio.start_server(
+                    self._accepted, sock=sock, backlog=1024, limit=1024 * 1024,
+                    **tls))  # type: ignore[arg-type]
+        else:
+            self.servers.append(await asyncio.start_server(
+                self._accepted, host, self.config.port, reuse_address=True, backlog=1024,
+                limit=1024 * 1024, **tls))  # type: ignore[arg-type]
         log.info("listening", listener=self.config.name, mode=self.config.mode,
                  addresses=[f"{h}:{p}" for h, p in self.bound])
 
@@ -74,8 +89,8 @@ class Listener:
 
     async def close(self) -> None:
         """Stop accepting new connections."""
-        if self.server is not None:
-            self.server.close()
+        for srv in self.servers:
+            srv.close()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let sessions finish for ``grace`` seconds, then cancel."""
