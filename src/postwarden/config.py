@@ -26,6 +26,7 @@ from postwarden import limits as _limits
 from postwarden.delivery.dane import DaneSettings
 from postwarden.delivery.mta_sts import MtaStsSettings
 from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
+from postwarden.filter import settings as _filters
 
 DEFAULT_CONFIG = "postwarden.toml"
 CONFIG_ENV = "POSTWARDEN_CONFIG"
@@ -290,6 +291,7 @@ class Config:
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     passwords: PasswordsConfig = field(default_factory=PasswordsConfig)
+    filters: _filters.FilterSettings = field(default_factory=_filters.FilterSettings)
 
     @property
     def dkim_dir(self) -> Path:
@@ -412,7 +414,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
-           "passwords", "bans", "ratelimit"}
+           "passwords", "bans", "ratelimit", "filters"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -507,7 +509,16 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                   access=parse_access(_table(data, "access"),
                                       {lst.name for lst in listeners}),
                   connections=_parse_connections(_table(data, "connections")),
-                  passwords=_parse_passwords(_table(data, "passwords")))
+                  passwords=_parse_passwords(_table(data, "passwords")),
+                  filters=_parse_filters(_table(data, "filters")))
+
+
+def _parse_filters(table: Mapping[str, Any]) -> _filters.FilterSettings:
+    try:
+        return _filters.from_table(table)
+    except ValueError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ConfigError(key, reason) from None
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
