@@ -115,19 +115,23 @@ def find(text: str, detectors: tuple[str, ...], patterns: tuple[DlpPattern, ...]
     def add(name: str) -> None:
         hits[name] = hits.get(name, 0) + 1
 
-    if "card" in detectors:
+    # Cheap prefilters: the number detectors need at least ten digits
+    # (a Norwegian IBAN has 13, a card 13, an identity number 17), the key
+    # detector its marker; most messages skip every regular expression.
+    numbers = sum(map(text.count, "0123456789")) >= 10
+    if "card" in detectors and numbers:
         for m in _CARD.finditer(text):
             if is_card(m.group()):
                 add("card")
-    if "cn-id" in detectors:
+    if "cn-id" in detectors and numbers:
         for m in _CN_ID.finditer(text):
             if is_cn_id(m.group()):
                 add("cn-id")
-    if "iban" in detectors:
+    if "iban" in detectors and numbers:
         for m in _IBAN.finditer(text):
             if is_iban(m.group(1)):
                 add("iban")
-    if "private-key" in detectors:
+    if "private-key" in detectors and "PRIVATE KEY" in text:
         for _ in _KEY.finditer(text):
             add("private-key")
     for p in patterns:
