@@ -34,6 +34,7 @@ from postwarden.delivery.router import Router
 from postwarden.delivery.smtp_client import client_tls_context
 from postwarden.delivery.transport import Transport
 from postwarden.dkim_keys import KeyStore
+from postwarden.filter.service import filter_service
 from postwarden.message.convert import downgrade_to_7bit
 from postwarden.observe import log as logmod
 from postwarden.observe.log import get_logger
@@ -56,6 +57,7 @@ from postwarden.smtp.tls import TlsContexts
 from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_greylist import SqliteGreylist
 from postwarden.storage.sqlite_protect import SqliteProtectStore
+from postwarden.storage.sqlite_quarantine import SqliteQuarantine
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 from postwarden.workers import (
     CommitNotifier,
@@ -93,6 +95,7 @@ class Server:
         self.control: ControlServer | None = None
         self.greylist: SqliteGreylist | None = None
         self.protect: SqliteProtectStore | None = None
+        self.quarantine: SqliteQuarantine | None = None
         self._stopped = asyncio.Event()
 
     def port(self, name: str) -> int:
@@ -125,7 +128,7 @@ class Server:
         bans.install(policy, self.protect, cfg.bans)
         ratelimit.install(policy, self.protect, cfg.ratelimit)
         # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
-        dnsbl.install(policy, cfg.dnsbl, resolver)
+        listed = dnsbl.install(policy, cfg.dnsbl, resolver)
         self.greylist = greylist.install(policy, cfg)
         ctx = ServerContext(config=cfg, tls=self.tls, directory=self.directory,
                             queue=self.store, policy=policy,
@@ -135,6 +138,8 @@ class Server:
                             dkim_keys=KeyStore.for_data_dir(cfg.data_dir)
                             if cfg.dkim.sign else None,
                             dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()))
+        self.quarantine = SqliteQuarantine(cfg.db_path)
+        ctx.filters = filter_service(cfg, self.store, self.quarantine, listed)
         self.context = ctx
         if cfg.checks.verify:
             # DMARC's organisational domains: read the Public Suffix List now,
@@ -232,6 +237,9 @@ class Server:
         if self.protect is not None:
             self.protect.close()
             self.protect = None
+        if self.quarantine is not None:
+            self.quarantine.close()
+            self.quarantine = None
         log.info("stopped")
 
 

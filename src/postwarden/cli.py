@@ -26,7 +26,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from postwarden import __version__, bootstrap, cli_access, cli_ban, cli_dns, cli_queue, sendtest
+from postwarden import (
+    __version__,
+    bootstrap,
+    cli_access,
+    cli_ban,
+    cli_dns,
+    cli_quarantine,
+    cli_queue,
+    sendtest,
+)
 from postwarden import config as _config
 from postwarden.auth import password_policy, passwords
 from postwarden.storage.sqlite_directory import (
@@ -440,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     alias.add_parser("list", help="list aliases").set_defaults(func=cmd_alias_list)
 
     cli_queue.add_parser(sub, _with_config)
+    cli_quarantine.add_parser(sub, _with_config)
     cli_ban.add_parser(sub, _with_config)
     cli_access.add_parser(sub, _with_config)
     sendtest.add_parser(sub, _with_config)
@@ -466,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _config.ConfigError as exc:
         _err(f"config error: {exc}")
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
-            sendtest.SendTestError) as exc:
+            cli_quarantine.QuarantineCommandError, sendtest.SendTestError) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")

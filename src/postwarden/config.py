@@ -26,6 +26,7 @@ from postwarden import limits as _limits
 from postwarden.delivery.dane import DaneSettings
 from postwarden.delivery.mta_sts import MtaStsSettings
 from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
+from postwarden.filter import settings as _filters
 
 DEFAULT_CONFIG = "postwarden.toml"
 CONFIG_ENV = "POSTWARDEN_CONFIG"
@@ -292,6 +293,7 @@ class Config:
     passwords: PasswordsConfig = field(default_factory=PasswordsConfig)
     # Processes accepting mail (workers.py); 0: one per CPU.
     processes: int = 0
+    filters: _filters.FilterSettings = field(default_factory=_filters.FilterSettings)
 
     @property
     def dkim_dir(self) -> Path:
@@ -414,7 +416,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
-           "passwords", "bans", "ratelimit", "processes"}
+           "passwords", "bans", "ratelimit", "processes", "filters"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -510,7 +512,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                                       {lst.name for lst in listeners}),
                   connections=_parse_connections(_table(data, "connections")),
                   passwords=_parse_passwords(_table(data, "passwords")),
-                  processes=_parse_processes(data.get("processes", "auto")))
+                  processes=_parse_processes(data.get("processes", "auto")),
+                  filters=_parse_filters(_table(data, "filters")))
 
 
 def _parse_processes(value: object) -> int:
@@ -520,6 +523,14 @@ def _parse_processes(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise ConfigError("processes", 'must be "auto" or a whole number from 1 to 64')
     return value
+
+
+def _parse_filters(table: Mapping[str, Any]) -> _filters.FilterSettings:
+    try:
+        return _filters.from_table(table)
+    except ValueError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ConfigError(key, reason) from None
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:

@@ -31,6 +31,7 @@ from postwarden.config import Config, ListenerConfig
 from postwarden.delivery.dns import Resolver
 from postwarden.dkim_keys import KeyStore
 from postwarden.envelope import Address, ConnectionInfo, Envelope, RcptParams, Recipient
+from postwarden.filter.service import FilterService
 from postwarden.ids import new_queue_id, new_session_id
 from postwarden.limits import HEADER_SCAN_MAX, INLINE_BODY_MAX, READ_CHUNK
 from postwarden.message import authresults, cleanup
@@ -68,6 +69,7 @@ class ServerContext:
     verify_password: object  # async (hash, password) -> bool
     resolver: Resolver | None = None  # SPF, DKIM, DMARC lookups
     dkim_keys: KeyStore | None = None  # signing keys (None: no signing)
+    filters: FilterService | None = None  # content filters (postwarden.filter)
     dummy_hash: str = ""
     shutting_down: bool = False
     stats: dict[str, int] = field(default_factory=dict)
@@ -532,6 +534,15 @@ class Session:
                          sender=sender, reason=decision.reason, **tx.auth_log)
                 return decision.reply
             extra = decision.headers
+        if self.ctx.filters is not None:  # content filters (before DKIM signing)
+            filtered = await self.ctx.filters.check(
+                self.conn, self.listener.mode, tx.envelope, list(tx.expanded.values()),
+                await self._message_as_written(tx), extra, tx.body)
+            if filtered.reply is not None:
+                tx.body.abort()
+                return filtered.reply
+            tx.body = filtered.body or tx.body
+            extra += filtered.headers
         queue_id = new_queue_id()
         params = tx.envelope.params
         if tx.eight_bit and params.body != "8BITMIME":
