@@ -29,6 +29,7 @@ from typing import TextIO
 from postwarden import __version__, bootstrap, cli_access, cli_ban, cli_dns, cli_queue, sendtest
 from postwarden import config as _config
 from postwarden.auth import password_policy, passwords
+from postwarden.onboard import commands as onboard_commands
 from postwarden.storage.sqlite_directory import (
     MAX_APP_PASSWORDS,
     DirectoryError,
@@ -431,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_access.add_parser(sub, _with_config)
     sendtest.add_parser(sub, _with_config)
     cli_dns.add_parsers(sub, _with_config)
+    onboard_commands.add_parsers(sub, _with_config)
     return p
 
 

@@ -26,6 +26,7 @@ from postwarden import limits as _limits
 from postwarden.delivery.dane import DaneSettings
 from postwarden.delivery.mta_sts import MtaStsSettings
 from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
+from postwarden.onboard.settings import ClientSettings, HttpSettings, RelaySettings
 
 DEFAULT_CONFIG = "postwarden.toml"
 CONFIG_ENV = "POSTWARDEN_CONFIG"
@@ -290,6 +291,9 @@ class Config:
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     passwords: PasswordsConfig = field(default_factory=PasswordsConfig)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    clients: ClientSettings = field(default_factory=ClientSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
     @property
     def dkim_dir(self) -> Path:
@@ -412,7 +416,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
-           "passwords", "bans", "ratelimit"}
+           "passwords", "bans", "ratelimit", "http", "clients", "relay"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -507,7 +511,22 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                   access=parse_access(_table(data, "access"),
                                       {lst.name for lst in listeners}),
                   connections=_parse_connections(_table(data, "connections")),
-                  passwords=_parse_passwords(_table(data, "passwords")))
+                  passwords=_parse_passwords(_table(data, "passwords")),
+                  **_parse_onboard(data))
+
+
+def _parse_onboard(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``[http]``, ``[clients]`` and ``[relay]`` (postwarden.onboard.settings)."""
+    out: dict[str, Any] = {}
+    for name, cls in (("http", HttpSettings), ("clients", ClientSettings),
+                      ("relay", RelaySettings)):
+        try:
+            out[name] = cls.from_table(_table(data, name))
+        except ValueError as exc:
+            key, _, reason = str(exc).partition(": ")
+            raise ConfigError(f"{name}.{key}", reason) from None
+    parse_hostport("http.address", out["http"].address)
+    return out
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
