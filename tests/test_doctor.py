@@ -1,6 +1,6 @@
 """``postwarden doctor`` against a running server: a correct setup is all
 ok; a broken one (expired certificate, missing DKIM record, open relay by
-a bad [relay] config) has each problem reported, and exit status 1."""
+a bad [relaying] config) has each problem reported, and exit status 1."""
 
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def test_broken_setup_reports_each_problem(
     issued.cert_chain_pems[0].write_to_path(str(cert))
     issued.private_key_pem.write_to_path(str(key))
     key.chmod(0o600)
-    # An expired certificate, and an open relay by a bad [relay] config.
-    st = make_server(DNSBL + '[relay]\nnetworks = ["0.0.0.0/0"]\n', ports=tuple(free_ports(3)))
+    # An expired certificate, and an open relay by a bad [relaying] config.
+    st = make_server(DNSBL + '[relaying]\nnetworks = ["0.0.0.0/0"]\n', ports=tuple(free_ports(3)))
     text = st.cfg.path.read_text()
     st.cfg.path.write_text(text.replace(str(st.cfg.tls.cert), str(cert))
                            .replace(str(st.cfg.tls.key), str(key)))

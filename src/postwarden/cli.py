@@ -30,6 +30,7 @@ from postwarden import __version__, bootstrap, cli_access, cli_ban, cli_dns, cli
 from postwarden import config as _config
 from postwarden.auth import password_policy, passwords
 from postwarden.onboard import commands as onboard_commands
+from postwarden.onboard import interactive as onboard_interactive
 from postwarden.storage.sqlite_directory import (
     MAX_APP_PASSWORDS,
     DirectoryError,
@@ -41,6 +42,9 @@ PROG = "postwarden"
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
+# init without a terminal (make run, scripts): loopback and the standard ports.
+INIT_DEFAULTS = {"listen_host": "127.0.0.1", **{
+    f"{mode}_port": port for mode, port in _config.DEFAULT_PORTS.items()}}
 
 
 class CliError(Exception):
@@ -101,9 +105,14 @@ def _show_password(address: str, password: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    if onboard_interactive.wanted(args):
+        return onboard_interactive.run(args)
     directory: Path = args.dir.resolve()
     domain: str = args.domain
     hostname: str = args.hostname or f"mail.{domain}"
+    for name in ("listen_host", "mx_port", "submission_port", "submissions_port"):
+        if getattr(args, name) is None:  # not given: the non-interactive defaults
+            setattr(args, name, INIT_DEFAULTS[name])
     path = directory / _config.DEFAULT_CONFIG
     # Check, then proceed: everything is validated before the first write.
     if path.exists() and not args.force:
@@ -146,6 +155,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  postwarden -c {path} dns records    # MX, SPF, DKIM, DMARC... to publish")
     print(f"  postwarden -c {path} serve")
     print(f"  POSTWARDEN_PASSWORD='...' postwarden -c {path} send-test --to {postmaster}")
+    print(f"  postwarden -c {path} client-config   # what to type into a mail client")
+    print(f"  postwarden -c {path} doctor          # check the running installation")
     return EXIT_OK
 
 
@@ -357,19 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="write a config, a certificate and the first account")
     init.add_argument("--dir", type=Path, required=True, help="directory to set up")
-    init.add_argument("--domain", type=_domain_arg, required=True,
-                      help="the mail domain (the part after @)")
+    init.add_argument("--domain", type=_domain_arg, default=None,
+                      help="the mail domain (the part after @); required with "
+                           "--non-interactive or without a terminal")
     init.add_argument("--hostname", type=_domain_arg, default=None,
                       help="this server's name (default: mail.DOMAIN)")
-    init.add_argument("--listen-host", type=_listen_host, default="127.0.0.1",
-                      help="IP address to listen on (default: 127.0.0.1; '*' for all)")
-    init.add_argument("--mx-port", type=_port, default=_config.DEFAULT_PORTS["mx"])
-    init.add_argument("--submission-port", type=_port,
-                      default=_config.DEFAULT_PORTS["submission"])
-    init.add_argument("--submissions-port", type=_port,
-                      default=_config.DEFAULT_PORTS["submissions"])
+    init.add_argument("--listen-host", type=_listen_host, default=None,
+                      help="IP address to listen on (default: 127.0.0.1, or '*' (all) when "
+                           "interactive)")
+    init.add_argument("--mx-port", type=_port, default=None,
+                      help=f"default {_config.DEFAULT_PORTS['mx']}")
+    init.add_argument("--submission-port", type=_port, default=None,
+                      help=f"default {_config.DEFAULT_PORTS['submission']}")
+    init.add_argument("--submissions-port", type=_port, default=None,
+                      help=f"default {_config.DEFAULT_PORTS['submissions']}")
+    init.add_argument("--letsencrypt-dir", default=str(onboard_interactive.LETSENCRYPT_LIVE),
+                      help="where certbot keeps certificates (interactive init uses the one "
+                           "of the host name when it exists)")
     init.add_argument("--non-interactive", action="store_true",
-                      help="never prompt (the only mode for now)")
+                      help="never prompt (the default without a terminal)")
     init.add_argument("--force", action="store_true",
                       help="overwrite an existing config and certificate")
     init.set_defaults(func=cmd_init)
@@ -447,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if (args.command == "init" and args.domain is None
+                and not onboard_interactive.wanted(args)):
+            parser.error("init: --domain is required with --non-interactive or without a "
+                         "terminal")
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
@@ -455,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _config.ConfigError as exc:
         _err(f"config error: {exc}")
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
-            sendtest.SendTestError) as exc:
+            sendtest.SendTestError, onboard_interactive.InitCancelled) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")

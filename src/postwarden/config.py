@@ -416,7 +416,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
-           "passwords", "bans", "ratelimit", "http", "clients", "relay"}
+           "passwords", "bans", "ratelimit", "http", "clients", "relaying"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -516,15 +516,16 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
 
 
 def _parse_onboard(data: Mapping[str, Any]) -> dict[str, Any]:
-    """``[http]``, ``[clients]`` and ``[relay]`` (postwarden.onboard.settings)."""
+    """``[http]``, ``[clients]`` and ``[relaying]`` (postwarden.onboard.settings)."""
     out: dict[str, Any] = {}
-    for name, cls in (("http", HttpSettings), ("clients", ClientSettings),
-                      ("relay", RelaySettings)):
+    for section, name, cls in (("http", "http", HttpSettings),
+                               ("clients", "clients", ClientSettings),
+                               ("relaying", "relay", RelaySettings)):
         try:
-            out[name] = cls.from_table(_table(data, name))
+            out[name] = cls.from_table(_table(data, section))
         except ValueError as exc:
             key, _, reason = str(exc).partition(": ")
-            raise ConfigError(f"{name}.{key}", reason) from None
+            raise ConfigError(f"{section}.{key}", reason) from None
     parse_hostport("http.address", out["http"].address)
     return out
 

@@ -312,9 +312,9 @@ class Doctor:
         cfg = self.cfg
         public = cfg.relay.public()
         if public:
-            self.add(FAIL, "open relay", f"[relay] networks lets {', '.join(public)} relay "
+            self.add(FAIL, "open relay", f"[relaying] networks lets {', '.join(public)} relay "
                      "without authentication: anyone there can send spam through this "
-                     "server", "remove public ranges from [relay] networks; users "
+                     "server", "remove public ranges from [relaying] networks; users "
                      "authenticate on 587/465 instead")
         mx = next((lst for lst in cfg.listeners if lst.enabled and lst.mode == "mx"), None)
         if mx is None:
@@ -332,12 +332,12 @@ class Doctor:
             return
         forms = ", ".join(f"<{rcpt}>" for rcpt, _c, _t in accepted)
         if not public and cfg.relay.contains(host):
-            self.add(WARN, "relay test", f"relays for {host}, which is in [relay] networks "
+            self.add(WARN, "relay test", f"relays for {host}, which is in [relaying] networks "
                      f"(accepted {forms})", "fine for local applications; make sure "
                      "nothing there is reachable by strangers")
         else:
             self.add(FAIL, "relay test", f"OPEN RELAY: {host}:{mx.port} accepted {forms}",
-                     "fix [relay] networks; only authenticated users may relay")
+                     "fix [relaying] networks; only authenticated users may relay")
 
     # -- 8. queue --------------------------------------------------------------------
 

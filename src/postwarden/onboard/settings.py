@@ -1,4 +1,4 @@
-"""The ``[http]``, ``[clients]`` and ``[relay]`` sections of the config file.
+"""The ``[http]``, ``[clients]`` and ``[relaying]`` sections of the config file.
 
 :mod:`postwarden.config` reads the file; the tables of these sections are
 validated here, each ``from_table`` raising ``ValueError("KEY: reason")``
@@ -12,8 +12,8 @@ that the config module turns into a :class:`~postwarden.config.ConfigError`.
 * ``[clients]``: what mail clients are told: the server name, the public
   submission ports (when a NAT or proxy maps them) and the IMAP server
   (for example Dovecot) when there is one.
-* ``[relay]``: networks whose clients may relay without authentication
-  (Postfix's ``mynetworks``).  Empty by default; a public range here makes
+* ``[relaying] networks``: networks whose clients may relay without
+  authentication (Postfix's ``mynetworks``).  Empty by default; a public range here makes
   an open relay, which ``postwarden doctor`` reports.
 
 Security exposure: none of its own (validation of trusted input).
@@ -122,7 +122,7 @@ class ClientSettings:
 
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
-    """``[relay]``: clients that may relay without authentication."""
+    """``[relaying]``: clients that may relay without authentication."""
 
     networks: tuple[str, ...] = ()
 

@@ -2,7 +2,7 @@
 
 A recipient is accepted when it is in a local domain and exists (after
 alias expansion), or when the session is authenticated (relaying for our
-own users), or when the client is in ``[relay] networks`` (Postfix's
+own users), or when the client is in ``[relaying] networks`` (Postfix's
 mynetworks; empty by default).  Everything else is refused: this check is the last word for
 recipients and the stage default is *reject*.
 
@@ -45,5 +45,5 @@ async def check_recipient(ctx: CheckContext) -> R.Verdict:
         return R.accept(f"relay for authenticated {ctx.conn.auth_user}")
     if ctx.config.relay.networks and ctx.config.relay.contains(ctx.conn.peer_ip):
         ctx.targets = [str(address)]
-        return R.accept(f"relay for {ctx.conn.peer_ip} in [relay] networks")
+        return R.accept(f"relay for {ctx.conn.peer_ip} in [relaying] networks")
     return R.reject(R.RELAY_DENIED, f"relay to <{address}> denied")
