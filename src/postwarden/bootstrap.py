@@ -34,7 +34,7 @@ hostname = "{hostname}"
 
 # The queue, the account database (postwarden.db) and local mailboxes.
 # Keep it private (mode 0700).
-data_dir = "data"
+data_dir = "{data_dir}"
 
 # Domains this server receives mail for.  More can be added without editing
 # this file: postwarden domain add DOMAIN (stored in the database).
@@ -100,7 +100,7 @@ def render_config(*, hostname: str, domain: str, listen_host: str, mx_port: int,
                   submission_port: int, submissions_port: int,
                   config_path: str = _config.DEFAULT_CONFIG,
                   domains: Sequence[str] = (), cert: str | None = None,
-                  key: str | None = None) -> str:
+                  key: str | None = None, data_dir: str = "data") -> str:
     """The text of a new config file (values are validated by the caller).
     ``domains``: all of them (default: just ``domain``); ``cert``/``key``:
     an existing certificate (default: the self-signed one init writes)."""
@@ -108,7 +108,7 @@ def render_config(*, hostname: str, domain: str, listen_host: str, mx_port: int,
     tls = (PUBLIC_CA_TLS.format(hostname=hostname, cert=cert, key=key) if cert and key
            else SELF_SIGNED_TLS.format(hostname=hostname))
     return CONFIG_TEMPLATE.format(
-        config_path=config_path, hostname=hostname, tls=tls,
+        config_path=config_path, hostname=hostname, tls=tls, data_dir=data_dir,
         domains=", ".join(f'"{d}"' for d in (domains or [domain])),
         mx_address=f"{host}:{mx_port}",
         submission_address=f"{host}:{submission_port}",

@@ -119,7 +119,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise CliError(f"{path} already exists (use --force to overwrite it)")
     text = bootstrap.render_config(hostname=hostname, domain=domain, listen_host=args.listen_host,
                          mx_port=args.mx_port, submission_port=args.submission_port,
-                         submissions_port=args.submissions_port, config_path=str(path))
+                         submissions_port=args.submissions_port, config_path=str(path),
+                         data_dir=args.data_dir)
     cfg = _config.parse(tomllib.loads(text), path)
     if cfg.tls.cert is None or cfg.tls.key is None:  # pragma: no cover - the template has both
         raise CliError("internal error: the config template has no [tls]")
@@ -358,6 +359,12 @@ def _listen_host(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
+def _data_dir(text: str) -> str:
+    if not text or any(c in text for c in '"\\\n') or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a usable directory name")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="A secure, self-hosted SMTP server.")
     p.add_argument("-c", "--config", type=Path, default=None, metavar="PATH",
@@ -382,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"default {_config.DEFAULT_PORTS['submission']}")
     init.add_argument("--submissions-port", type=_port, default=None,
                       help=f"default {_config.DEFAULT_PORTS['submissions']}")
+    init.add_argument("--data-dir", default="data", type=_data_dir,
+                      help="queue, accounts and mailboxes (default: DIR/data; "
+                           "/var/lib/postwarden with the systemd unit)")
     init.add_argument("--letsencrypt-dir", default=str(onboard_interactive.LETSENCRYPT_LIVE),
                       help="where certbot keeps certificates (interactive init uses the one "
                            "of the host name when it exists)")

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     text = bootstrap.render_config(
         hostname=hostname, domain=domains[0], domains=domains, listen_host=listen_host,
         mx_port=ports["mx"], submission_port=ports["submission"],
-        submissions_port=ports["submissions"], config_path=str(path),
+        submissions_port=ports["submissions"], config_path=str(path), data_dir=args.data_dir,
         cert=found.cert if found else None, key=found.key if found else None)
     cfg = _config.parse(tomllib.loads(text), path)
     assert cfg.tls.cert is not None and cfg.tls.key is not None
