@@ -215,3 +215,24 @@ def test_processes_setting(tmp_path: Path, cert_files: tuple[Path, Path]) -> Non
             config_mod.load(path)
     path = with_top(write_config(tmp_path, cert_files, dns_port=53), 'processes = "auto"')
     assert config_mod.load(path).processes == 0
+
+
+def test_the_web_listener_runs_in_the_main_process_only(
+        tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any) -> None:
+    import urllib.request
+
+    from tests.test_service import free_ports
+
+    (http_port,) = free_ports(1)
+    svc, _ports, _cfg, log = start(
+        tmp_path, cert_files, loopback_dns,
+        f'[http]\nenabled = true\naddress = "127.0.0.1:{http_port}"\n')
+    try:
+        url = f"http://127.0.0.1:{http_port}/.well-known/mta-sts.txt"
+        req = urllib.request.Request(url, headers={"Host": "mta-sts.example.test"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+            assert b"version: STSv1" in resp.read()
+        assert [r.get("worker") for r in log_events(log, "ready")] == [None, 1]
+    finally:
+        assert svc.stop() == 0

@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import sys
+from typing import Any
 
 from postwarden import __version__
 from postwarden.auth import password_policy
@@ -54,6 +55,7 @@ from postwarden.queue.runner import QueueRunner
 from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
+from postwarden.storage import migrate
 from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_greylist import SqliteGreylist
 from postwarden.storage.sqlite_protect import SqliteProtectStore
@@ -96,6 +98,7 @@ class Server:
         self.greylist: SqliteGreylist | None = None
         self.protect: SqliteProtectStore | None = None
         self.quarantine: SqliteQuarantine | None = None
+        self.http: Any = None  # postwarden.onboard.web.HttpService when [http] enabled
         self._stopped = asyncio.Event()
 
     def port(self, name: str) -> int:
@@ -108,6 +111,10 @@ class Server:
         cfg = self.config
         for d in (cfg.data_dir, cfg.spool_dir, cfg.mail_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A schema from a newer postwarden is refused; an older one is backed
+        # up, then upgraded (postwarden.storage.migrate).
+        if self.worker is None:  # the main process migrated before starting workers
+            await asyncio.to_thread(migrate.prepare, cfg)
         self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
         self.store = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
         await self.store.start()
@@ -184,9 +191,25 @@ class Server:
             await self.stop()
             raise ConfigError(f"listeners.{lc.name}.address",
                               f"cannot listen on {lc.host}:{lc.port}: {exc.strerror}") from None
+        if cfg.http.enabled and self.worker is None:  # the main process serves HTTP
+            await self._start_http()
         log.info("ready", version=__version__, hostname=cfg.hostname, pid=os.getpid(),
                  worker=self.worker.slot if self.worker is not None else None,
                  listeners={lst.config.name: lst.port for lst in self.listeners})
+
+    async def _start_http(self) -> None:
+        """The autoconfiguration / MTA-STS web listener (imported only when on)."""
+        from postwarden.onboard.web import HttpService
+
+        assert self.directory is not None
+        self.http = HttpService(self.config, self.directory.is_local_domain,
+                                lambda: {lst.config.name: lst.port for lst in self.listeners})
+        try:
+            await self.http.start()
+        except ConfigError:
+            self.http = None
+            await self.stop()
+            raise
 
     def wake(self) -> None:
         """Look for due deliveries now (``queue flush`` over the control socket)."""
@@ -215,6 +238,9 @@ class Server:
     async def stop(self, grace: float = 10.0) -> None:
         if hasattr(self, "context"):
             self.context.shutting_down = True
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         for lst in self.listeners:
             await lst.close()
         await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
@@ -325,6 +351,9 @@ def serve(config: Config, worker: WorkerArgs | None = None) -> int:
             return runner.run(_run(config, worker))
     except ConfigError as exc:
         print(f"postwarden: config error: {exc}", file=sys.stderr)
+        return 1
+    except migrate.SchemaError as exc:
+        print(f"postwarden: {exc}", file=sys.stderr)
         return 1
     finally:
         with contextlib.suppress(Exception):

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,11 +34,11 @@ hostname = "{hostname}"
 
 # The queue, the account database (postwarden.db) and local mailboxes.
 # Keep it private (mode 0700).
-data_dir = "data"
+data_dir = "{data_dir}"
 
 # Domains this server receives mail for.  More can be added without editing
 # this file: postwarden domain add DOMAIN (stored in the database).
-domains = ["{domain}"]
+domains = [{domains}]
 
 # Listeners: address = "HOST:PORT", "[IPv6]:PORT", or "*:PORT" for all
 # addresses.  A listener can be switched off with enabled = false.
@@ -56,12 +57,7 @@ address = "{submission_address}"
 address = "{submissions_address}"
 
 [tls]
-# A self-signed certificate made by 'postwarden init' (valid 2 years).  Mail
-# clients will warn about it: replace both files with a certificate from a
-# public CA (for example Let's Encrypt) for {hostname}.
-cert = "tls/cert.pem"
-key = "tls/key.pem"  # must not be readable by others (chmod 600)
-min_version = "TLSv1.2"  # TLSv1.2 or TLSv1.3
+{tls}min_version = "TLSv1.2"  # TLSv1.2 or TLSv1.3
 
 [log]
 format = "json"  # json or logfmt
@@ -84,13 +80,36 @@ def _commented_defaults(cls: type) -> str:
     return "\n".join(f"# {f.name} = {f.default!r}" for f in dataclasses.fields(cls))
 
 
+SELF_SIGNED_TLS = """\
+# A self-signed certificate made by 'postwarden init' (valid 2 years).  Mail
+# clients will warn about it: replace both files with a certificate from a
+# public CA (for example Let's Encrypt) for {hostname}.
+cert = "tls/cert.pem"
+key = "tls/key.pem"  # must not be readable by others (chmod 600)
+"""
+
+PUBLIC_CA_TLS = """\
+# The certificate of {hostname} found by 'postwarden init' (Let's Encrypt:
+# certbot renews it; 'systemctl reload postwarden' picks up the new one).
+cert = "{cert}"
+key = "{key}"  # must not be readable by others (chmod 600)
+"""
+
+
 def render_config(*, hostname: str, domain: str, listen_host: str, mx_port: int,
                   submission_port: int, submissions_port: int,
-                  config_path: str = _config.DEFAULT_CONFIG) -> str:
-    """The text of a new config file (values are validated by the caller)."""
+                  config_path: str = _config.DEFAULT_CONFIG,
+                  domains: Sequence[str] = (), cert: str | None = None,
+                  key: str | None = None, data_dir: str = "data") -> str:
+    """The text of a new config file (values are validated by the caller).
+    ``domains``: all of them (default: just ``domain``); ``cert``/``key``:
+    an existing certificate (default: the self-signed one init writes)."""
     host = f"[{listen_host}]" if ":" in listen_host else listen_host
+    tls = (PUBLIC_CA_TLS.format(hostname=hostname, cert=cert, key=key) if cert and key
+           else SELF_SIGNED_TLS.format(hostname=hostname))
     return CONFIG_TEMPLATE.format(
-        config_path=config_path, hostname=hostname, domain=domain,
+        config_path=config_path, hostname=hostname, tls=tls, data_dir=data_dir,
+        domains=", ".join(f'"{d}"' for d in (domains or [domain])),
         mx_address=f"{host}:{mx_port}",
         submission_address=f"{host}:{submission_port}",
         submissions_address=f"{host}:{submissions_port}",

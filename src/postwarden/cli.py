@@ -38,6 +38,8 @@ from postwarden import (
 )
 from postwarden import config as _config
 from postwarden.auth import password_policy, passwords
+from postwarden.onboard import commands as onboard_commands
+from postwarden.onboard import interactive as onboard_interactive
 from postwarden.storage.sqlite_directory import (
     MAX_APP_PASSWORDS,
     DirectoryError,
@@ -49,6 +51,9 @@ PROG = "postwarden"
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
+# init without a terminal (make run, scripts): loopback and the standard ports.
+INIT_DEFAULTS = {"listen_host": "127.0.0.1", **{
+    f"{mode}_port": port for mode, port in _config.DEFAULT_PORTS.items()}}
 
 
 class CliError(Exception):
@@ -109,16 +114,22 @@ def _show_password(address: str, password: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    if onboard_interactive.wanted(args):
+        return onboard_interactive.run(args)
     directory: Path = args.dir.resolve()
     domain: str = args.domain
     hostname: str = args.hostname or f"mail.{domain}"
+    for name in ("listen_host", "mx_port", "submission_port", "submissions_port"):
+        if getattr(args, name) is None:  # not given: the non-interactive defaults
+            setattr(args, name, INIT_DEFAULTS[name])
     path = directory / _config.DEFAULT_CONFIG
     # Check, then proceed: everything is validated before the first write.
     if path.exists() and not args.force:
         raise CliError(f"{path} already exists (use --force to overwrite it)")
     text = bootstrap.render_config(hostname=hostname, domain=domain, listen_host=args.listen_host,
                          mx_port=args.mx_port, submission_port=args.submission_port,
-                         submissions_port=args.submissions_port, config_path=str(path))
+                         submissions_port=args.submissions_port, config_path=str(path),
+                         data_dir=args.data_dir)
     cfg = _config.parse(tomllib.loads(text), path)
     if cfg.tls.cert is None or cfg.tls.key is None:  # pragma: no cover - the template has both
         raise CliError("internal error: the config template has no [tls]")
@@ -154,6 +165,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  postwarden -c {path} dns records    # MX, SPF, DKIM, DMARC... to publish")
     print(f"  postwarden -c {path} serve")
     print(f"  POSTWARDEN_PASSWORD='...' postwarden -c {path} send-test --to {postmaster}")
+    print(f"  postwarden -c {path} client-config   # what to type into a mail client")
+    print(f"  postwarden -c {path} doctor          # check the running installation")
     return EXIT_OK
 
 
@@ -361,6 +374,12 @@ def _listen_host(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
+def _data_dir(text: str) -> str:
+    if not text or any(c in text for c in '"\\\n') or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a usable directory name")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="A secure, self-hosted SMTP server.")
     p.add_argument("-c", "--config", type=Path, default=None, metavar="PATH",
@@ -371,19 +390,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="write a config, a certificate and the first account")
     init.add_argument("--dir", type=Path, required=True, help="directory to set up")
-    init.add_argument("--domain", type=_domain_arg, required=True,
-                      help="the mail domain (the part after @)")
+    init.add_argument("--domain", type=_domain_arg, default=None,
+                      help="the mail domain (the part after @); required with "
+                           "--non-interactive or without a terminal")
     init.add_argument("--hostname", type=_domain_arg, default=None,
                       help="this server's name (default: mail.DOMAIN)")
-    init.add_argument("--listen-host", type=_listen_host, default="127.0.0.1",
-                      help="IP address to listen on (default: 127.0.0.1; '*' for all)")
-    init.add_argument("--mx-port", type=_port, default=_config.DEFAULT_PORTS["mx"])
-    init.add_argument("--submission-port", type=_port,
-                      default=_config.DEFAULT_PORTS["submission"])
-    init.add_argument("--submissions-port", type=_port,
-                      default=_config.DEFAULT_PORTS["submissions"])
+    init.add_argument("--listen-host", type=_listen_host, default=None,
+                      help="IP address to listen on (default: 127.0.0.1, or '*' (all) when "
+                           "interactive)")
+    init.add_argument("--mx-port", type=_port, default=None,
+                      help=f"default {_config.DEFAULT_PORTS['mx']}")
+    init.add_argument("--submission-port", type=_port, default=None,
+                      help=f"default {_config.DEFAULT_PORTS['submission']}")
+    init.add_argument("--submissions-port", type=_port, default=None,
+                      help=f"default {_config.DEFAULT_PORTS['submissions']}")
+    init.add_argument("--data-dir", default="data", type=_data_dir,
+                      help="queue, accounts and mailboxes (default: DIR/data; "
+                           "/var/lib/postwarden with the systemd unit)")
+    init.add_argument("--letsencrypt-dir", default=str(onboard_interactive.LETSENCRYPT_LIVE),
+                      help="where certbot keeps certificates (interactive init uses the one "
+                           "of the host name when it exists)")
     init.add_argument("--non-interactive", action="store_true",
-                      help="never prompt (the only mode for now)")
+                      help="never prompt (the default without a terminal)")
     init.add_argument("--force", action="store_true",
                       help="overwrite an existing config and certificate")
     init.set_defaults(func=cmd_init)
@@ -454,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_access.add_parser(sub, _with_config)
     sendtest.add_parser(sub, _with_config)
     cli_dns.add_parsers(sub, _with_config)
+    onboard_commands.add_parsers(sub, _with_config)
     return p
 
 
@@ -468,6 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if (args.command == "init" and args.domain is None
+                and not onboard_interactive.wanted(args)):
+            parser.error("init: --domain is required with --non-interactive or without a "
+                         "terminal")
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
@@ -476,7 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _config.ConfigError as exc:
         _err(f"config error: {exc}")
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
-            cli_quarantine.QuarantineCommandError, sendtest.SendTestError) as exc:
+            cli_quarantine.QuarantineCommandError, sendtest.SendTestError,
+            onboard_interactive.InitCancelled) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")

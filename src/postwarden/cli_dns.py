@@ -40,9 +40,6 @@ from postwarden.storage.sqlite_directory import SqliteDirectory
 Handler = Callable[[_config.Config, argparse.Namespace], int]
 
 MX_PREFERENCE = 10
-# RFC 8461 3.2: max_age in seconds (one week while testing).
-MTA_STS_MAX_AGE = 604800
-MTA_STS_MODE = "testing"
 # RFC 1035 3.3.14: one character-string holds at most 255 octets.
 TXT_CHUNK = 255
 REQUIRED_KINDS = ("MX", "SPF", "DKIM", "DMARC")
@@ -107,8 +104,9 @@ def public_addresses(cfg: _config.Config) -> list[str]:
 def mta_sts_policy(cfg: _config.Config) -> str:
     """The policy file (RFC 8461 3.2) to serve at
     ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``."""
-    return (f"version: STSv1\r\nmode: {MTA_STS_MODE}\r\nmx: {cfg.hostname}\r\n"
-            f"max_age: {MTA_STS_MAX_AGE}\r\n")
+    from postwarden.onboard.autoconfig import mta_sts_policy as policy
+
+    return policy(cfg)
 
 
 def host_records(cfg: _config.Config) -> list[Record]:
@@ -142,7 +140,42 @@ def expected_records(cfg: _config.Config, domain: str, store: KeyStore,
         Record("TLS-RPT", f"_smtp._tls.{domain}", "TXT", f"v=TLSRPTv1; rua=mailto:{tlsrpt}",
                False),
     ]
-    return records
+    return records + client_records(cfg, domain)
+
+
+# RFC 6186 3: the SRV service names of mail submission and access.
+SRV_SERVICES = {("smtp", True): "_submissions", ("smtp", False): "_submission",
+                ("imap", True): "_imaps", ("imap", False): "_imap"}
+
+
+def client_records(cfg: _config.Config, domain: str) -> list[Record]:
+    """RFC 6186 SRV records (how mail clients find the servers) and, when
+    the [http] listener is on, the host names that autoconfiguration and
+    MTA-STS are fetched from."""
+    from postwarden.onboard.clientconfig import client_settings
+
+    settings = client_settings(cfg)
+    out: list[Record] = []
+    offered = set()
+    for ep in settings.endpoints:
+        service = SRV_SERVICES[(ep.protocol, ep.implicit_tls)]
+        offered.add(service)
+        # Priority 0 for implicit TLS, preferred by RFC 8314 3.3 / RFC 6186 3.4.
+        out.append(Record("SRV", f"{service}._tcp.{domain}", "SRV",
+                          f"{0 if ep.implicit_tls else 10} 1 {ep.port} {ep.server}.", False))
+    for service in SRV_SERVICES.values():
+        if service not in offered:
+            # RFC 6186 3.4 / RFC 2782: target "." says the service is not offered.
+            out.append(Record("SRV", f"{service}._tcp.{domain}", "SRV", "0 0 0 .", False))
+    if cfg.http.enabled:
+        for label in (("autoconfig", "autodiscover") if cfg.http.autoconfig else ()) + (
+                "mta-sts",):
+            note = "" if any(r.kind == "WEB" for r in out) else (
+                "web server names with valid certificates, proxied to the [http] "
+                "listener (docs/deploy.md)")
+            out.append(Record("WEB", f"{label}.{domain}", "CNAME", f"{cfg.hostname}.", False,
+                              note=note))
+    return out
 
 
 def _quote_txt(value: str) -> str:

@@ -27,6 +27,7 @@ from postwarden.delivery.dane import DaneSettings
 from postwarden.delivery.mta_sts import MtaStsSettings
 from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
 from postwarden.filter import settings as _filters
+from postwarden.onboard.settings import ClientSettings, HttpSettings, RelaySettings
 
 DEFAULT_CONFIG = "postwarden.toml"
 CONFIG_ENV = "POSTWARDEN_CONFIG"
@@ -294,6 +295,9 @@ class Config:
     # Processes accepting mail (workers.py); 0: one per CPU.
     processes: int = 0
     filters: _filters.FilterSettings = field(default_factory=_filters.FilterSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    clients: ClientSettings = field(default_factory=ClientSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
     @property
     def dkim_dir(self) -> Path:
@@ -416,7 +420,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     top = {"hostname", "data_dir", "domains", "listeners", "tls", "limits", "log", "queue",
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
-           "passwords", "bans", "ratelimit", "processes", "filters"}
+           "passwords", "bans", "ratelimit", "processes", "filters",
+           "http", "clients", "relaying"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -513,7 +518,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
                   connections=_parse_connections(_table(data, "connections")),
                   passwords=_parse_passwords(_table(data, "passwords")),
                   processes=_parse_processes(data.get("processes", "auto")),
-                  filters=_parse_filters(_table(data, "filters")))
+                  filters=_parse_filters(_table(data, "filters")),
+                  **_parse_onboard(data))
 
 
 def _parse_processes(value: object) -> int:
@@ -531,6 +537,21 @@ def _parse_filters(table: Mapping[str, Any]) -> _filters.FilterSettings:
     except ValueError as exc:
         key, _, reason = str(exc).partition(": ")
         raise ConfigError(key, reason) from None
+
+
+def _parse_onboard(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``[http]``, ``[clients]`` and ``[relaying]`` (postwarden.onboard.settings)."""
+    out: dict[str, Any] = {}
+    for section, name, cls in (("http", "http", HttpSettings),
+                               ("clients", "clients", ClientSettings),
+                               ("relaying", "relay", RelaySettings)):
+        try:
+            out[name] = cls.from_table(_table(data, section))
+        except ValueError as exc:
+            key, _, reason = str(exc).partition(": ")
+            raise ConfigError(f"{section}.{key}", reason) from None
+    parse_hostport("http.address", out["http"].address)
+    return out
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:

@@ -2,7 +2,8 @@
 
 A recipient is accepted when it is in a local domain and exists (after
 alias expansion), or when the session is authenticated (relaying for our
-own users).  Everything else is refused: this check is the last word for
+own users), or when the client is in ``[relaying] networks`` (Postfix's
+mynetworks; empty by default).  Everything else is refused: this check is the last word for
 recipients and the stage default is *reject*.
 
 Security exposure: the classic relay-tester forms are refused for
@@ -42,4 +43,7 @@ async def check_recipient(ctx: CheckContext) -> R.Verdict:
     if authenticated:
         ctx.targets = [str(address)]
         return R.accept(f"relay for authenticated {ctx.conn.auth_user}")
+    if ctx.config.relay.networks and ctx.config.relay.contains(ctx.conn.peer_ip):
+        ctx.targets = [str(address)]
+        return R.accept(f"relay for {ctx.conn.peer_ip} in [relaying] networks")
     return R.reject(R.RELAY_DENIED, f"relay to <{address}> denied")
