@@ -123,6 +123,7 @@ class ScriptedServer:
         self.lmtp_final: dict[str, str] = {}
         self.final_delay = 0.0
         self.sessions: list[SessionRecord] = []
+        self._writers: set[asyncio.StreamWriter] = set()
         self.active = 0
         self.max_active = 0
         self._server: asyncio.AbstractServer | None = None
@@ -141,6 +142,12 @@ class ScriptedServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
+    def drop_sessions(self) -> None:
+        """Close every open connection without a word (a server that
+        restarted, or timed out idle clients)."""
+        for writer in list(self._writers):
+            writer.transport.abort()
+
     async def __aenter__(self) -> ScriptedServer:
         return await self.start()
 
@@ -154,6 +161,7 @@ class ScriptedServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         rec = SessionRecord()
         self.sessions.append(rec)
+        self._writers.add(writer)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -162,6 +170,7 @@ class ScriptedServer:
             pass
         finally:
             self.active -= 1
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

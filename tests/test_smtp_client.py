@@ -292,8 +292,11 @@ def test_size_too_big_sends_nothing() -> None:
     async def go() -> None:
         async with ScriptedServer(extensions=("PIPELINING", "SIZE 100")) as srv:
             body = b"Subject: big\r\n\r\n" + b"x" * 500 + b"\r\n"
-            (result,) = await deliver_to(srv, make_job(["bob@example.org"], body))
-            small = await deliver_to(srv, make_job(["bob@example.org"], b"S: x\r\n\r\nhi\r\n"))
+            # (Without the connection cache: one connection per delivery.)
+            (result,) = await deliver_to(srv, make_job(["bob@example.org"], body),
+                                         connection_cache_time=0)
+            small = await deliver_to(srv, make_job(["bob@example.org"], b"S: x\r\n\r\nhi\r\n"),
+                                     connection_cache_time=0)
         assert result.status is FAILED and result.dsn == "5.3.4"
         assert "exceeds size limit 100" in result.text
         assert srv.sessions[0].verbs() == ["EHLO", "QUIT"]

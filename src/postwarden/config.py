@@ -179,6 +179,9 @@ class DeliveryConfig:
     data_timeout: float = 600.0
     max_connections: int = 100
     max_per_destination: int = 20
+    # Seconds an outbound SMTP connection stays open for the next message to
+    # the same server (delivery/connection_cache.py); 0: never reused.
+    connection_cache_time: float = 2.0
     # The port of MX hosts (RFC 5321: 25); another one builds test networks.
     mx_port: int = 25
     transports: Mapping[str, Nexthop] = field(default_factory=dict)
@@ -752,7 +755,8 @@ def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
     _unknown(table, numbers | {"smarthost", "smarthost_username", "smarthost_password",
                                "smarthost_password_file", "smarthost_tls", "tls", "ca_file",
                                "helo_name", "mta_sts", "mta_sts_timeout", "mta_sts_cache",
-                               "dane", "dnssec_trust_ad"}, "delivery.")
+                               "dane", "dnssec_trust_ad", "connection_cache_time"},
+             "delivery.")
     values: dict[str, Any] = {}
     try:
         values["mta_sts"] = MtaStsSettings.from_table(table)
@@ -764,6 +768,9 @@ def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
         integer = k.startswith("max_") or k == "mx_port"
         values[k] = _number(f"delivery.{k}", table[k], minimum=1 if integer else 0.1,
                             integer=integer)
+    if "connection_cache_time" in table:
+        values["connection_cache_time"] = _number("delivery.connection_cache_time",
+                                                  table["connection_cache_time"])
     smarthost = None
     if "smarthost" in table:
         hop = _nexthop("delivery.smarthost", table["smarthost"])

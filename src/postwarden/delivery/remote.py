@@ -54,6 +54,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from postwarden.config import DeliveryConfig
+from postwarden.delivery.connection_cache import ConnectionCache
 from postwarden.delivery.dane import Dane, DaneTemporary
 from postwarden.delivery.dns import DnsError, Resolver, is_ip
 from postwarden.delivery.mta_sts import MtaSts, Policy
@@ -133,13 +134,21 @@ class ConnectionLimiter:
 
 async def run_session(peer: Peer, options: SessionOptions, job: DeliveryJob,
                       indices: Sequence[int], limiter: ConnectionLimiter,
-                      downgrade: Downgrade | None) -> dict[int, DeliveryResult] | SessionError:
-    """One connection: open, one transaction (more after "too many
-    recipients"), close.  Results by recipient index, or why it failed."""
+                      downgrade: Downgrade | None, cache: ConnectionCache | None = None,
+                      ) -> dict[int, DeliveryResult] | SessionError:
+    """One connection: open (or take one from ``cache``), one transaction
+    (more after "too many recipients"), close (or give it back to
+    ``cache``).  Results by recipient index, or why it failed."""
     async with limiter.slot(job.nexthop.key):
-        client = SmtpClient(peer, options, downgrade)
+        key = cache.key(peer, options) if cache is not None else None
+        client = await cache.take(key) if cache is not None else None
+        reused = client is not None
+        if client is None:
+            client = SmtpClient(peer, options, downgrade)
+        kept = False
         try:
-            await client.open()
+            if not reused:
+                await client.open()
             out: dict[int, DeliveryResult] = {}
             todo = list(indices)
             while todo:
@@ -150,11 +159,13 @@ async def run_session(peer: Peer, options: SessionOptions, job: DeliveryJob,
                         if r.status is DeliveryStatus.DEFERRED and r.dsn == TOO_MANY_RECIPIENTS]
                 if not progressed or not client.usable:
                     break
+            kept = cache is not None and cache.put(key, client)
             return out
         except SessionError as exc:
             return exc
         finally:
-            await client.close()
+            if not kept:
+                await client.close()
 
 
 class SmtpTransport:
@@ -174,7 +185,12 @@ class SmtpTransport:
         self.downgrade = downgrade
         self.limiter = ConnectionLimiter(delivery.max_connections,
                                          delivery.max_per_destination)
+        self.cache = ConnectionCache(delivery.connection_cache_time)
         self._contexts: dict[str, ssl.SSLContext | None] = {}
+
+    async def close(self) -> None:
+        """QUIT the cached connections (at shutdown)."""
+        await self.cache.close()
 
     def _tls_context(self, policy: str) -> ssl.SSLContext | None:
         if policy not in self._contexts:
@@ -334,7 +350,7 @@ class SmtpTransport:
                 peer = Peer(host, address, port)
                 used = host_options
                 outcome = await run_session(peer, used, job, pending, self.limiter,
-                                            self.downgrade)
+                                            self.downgrade, self.cache)
                 if (testing_fallback is not None and isinstance(outcome, SessionError)
                         and (outcome.tls_failed or outcome.dsn == "4.7.5")):
                     # MTA-STS testing (RFC 8461 5): report, deliver as usual.
@@ -342,14 +358,14 @@ class SmtpTransport:
                                 reason=outcome.text)
                     used = testing_fallback
                     outcome = await run_session(peer, used, job, pending, self.limiter,
-                                                self.downgrade)
+                                                self.downgrade, self.cache)
                 if (isinstance(outcome, SessionError) and outcome.tls_failed
                         and used.tls == "may"):
                     # Opportunistic TLS that fails is retried without (Postfix).
                     log.info("tls_fallback", relay=peer.relay, reason=outcome.text)
                     plain = dataclasses.replace(used, tls="none", tls_context=None)
                     outcome = await run_session(peer, plain, job, pending, self.limiter,
-                                                self.downgrade)
+                                                self.downgrade, self.cache)
                 if isinstance(outcome, SessionError):
                     if outcome.dsn != "4.4.1":
                         sessions += 1  # it got past connecting

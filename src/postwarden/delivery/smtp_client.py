@@ -32,6 +32,7 @@ import base64
 import contextlib
 import os
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ log = get_logger("smtp_client")
 
 # Waiting for the reply to QUIT is a courtesy; never long.
 QUIT_TIMEOUT = 10.0
+# A cached connection that does not answer RSET this fast is replaced.
+RESET_TIMEOUT = 10.0
 
 __all__ = ["Peer", "SessionError", "SessionOptions", "SmtpClient", "Transaction",
            "client_tls_context"]
@@ -176,6 +179,8 @@ class SmtpClient:
         self._writer: asyncio.StreamWriter | None = None
         self._broken = False
         self._in_transaction = False
+        self.transactions = 0  # sent on this connection (connection_cache.py)
+        self.opened_at = time.monotonic()
 
     # -- session -------------------------------------------------------
 
@@ -353,12 +358,28 @@ class SmtpClient:
             except PeerError as exc:
                 return [self.peer_error(exc).result(self.peer.relay)] * len(tx.recipients)
         self._in_transaction = True
+        self.transactions += 1
         runner = TransactionRunner(self._reader, self._writer, self, tx)
         results = await runner.run()
         self._in_transaction = runner.open_after
         if runner.broken:
             self._broken = True
         return results
+
+    async def reset(self) -> bool:
+        """RSET (RFC 5321 4.1.1.5) on a connection taken from the cache:
+        whether it still works."""
+        if not self.usable:
+            return False
+        try:
+            reply = await self._command("RSET", "RSET", timeout=RESET_TIMEOUT)
+        except PeerError:
+            self._broken = True
+            return False
+        self._in_transaction = False
+        if reply.code != 250:
+            self._broken = True
+        return reply.code == 250
 
     async def close(self) -> None:
         """QUIT politely when possible, then close; never raises."""

@@ -129,6 +129,11 @@ class QueueRunner:
             if late:
                 await asyncio.wait(late)
                 log.warning("runner_stop_timeout", cancelled=len(late))
+        for transport in {id(t): t for t in self.transports.values()}.values():
+            close = getattr(transport, "close", None)  # e.g. cached connections
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
 
     def wake(self, queue_id: str | None = None) -> None:
         """Look for due messages now (call on the event loop)."""
