@@ -272,8 +272,14 @@ async def authenticate(message: bytes, resolver: TxtResolver, *, authserv_id: st
     default that of ``mail_from``, or ``helo`` for the null sender.
     """
     spf = SpfOutcome(spf_result, mail_from, helo, spf_comment)
-    dkim_report, arc_result = await asyncio.gather(verify_dkim(message, resolver),
-                                                   verify_arc(message, resolver))
+    names = {f.lname for f in parse_header(message).fields}
+    if b"dkim-signature" in names and any(n.startswith(b"arc-") for n in names):
+        # Both look up keys: at the same time.
+        dkim_report, arc_result = await asyncio.gather(verify_dkim(message, resolver),
+                                                       verify_arc(message, resolver))
+    else:  # at most one of them has DNS work: no tasks needed
+        dkim_report = await verify_dkim(message, resolver)
+        arc_result = await verify_arc(message, resolver)
     dmarc_result = await check_message(
         resolver, message, spf_result=spf_result,
         spf_domain=spf_domain if spf_domain is not None else spf.domain,
