@@ -187,6 +187,28 @@ def test_concurrent_commits_share_transactions(tmp_path: Path) -> None:
     run(main)
 
 
+def test_a_failing_commit_does_not_sink_the_others_of_its_batch(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path)
+
+        async def with_id(n: int, queue_id: str) -> str:
+            body = store.new_body()
+            body.write(f"message {n}\r\n".encode())
+            return await store.commit(body, envelope(), b"", CommitMeta(queue_id=queue_id))
+
+        # Committed together: two claim the same queue id, so one must fail.
+        ids = [f"ID{n:014d}" for n in range(20)] + ["ID00000000000003"]
+        results = await asyncio.gather(*(with_id(n, q) for n, q in enumerate(ids)),
+                                       return_exceptions=True)
+        assert store.stats.transactions < 21  # batched
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 1 and isinstance(failed[0], StorageError)
+        assert sorted(m.queue_id for m in await store.list()) == ids[:20]
+        await store.close()
+
+    run(main)
+
+
 def test_abort_removes_spool_file(tmp_path: Path) -> None:
     async def main() -> None:
         store = await open_store(tmp_path, inline_max=1000)

@@ -224,6 +224,30 @@ class GroupCommitWriter(threading.Thread):
         self._finish(batch)
 
     def _transaction(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
+        """All jobs in one transaction.  First without savepoints (two
+        statements fewer per job, and each statement is a round of the GIL
+        between this thread and the event loop); if a job fails, the whole
+        transaction is rolled back and run again with a savepoint per job,
+        so that only the failing job fails."""
+        begin_immediate(conn)
+        try:
+            values = [job.apply(conn) for job in jobs]
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        else:
+            conn.execute("COMMIT")
+            for job, value in zip(jobs, values, strict=True):
+                job.value = value
+            self._count(jobs)
+            return
+        self._transaction_by_job(conn, jobs)
+
+    def _count(self, jobs: list[Job]) -> None:
+        self.stats.transactions += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+
+    def _transaction_by_job(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
         begin_immediate(conn)
         for job in jobs:
             conn.execute("SAVEPOINT job")
@@ -236,8 +260,7 @@ class GroupCommitWriter(threading.Thread):
                 job.error = storage_error(exc, "queue write")
             conn.execute("RELEASE job")
         conn.execute("COMMIT")
-        self.stats.transactions += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+        self._count(jobs)
 
     def _finish(self, batch: list[Job]) -> None:
         for job in batch:
