@@ -185,6 +185,21 @@ def test_long_text_lines_are_flagged() -> None:
     assert not end[1].long_lines
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([997, 998, 999]), st.integers(0, 2100)),
+                min_size=1, max_size=12),
+       st.integers(min_value=1, max_value=4096))
+def test_a_long_line_is_found_wherever_the_chunks_split(lengths: list[int], step: int) -> None:
+    # Lines of these lengths (with CRLF), fed in chunks of ``step`` octets:
+    # flagged exactly when one is over 1000 octets (RFC 5321 4.5.3.1.6).
+    body = b"".join(b"b" * n + b"\r\n" for n in lengths)
+    d = Driver()
+    d.feed(TXN + b"DATA\r\n")
+    d.feed(body + b".\r\n", step=step)
+    (end,) = [e for e in d.events if isinstance(e, P.DataEnd)]
+    assert end.long_lines == any(n + 2 > 1000 for n in lengths)
+
+
 def test_bdat_chunks_and_last() -> None:
     d = Driver()
     out = d.feed(TXN + b"BDAT 4\r\nab\r\nBDAT 0 LAST\r\nNOOP\r\n")
