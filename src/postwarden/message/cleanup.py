@@ -28,6 +28,16 @@ _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\]")
 
 
+def _header_block_end(buf: bytes | bytearray, start: int) -> int:
+    """Where the header block of ``buf`` ends (the blank line, CRLF or bare
+    LF), searching from ``start``; 0 for a message without header, -1 when
+    it has not ended yet."""
+    if buf.startswith(b"\r\n") or buf.startswith(b"\n"):
+        return 0
+    ends = [e for e in (buf.find(b"\r\n\r\n", start), buf.find(b"\n\n", start)) if e >= 0]
+    return min(ends) if ends else -1
+
+
 class HeaderScanner:
     """Collect the header field names of a message as its chunks stream by."""
 
@@ -40,16 +50,18 @@ class HeaderScanner:
     def feed(self, chunk: bytes) -> None:
         if self.done:
             return
+        if not self._buf:
+            # The header usually ends in the first chunk: look there without
+            # copying the chunk.
+            end = _header_block_end(chunk, 0)
+            if end >= 0:
+                self._finish_block(chunk[:end])
+                return
         start = max(0, len(self._buf) - 3)
         self._buf += chunk
-        if self._buf.startswith(b"\r\n") or self._buf.startswith(b"\n"):
-            self._finish(0)
-            return
-        end = self._buf.find(b"\r\n\r\n", start)
-        end_lf = self._buf.find(b"\n\n", start)
-        ends = [e for e in (end, end_lf) if e >= 0]
-        if ends:
-            self._finish(min(ends))
+        end = _header_block_end(self._buf, start)
+        if end >= 0:
+            self._finish(end)
         elif len(self._buf) >= self.limit:
             self._finish(len(self._buf))
 
@@ -58,7 +70,9 @@ class HeaderScanner:
             self._finish(len(self._buf))
 
     def _finish(self, end: int) -> None:
-        block = bytes(self._buf[:end])
+        self._finish_block(bytes(self._buf[:end]))
+
+    def _finish_block(self, block: bytes) -> None:
         self.names = {m.group(1).decode("ascii").lower() for m in _HEADER_NAME.finditer(block)}
         self._buf = bytearray()
         self.done = True
