@@ -34,8 +34,11 @@ def _header_block_end(buf: bytes | bytearray, start: int) -> int:
     it has not ended yet."""
     if buf.startswith(b"\r\n") or buf.startswith(b"\n"):
         return 0
-    ends = [e for e in (buf.find(b"\r\n\r\n", start), buf.find(b"\n\n", start)) if e >= 0]
-    return min(ends) if ends else -1
+    crlf = buf.find(b"\r\n\r\n", start)
+    # A bare-LF blank line counts only before the CRLF one (no second scan
+    # of the whole chunk when the header ends early).
+    lf = buf.find(b"\n\n", start, crlf if crlf >= 0 else len(buf))
+    return lf if lf >= 0 else crlf
 
 
 class HeaderScanner:
