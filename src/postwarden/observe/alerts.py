@@ -98,7 +98,8 @@ def spike_findings(cfg: Config, db: sqlite3.Connection, monitor: SqliteMonitorSt
     """Accounts far above their baseline or at their quota (reads the rate
     limiter's message counters; folds finished windows into baselines)."""
     rl, ac = cfg.ratelimit, cfg.alerts
-    if not rl.enabled:
+    if not rl.enabled or db.execute("SELECT 1 FROM sqlite_master WHERE name = 'protect_rates'"
+                                    ).fetchone() is None:
         return []
     window = rl.window
     start = int(now // window) * window

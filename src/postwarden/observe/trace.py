@@ -127,7 +127,10 @@ def find_ids(db: sqlite3.Connection, q: Query) -> list[str]:
         mid = q.message_id.strip()
         if not mid.startswith("<"):
             mid = f"<{mid}>"
-        selects.append((f"SELECT queue_id FROM events WHERE message_id = ?{when}",
+        # (The partial indexes are used only when the query says the value
+        # is not empty.)
+        selects.append(("SELECT queue_id FROM events WHERE message_id = ?"
+                        f" AND message_id <> ''{when}",
                         [mid, *when_args]))
     if q.sender:
         selects.append(("SELECT queue_id FROM events WHERE sender = ? COLLATE NOCASE"
