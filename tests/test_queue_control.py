@@ -94,8 +94,11 @@ def test_history_follows_a_message_and_outlives_it(tmp_path: Path) -> None:
             [DeliveryEvent(T0 + 200, queue_id, "bounced", "b@x.test", reply="BOUNCEID")])
         assert await store.get(queue_id) is None
         assert await store.history(queue_id) == [
-            DeliveryEvent(T0, queue_id, "queued",
-                          reply="from=<alice@example.test>, size=10, nrcpt=2, client=192.0.2.1"),
+            # The trace: one queued event per recipient, with the sender.
+            DeliveryEvent(T0, queue_id, "queued", "a@x.test",
+                          reply="from=<alice@example.test>, size=10, nrcpt=2, client=192.0.2.1",
+                          sender="alice@example.test"),
+            DeliveryEvent(T0, queue_id, "queued", "b@x.test", sender="alice@example.test"),
             DeliveryEvent(T0 + 5, queue_id, "delivered", "a@x.test", "local", "2.0.0", "250 ok"),
             DeliveryEvent(T0 + 5, queue_id, "deferred", "b@x.test", "r", "4.4.1", "refused"),
             DeliveryEvent(T0 + 200, queue_id, "expired", "b@x.test", "", "5.4.7", "expired"),

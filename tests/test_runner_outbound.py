@@ -168,7 +168,7 @@ def test_temporary_failure_then_success_on_the_next_attempt(tmp_path: Path) -> N
         await runner.run_until_idle()
         assert await store.get(queue_id) is None
         assert await env.events(queue_id) == [
-            ("queued", ""), ("deferred", "dave@remote.example"),
+            ("queued", "dave@remote.example"), ("deferred", "dave@remote.example"),
             ("delivered", "dave@remote.example"), ("removed", "")]
         history = await store.history(queue_id)
         assert (history[1].dsn, history[1].reply, history[1].relay) == (
@@ -209,7 +209,7 @@ def test_permanent_failure_of_one_recipient_bounces_only_that_one(tmp_path: Path
         assert [(e.rcpt, e.reply) for e in bounced] == [
             ("carol@remote.example", bounce_job.message.queue_id)]
         assert await env.events(bounce_job.message.queue_id) == [
-            ("queued", ""), ("delivered", SENDER), ("removed", "")]
+            ("queued", SENDER), ("delivered", SENDER), ("removed", "")]
         await store.close()
 
     run(main)
@@ -470,7 +470,7 @@ def test_message_deleted_during_delivery_records_nothing(tmp_path: Path) -> None
         await env.runner(mx=transport).run_until_idle()
         # The open file was read to the end; the result was not recorded.
         assert [data for _, data in transport.jobs] == [body]
-        assert await env.events(queue_id) == [("queued", ""), ("deleted", "")]
+        assert await env.events(queue_id) == [("queued", "dave@remote.example"), ("deleted", "")]
         assert list((tmp_path / "spool").glob("*.spool")) == []
         await store.close()
 

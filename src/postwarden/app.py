@@ -37,7 +37,10 @@ from postwarden.delivery.transport import Transport
 from postwarden.dkim_keys import KeyStore
 from postwarden.filter.service import filter_service
 from postwarden.message.convert import downgrade_to_7bit
+from postwarden.observe import alerts as alerts_mod
+from postwarden.observe import audit, health
 from postwarden.observe import log as logmod
+from postwarden.observe import metrics as metrics_mod
 from postwarden.observe.log import get_logger
 from postwarden.policy import (
     Stage,
@@ -58,6 +61,7 @@ from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
 from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_greylist import SqliteGreylist
+from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import SqliteQuarantine
 from postwarden.storage.sqlite_queue import SqliteQueueStore
@@ -99,6 +103,10 @@ class Server:
         self.protect: SqliteProtectStore | None = None
         self.quarantine: SqliteQuarantine | None = None
         self.http: Any = None  # postwarden.onboard.web.HttpService when [http] enabled
+        self.admin: Any = None  # the same for [admin] (postwarden.observe.admin)
+        self.metrics: Any = metrics_mod.NULL_METRICS
+        self.monitor: SqliteMonitorStore | None = None
+        self.alerts: alerts_mod.AlertEngine | None = None
         self._stopped = asyncio.Event()
 
     def port(self, name: str) -> int:
@@ -117,9 +125,17 @@ class Server:
             await asyncio.to_thread(migrate.prepare, cfg)
         self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
         self.store = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
+        self.store.events_keep = cfg.trace.retention
         await self.store.start()
+        # Metrics: shared among the processes when there are several
+        # (PROMETHEUS_MULTIPROC_DIR, set by serve()).
+        metrics = self.metrics = metrics_mod.Metrics(multiprocess=self.processes > 1)
+        if self.worker is None:
+            metrics.collectors.append(metrics_mod.StateCollector(
+                lambda: health.state_gauges(cfg.db_path)))
         resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
                             cache=DNS_CACHE_ENTRIES)
+        resolver.observe = metrics.dns_lookup
         policy = default_policy()
         # Protection first: access lists, then connection limits (both go to
         # the front of the connect stage; an allowed client skips the rest).
@@ -134,6 +150,10 @@ class Server:
         self.protect = SqliteProtectStore(cfg.db_path)
         bans.install(policy, self.protect, cfg.bans)
         ratelimit.install(policy, self.protect, cfg.ratelimit)
+        # Accounts suspended by the spike detector or the administrator
+        # (first MAIL check, before the rate limits).
+        self.monitor = SqliteMonitorStore(cfg.db_path)
+        alerts_mod.install_suspension(policy, self.monitor)
         # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
         listed = dnsbl.install(policy, cfg.dnsbl, resolver)
         self.greylist = greylist.install(policy, cfg)
@@ -144,9 +164,12 @@ class Server:
                             resolver=resolver,
                             dkim_keys=KeyStore.for_data_dir(cfg.data_dir)
                             if cfg.dkim.sign else None,
-                            dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()))
+                            dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()),
+                            metrics=metrics)
         self.quarantine = SqliteQuarantine(cfg.db_path)
         ctx.filters = filter_service(cfg, self.store, self.quarantine, listed)
+        if ctx.filters is not None:
+            ctx.filters.on_verdict = metrics.filter_verdict
         self.context = ctx
         if cfg.checks.verify:
             # DMARC's organisational domains: read the Public Suffix List now,
@@ -171,8 +194,11 @@ class Server:
                 "mx": smtp,
                 "lmtp": LmtpTransport(cfg.hostname, cfg.delivery, downgrade=downgrade_to_7bit),
             }
-            self.runner = QueueRunner(self.store, router, transports, cfg.queue,
+            measured = {kind: metrics_mod.MeasuredTransport(t, kind, metrics)
+                        for kind, t in transports.items()}
+            self.runner = QueueRunner(self.store, router, measured, cfg.queue,
                                       hostname=cfg.hostname)
+            self.runner.on_results.append(metrics_mod.residence_hook(metrics))
             await self.runner.start()
         if self.worker is None:
             self.control = ControlServer(cfg.data_dir, self.wake)
@@ -193,6 +219,8 @@ class Server:
                               f"cannot listen on {lc.host}:{lc.port}: {exc.strerror}") from None
         if cfg.http.enabled and self.worker is None:  # the main process serves HTTP
             await self._start_http()
+        if self.worker is None:
+            await self._start_monitoring(resolver)
         log.info("ready", version=__version__, hostname=cfg.hostname, pid=os.getpid(),
                  worker=self.worker.slot if self.worker is not None else None,
                  listeners={lst.config.name: lst.port for lst in self.listeners})
@@ -210,6 +238,28 @@ class Server:
             self.http = None
             await self.stop()
             raise
+
+    async def _start_monitoring(self, resolver: Resolver) -> None:
+        """Main process: the admin listener, the alert rules, and an audit
+        entry when the config file changed since the last start."""
+        cfg = self.config
+        assert self.monitor is not None
+        await asyncio.to_thread(audit.config_loaded, self.monitor, cfg.path)
+        if cfg.alerts.enabled:
+            self.alerts = alerts_mod.AlertEngine(cfg, self.monitor, self.store, resolver,
+                                                 self.metrics)
+            await self.alerts.start()
+        if cfg.admin.enabled:
+            from postwarden.observe.admin import build_admin_app
+            from postwarden.onboard.web import HttpService
+
+            admin = HttpService(cfg, _no_domain, app=build_admin_app(self), key="admin.address")
+            try:
+                await admin.start()
+            except ConfigError:
+                await self.stop()
+                raise
+            self.admin = admin
 
     def wake(self) -> None:
         """Look for due deliveries now (``queue flush`` over the control socket)."""
@@ -241,6 +291,12 @@ class Server:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self.alerts is not None:
+            await self.alerts.stop()
+            self.alerts = None
         for lst in self.listeners:
             await lst.close()
         await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
@@ -266,7 +322,14 @@ class Server:
         if self.quarantine is not None:
             self.quarantine.close()
             self.quarantine = None
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
         log.info("stopped")
+
+
+async def _no_domain(_: str) -> bool:
+    return False
 
 
 # Seconds sessions in progress get to finish on SIGTERM.
@@ -292,7 +355,7 @@ async def _run(config: Config, worker: WorkerArgs | None) -> int:
             pool = WorkerPool(config.path, processes - 1,
                               {lst.config.name: lst.fds for lst in server.listeners},
                               server.wake, grace=SHUTDOWN_GRACE, table=table,
-                              table_fd=table_fd)
+                              table_fd=table_fd, on_exit=metrics_mod.process_dead)
             await pool.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -346,6 +409,9 @@ def serve(config: Config, worker: WorkerArgs | None = None) -> int:
         config.log.file.parent.mkdir(parents=True, exist_ok=True)
         stream = open(config.log.file, "a", encoding="utf-8")  # noqa: SIM115
     logmod.configure(config.log.format, config.log.level, stream)
+    if process_count(config.processes) > 1:
+        # Before prometheus_client is imported (observe/metrics.py).
+        metrics_mod.prepare_multiprocess(config.data_dir, main=worker is None)
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(_run(config, worker))

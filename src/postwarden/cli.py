@@ -32,12 +32,14 @@ from postwarden import (
     cli_access,
     cli_ban,
     cli_dns,
+    cli_observe,
     cli_quarantine,
     cli_queue,
     sendtest,
 )
 from postwarden import config as _config
 from postwarden.auth import password_policy, passwords
+from postwarden.observe import audit
 from postwarden.onboard import commands as onboard_commands
 from postwarden.onboard import interactive as onboard_interactive
 from postwarden.storage.sqlite_directory import (
@@ -483,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     sendtest.add_parser(sub, _with_config)
     cli_dns.add_parsers(sub, _with_config)
     onboard_commands.add_parsers(sub, _with_config)
+    cli_observe.add_parsers(sub, _with_config)
     return p
 
 
@@ -504,12 +507,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
+    code = EXIT_FAIL
     try:
-        return func(args)
+        code = func(args)
+        return code
     except _config.ConfigError as exc:
         _err(f"config error: {exc}")
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
             cli_quarantine.QuarantineCommandError, sendtest.SendTestError,
+            cli_observe.ObserveCommandError,
             onboard_interactive.InitCancelled) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
@@ -526,4 +532,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _err(f"internal error: {type(exc).__name__}: {exc} (set POSTWARDEN_DEBUG=1 "
              "for a traceback)")
+    finally:
+        _audit(args, code)
     return EXIT_FAIL
+
+
+def _audit(args: argparse.Namespace, code: int) -> None:
+    """The audit log entry of a command that changes something."""
+    if audit.action_of(args) is None:
+        return
+    try:
+        cfg = _load(args, check_files=False)
+    except Exception:  # the command itself reported the problem
+        return
+    audit.record_cli(cfg.db_path, args, code)

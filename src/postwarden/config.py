@@ -27,6 +27,7 @@ from postwarden.delivery.dane import DaneSettings
 from postwarden.delivery.mta_sts import MtaStsSettings
 from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
 from postwarden.filter import settings as _filters
+from postwarden.observe.settings import AdminSettings, AlertSettings, TraceSettings
 from postwarden.onboard.settings import ClientSettings, HttpSettings, RelaySettings
 
 DEFAULT_CONFIG = "postwarden.toml"
@@ -301,6 +302,9 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     clients: ClientSettings = field(default_factory=ClientSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    trace: TraceSettings = field(default_factory=TraceSettings)
 
     @property
     def dkim_dir(self) -> Path:
@@ -424,7 +428,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
            "passwords", "bans", "ratelimit", "processes", "filters",
-           "http", "clients", "relaying"}
+           "http", "clients", "relaying", "admin", "alerts", "trace"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -547,13 +551,17 @@ def _parse_onboard(data: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section, name, cls in (("http", "http", HttpSettings),
                                ("clients", "clients", ClientSettings),
-                               ("relaying", "relay", RelaySettings)):
+                               ("relaying", "relay", RelaySettings),
+                               ("admin", "admin", AdminSettings),
+                               ("alerts", "alerts", AlertSettings),
+                               ("trace", "trace", TraceSettings)):
         try:
             out[name] = cls.from_table(_table(data, section))
         except ValueError as exc:
             key, _, reason = str(exc).partition(": ")
             raise ConfigError(f"{section}.{key}", reason) from None
     parse_hostport("http.address", out["http"].address)
+    parse_hostport("admin.address", out["admin"].address)
     return out
 
 

@@ -3,7 +3,8 @@ to act now (``queue flush``, ``queue release``, ``queue requeue``).
 
 The server listens on ``<data_dir>/control.sock`` (mode 0600, in the 0700
 data directory) for one-line requests and answers one line.  Only ``wake``
-exists: the queue runner looks for due deliveries at once.  Changes
+exists: the queue runner looks for due deliveries at once (and ``ping``,
+answered ``ok``, tells ``postwarden status`` that the server runs).  Changes
 themselves go through the database; the socket only saves the wait for the
 next scan, so a server that is not running loses nothing.
 
@@ -52,6 +53,8 @@ class ControlServer:
             request = line[:MAX_REQUEST].strip().decode("ascii", "replace")
             if request == "wake":
                 self.wake()
+                writer.write(b"ok\n")
+            elif request == "ping":  # postwarden status: is the server running?
                 writer.write(b"ok\n")
             else:
                 writer.write(b"error unknown request\n")

@@ -146,7 +146,8 @@ class WorkerPool:
 
     def __init__(self, config_path: Path, count: int,
                  sockets: dict[str, list[int]], on_commit: Callable[[], None],
-                 grace: float, table: ConnectionTable, table_fd: int) -> None:
+                 grace: float, table: ConnectionTable, table_fd: int,
+                 on_exit: Callable[[int], None] | None = None) -> None:
         self.config_path = config_path
         self.table = table
         self.table_fd = table_fd
@@ -154,6 +155,7 @@ class WorkerPool:
         self.sockets = sockets
         self.on_commit = on_commit
         self.grace = grace
+        self.on_exit = on_exit  # told the pid of a worker that ended
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.started = 0  # processes started, restarts included
         self._tasks: set[asyncio.Task[None]] = set()
@@ -202,6 +204,8 @@ class WorkerPool:
         os.close(read_fd)
         if self.procs.get(slot) is proc:
             del self.procs[slot]
+        if self.on_exit is not None:
+            self.on_exit(proc.pid)
         if self._stopping:
             return
         # Its sessions are gone: so are their places in the counts.

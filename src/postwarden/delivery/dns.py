@@ -38,6 +38,7 @@ import asyncio
 import ipaddress
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -211,6 +212,8 @@ class Resolver:
         self._cache: dict[tuple[str, str], _Cached] = {}
         self._cache_max = cache
         self._resolver = r
+        # Told (type, outcome, seconds) of every lookup sent (the metrics).
+        self.observe: Callable[[str, str, float], None] | None = None
 
     async def query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """One lookup; ``None`` when the name exists without such records.
@@ -274,8 +277,11 @@ class Resolver:
             raise DnsTemporary(f"DNS error looking up {rdtype} of {name}: "
                                f"{exc.strerror or exc}") from None
         finally:
+            seconds = time.monotonic() - start
             log.debug("dns_lookup", name=name, type=rdtype, outcome=outcome,
-                      ms=round((time.monotonic() - start) * 1000, 1))
+                      ms=round(seconds * 1000, 1))
+            if self.observe is not None:
+                self.observe(rdtype, outcome, seconds)
 
     def _remember(self, key: tuple[str, str], ttl: float, answer: dns.resolver.Answer | None,
                   secure: bool, nxdomain: bool = False) -> None:

@@ -95,6 +95,8 @@ class FilterService:
         self.inbound = build_chain(settings.inbound, settings, dnsbl_score)
         self.outbound = build_chain(settings.outbound, settings)
         self._expired_at = 0.0
+        # Told (filter name, action) of every verdict (the metrics).
+        self.on_verdict: Callable[[str, str], None] | None = None
 
     def chain_for(self, conn: ConnectionInfo, mode: str) -> tuple[str, FilterChain | None]:
         if conn.auth_user:
@@ -115,6 +117,9 @@ class FilterService:
                                                                 for r in recipients),
             auth_user=conn.auth_user, hostname=self.hostname, auth_results=prepended)
         result = await chain.run(message)
+        if self.on_verdict is not None:
+            for name, verdict in result.verdicts:
+                self.on_verdict(name, verdict.action.name.lower())
         if result.verdicts and (result.action is not Action.ACCEPT or result.rules):
             log.info("filtered", session=conn.session_id, client=conn.peer_ip,
                      direction=direction, action=result.action.name.lower(),

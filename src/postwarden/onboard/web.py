@@ -134,16 +134,21 @@ class HttpService:
     ``address = "...:0"`` works and the bound port is known)."""
 
     def __init__(self, cfg: _config.Config, is_local: IsLocal,
-                 ports: Callable[[], dict[str, int]] = dict) -> None:
+                 ports: Callable[[], dict[str, int]] = dict, *,
+                 app: Starlette | None = None, key: str = "http.address") -> None:
+        """``app`` and ``key``: another application on another address (the
+        ``[admin]`` listener, postwarden.observe.admin)."""
         self.cfg = cfg
-        self.app = build_app(cfg, is_local, ports)
+        self.app = app if app is not None else build_app(cfg, is_local, ports)
+        self.key = key
+        self.address = cfg.admin.address if key == "admin.address" else cfg.http.address
         self.port = 0
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        host, port = _config.parse_hostport("http.address", self.cfg.http.address)
+        host, port = _config.parse_hostport(self.key, self.address)
         host = {"*": "::", "localhost": "127.0.0.1"}.get(host, host)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -156,7 +161,7 @@ class HttpService:
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
-            raise _config.ConfigError("http.address",
+            raise _config.ConfigError(self.key,
                                       f"cannot listen on {host}:{port}: {exc.strerror}"
                                       ) from None
         self._sock = sock
@@ -171,7 +176,7 @@ class HttpService:
         # uvicorn's tick loop (Date header, graceful exit); not serve(),
         # which would take over the process's signal handlers.
         self._task = asyncio.create_task(server.main_loop())
-        log.info("http_ready", address=host, port=self.port)
+        log.info("http_ready", address=host, port=self.port, listener=self.key.split(".")[0])
 
     async def stop(self) -> None:
         server = self._server

@@ -25,6 +25,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from postwarden import reply as R
 from postwarden.config import Config, ListenerConfig
@@ -36,7 +37,9 @@ from postwarden.ids import new_queue_id, new_session_id
 from postwarden.limits import HEADER_SCAN_MAX, INLINE_BODY_MAX, READ_CHUNK
 from postwarden.message import authresults, cleanup
 from postwarden.message.dkim_sign import DkimSignError, from_domain, sign_message_async
+from postwarden.observe import trace
 from postwarden.observe.log import get_logger
+from postwarden.observe.metrics import NULL_METRICS
 from postwarden.policy import CheckContext, Event, Policy, Stage, authentication
 from postwarden.policy import spf as spf_mod
 from postwarden.smtp import protocol as P
@@ -73,6 +76,7 @@ class ServerContext:
     dummy_hash: str = ""
     shutting_down: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    metrics: Any = NULL_METRICS  # postwarden.observe.metrics.Metrics
 
 
 class _Transaction:
@@ -126,6 +130,7 @@ class Session:
         self.sasl: sasl.Mechanism | None = None
         self.accepted = 0
         self.started = time.monotonic()
+        self.m = ctx.metrics.listener(listener.name)  # bound once per listener
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -171,6 +176,7 @@ class Session:
             log.info("rejected", session=self.conn.session_id, client=self.conn.peer_ip,
                      stage="connect", code=reply.code, dsn=reply.enhanced,
                      reason=verdict.reason)
+            self.m.refused.inc()
             self.proto.send(reply)
             self.proto.state = P.State.CLOSED
             return False
@@ -182,9 +188,11 @@ class Session:
             # RFC 5321 4.3.1: the client must wait for the greeting.
             log.info("pregreet", session=self.conn.session_id, client=self.conn.peer_ip)
             banned = await self.ctx.policy.emit(Event.PREGREET, self._check_context())
+            self.m.refused.inc()
             self.proto.send(banned or PREGREET_REFUSED)
             self.proto.state = P.State.CLOSED
             return False
+        self.m.connected.inc()
         return True
 
     async def _event(self, event: Event, **data: object) -> None:
@@ -290,6 +298,7 @@ class Session:
             self.conn.tls_cipher = cipher[0] if cipher else ""
         log.info("tls", session=self.conn.session_id, version=self.conn.tls_version,
                  cipher=self.conn.tls_cipher)
+        self.m.tls.inc()
 
     # ---- events ----------------------------------------------------------
 
@@ -336,6 +345,7 @@ class Session:
         log.info("rejected", session=self.conn.session_id, client=self.conn.peer_ip,
                  stage=stage.value, code=reply.code, dsn=reply.enhanced,
                  reason=verdict.reason, **fields)
+        self.m.rejected(stage.value, reply.code)
         return reply
 
     def _extensions(self) -> list[str]:
@@ -532,6 +542,7 @@ class Session:
                 log.info("rejected", session=sid, client=self.conn.peer_ip, stage="data",
                          code=decision.reply.code, dsn=decision.reply.enhanced,
                          sender=sender, reason=decision.reason, **tx.auth_log)
+                self.m.rejected("data", decision.reply.code)
                 return decision.reply
             extra = decision.headers
         if self.ctx.filters is not None:  # content filters (before DKIM signing)
@@ -540,6 +551,7 @@ class Session:
                 await self._message_as_written(tx), extra, tx.body)
             if filtered.reply is not None:
                 tx.body.abort()
+                self.m.rejected("filter", filtered.reply.code)
                 return filtered.reply
             tx.body = filtered.body or tx.body
             extra += filtered.headers
@@ -567,7 +579,9 @@ class Session:
                 return R.TEMP_FAILURE
         meta = CommitMeta(client_ip=self.conn.peer_ip, helo=self.conn.helo,
                           auth_user=self.conn.auth_user, listener=self.listener.name,
-                          session_id=sid, queue_id=queue_id)
+                          session_id=sid, queue_id=queue_id,
+                          message_id=trace.message_id_of(tx.original_head, prepend),
+                          detail=trace.received_detail(self.conn, tx.auth_log))
         try:
             queue_id = await self.ctx.queue.commit(tx.body, envelope, prepend, meta)
         except StorageError as exc:
@@ -576,6 +590,10 @@ class Session:
                       code=reply.code)
             return reply
         self.accepted += 1
+        m = self.m
+        m.accepted.inc()
+        m.recipients.inc(len(envelope.recipients))
+        m.bytes.inc(tx.size)
         log.info("accepted", session=sid, queue_id=queue_id, client=self.conn.peer_ip,
                  sender=sender, user=self.conn.auth_user or None,
                  nrcpt=len(envelope.recipients), size=tx.size,
@@ -593,6 +611,7 @@ class Session:
                  sender=str(tx.envelope.sender or ""), size=tx.size,
                  reason=tx.failure_detail or ("message too big" if tx.too_big else
                                               "line too long" if long_lines else ""))
+        self.m.rejected("data", reply.code)
         return reply
 
     async def _message_as_written(self, tx: _Transaction) -> bytes:
@@ -701,6 +720,7 @@ class Session:
         if isinstance(step, sasl.Failure):
             log.info("auth_failed", session=sid, client=self.conn.peer_ip, reason=step.reason,
                      mechanism=self.conn.auth_mechanism)
+            self.m.auth_failed.inc()
             if step.reply.code == 535:
                 await asyncio.sleep(self.limits.auth_fail_delay)
             self.proto.respond(step.reply)
@@ -719,6 +739,7 @@ class Session:
         if not ok:
             log.info("auth_failed", session=sid, client=self.conn.peer_ip, user=username,
                      mechanism=self.conn.auth_mechanism, reason="bad credentials")
+            self.m.auth_failed.inc()
             await asyncio.sleep(self.limits.auth_fail_delay)
             self.proto.respond(R.AUTH_FAILED)
             await self._event(Event.AUTH_FAILED, username=username)
@@ -734,6 +755,7 @@ class Session:
             self.proto.respond(reply)
             return
         self.conn.auth_user = account.address
+        self.m.auth_ok.inc()
         log.info("auth", session=sid, client=self.conn.peer_ip, user=account.address,
                  mechanism=self.conn.auth_mechanism)
         self.proto.respond(R.AUTH_OK)

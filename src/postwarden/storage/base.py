@@ -97,6 +97,10 @@ class CommitMeta:
     # The queue id to use (the session names it in the Received header before
     # the commit); empty: the store generates one.
     queue_id: str = ""
+    # For the message trace: the Message-ID header field, and how the
+    # message came ("tls=TLSv1.3 spf=pass ...").
+    message_id: str = ""
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,11 @@ class DeliveryEvent:
     relay: str = ""  # "local", "mx.example.org[192.0.2.1]:25", ...
     dsn: str = ""
     reply: str = ""
+    # The trace (on the "queued" events): envelope sender, Message-ID, and
+    # how it came (client, TLS, authentication, checks).
+    sender: str = ""
+    message_id: str = ""
+    detail: str = ""
 
 
 class QueueStore(Protocol):

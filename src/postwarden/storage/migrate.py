@@ -28,7 +28,13 @@ from pathlib import Path
 
 from postwarden import config as _config
 from postwarden.observe.log import get_logger
-from postwarden.storage import sqlite_directory, sqlite_greylist, sqlite_protect, sqlite_schema
+from postwarden.storage import (
+    sqlite_directory,
+    sqlite_greylist,
+    sqlite_monitor,
+    sqlite_protect,
+    sqlite_schema,
+)
 from postwarden.storage.sqlite_shared import connect
 
 log = get_logger("migrate")
@@ -41,6 +47,7 @@ STORES: dict[str, tuple[str, int]] = {
     "directory": ("directory_schema", sqlite_directory.SCHEMA_VERSION),
     "protection": ("protect_schema", sqlite_protect.SCHEMA_VERSION),
     "greylist": ("greylist_schema", sqlite_greylist.SCHEMA_VERSION),
+    "monitor": ("monitor_schema", sqlite_monitor.SCHEMA_VERSION),
 }
 
 
@@ -134,6 +141,8 @@ def _migrate_all(cfg: _config.Config, versions: list[StoreVersion]) -> None:
             sqlite_directory.SqliteDirectory(cfg.db_path, cfg.domains).close()
         elif v.store == "protection":
             sqlite_protect.SqliteProtectStore(cfg.db_path).close()
+        elif v.store == "monitor":
+            sqlite_monitor.SqliteMonitorStore(cfg.db_path).close()
         elif v.store == "greylist":
             gl = cfg.greylist
             sqlite_greylist.SqliteGreylist(cfg.db_path, delay=gl.delay, expiry=gl.expiry,

@@ -97,7 +97,8 @@ log = get_logger("queue")
 READ_CHUNK = 64 * 1024
 STATE_CORRUPT = "corrupt"
 _LOCK_NAME = ".lock"
-# The history of a message is kept this long after its last event.
+# The history of a message is kept this long after its last event
+# (``[trace] retention``).
 EVENTS_KEEP = 30 * 86400.0
 # The spool owner looks for orphaned spool files (bodies of messages that
 # another process deleted) this often, and removes those untouched for
@@ -131,6 +132,7 @@ class SqliteQueueStore:
         self.inline_max = inline_max
         self.stats = StoreStats()
         self.on_commit: list[Callable[[str], None]] = []
+        self.events_keep = EVENTS_KEEP  # [trace] retention
         self._clock = clock
         self._writer: GroupCommitWriter | None = None
         self._reader: sqlite3.Connection | None = None
@@ -274,9 +276,10 @@ class SqliteQueueStore:
                 broken.append((queue_id, f"spool file size {actual} != {size}"))
         return broken
 
-    async def prune_events(self, keep: float = EVENTS_KEEP) -> int:
-        """Forget the history of messages gone for more than ``keep`` seconds."""
-        before = self._clock() - keep
+    async def prune_events(self, keep: float | None = None) -> int:
+        """Forget the history of messages gone for more than ``keep`` seconds
+        (default :attr:`events_keep`)."""
+        before = self._clock() - (self.events_keep if keep is None else keep)
         count: int = await self._submit(lambda conn: ops.prune_events(conn, before))
         return count
 
@@ -354,8 +357,14 @@ class SqliteQueueStore:
                 conn.executemany(
                     "INSERT INTO recipients (queue_id, address, params) VALUES (?, ?, ?)",
                     [(queue_id, addr, params) for addr, params in rcpts])
-                insert_events(conn, [DeliveryEvent(received_at, queue_id, "queued",
-                                                   reply=queued_text)])
+                # The trace: one "queued" event per recipient (searchable by
+                # sender, recipient and Message-ID); the first says how it came.
+                conn.executemany(
+                    f"INSERT INTO events ({EVENT_COLS}) VALUES "
+                    "(?, ?, 'queued', ?, '', '', ?, ?, ?, ?)",
+                    [(received_at, queue_id, addr, queued_text if i == 0 else "", sender,
+                      meta.message_id, meta.detail if i == 0 else "")
+                     for i, (addr, _) in enumerate(rcpts)])
                 return queue_id
             raise StorageError(f"queue id {queue_id} is taken")
 

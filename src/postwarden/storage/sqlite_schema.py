@@ -13,6 +13,10 @@ Version history:
 2. ``recipients`` gains ``relay``, ``last_attempt``, ``final_ts`` and
    ``warned`` (for DSNs); the ``events`` table holds each message's history
    and, having no foreign key, outlives the message (pruned by age).
+3. ``events`` gains ``sender``, ``message_id`` and ``detail`` (the message
+   trace: where it came from, TLS, authentication, checks); the ``queued``
+   event is written once per recipient; indexes for ``postwarden trace``
+   by sender, recipient and Message-ID.
 
 Security exposure: none of its own (fixed DDL; values are parameters).
 """
@@ -34,7 +38,7 @@ from postwarden.storage.base import (
     StorageError,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PENDING = "('queued', 'deferred')"
 
 _V1 = f"""
@@ -91,14 +95,26 @@ CREATE INDEX IF NOT EXISTS events_queue ON events(queue_id, id);
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 """
 
+# Partial indexes: only the rows that carry the value (the queued events
+# carry sender and Message-ID; recipient results carry rcpt).
+_V3 = """
+ALTER TABLE events ADD COLUMN sender TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN message_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN detail TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS events_sender ON events(sender COLLATE NOCASE, ts)
+    WHERE sender <> '';
+CREATE INDEX IF NOT EXISTS events_rcpt ON events(rcpt COLLATE NOCASE, ts) WHERE rcpt <> '';
+CREATE INDEX IF NOT EXISTS events_message_id ON events(message_id) WHERE message_id <> ''
+"""
+
 # MIGRATIONS[n] takes a database from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
 
 MSG_COLS = ("queue_id, sender, params, received_at, size, client_ip, helo, auth_user, "
             "listener, held")
 RCPT_COLS = ("id, queue_id, address, params, status, attempts, next_attempt, last_reply, "
              "relay, last_attempt, final_ts, warned")
-EVENT_COLS = "ts, queue_id, event, rcpt, relay, dsn, reply"
+EVENT_COLS = "ts, queue_id, event, rcpt, relay, dsn, reply, sender, message_id, detail"
 
 _DSN = re.compile(r"\A[245]\.\d{1,3}\.\d{1,3}\Z")
 
@@ -136,13 +152,15 @@ def split_reply(reply: str) -> tuple[str, str]:
 
 def insert_events(conn: sqlite3.Connection, events: Sequence[DeliveryEvent]) -> None:
     conn.executemany(
-        f"INSERT INTO events ({EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(e.ts, e.queue_id, e.event, e.rcpt, e.relay, e.dsn, e.reply) for e in events])
+        f"INSERT INTO events ({EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(e.ts, e.queue_id, e.event, e.rcpt, e.relay, e.dsn, e.reply, e.sender, e.message_id,
+          e.detail) for e in events])
 
 
 def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
     return DeliveryEvent(ts=row[0], queue_id=row[1], event=row[2], rcpt=row[3], relay=row[4],
-                         dsn=row[5], reply=row[6])
+                         dsn=row[5], reply=row[6], sender=row[7], message_id=row[8],
+                         detail=row[9])
 
 
 def message_from_row(row: Sequence[Any], rcpts: list[QueuedRecipient]) -> QueuedMessage:

@@ -1,0 +1,190 @@
+"""The ``[admin]``, ``[alerts]`` and ``[trace]`` sections of the config file.
+
+:mod:`postwarden.config` reads the file; these tables are validated here,
+each ``from_table`` raising ``ValueError("KEY: reason")`` that the config
+module turns into a :class:`~postwarden.config.ConfigError` naming the key.
+
+* ``[admin]``: the admin HTTP listener (``/metrics``, ``/healthz``,
+  ``/readyz``).  A listener of its own, not ``[http]``: ``[http]`` serves
+  autoconfiguration and MTA-STS to the public through the domain's web
+  server, while metrics say how much mail flows and from where, which is
+  nobody's business but the operator's.  Off by default; when on it listens
+  on loopback (127.0.0.1:9425) unless told otherwise.
+* ``[alerts]``: the rules of :mod:`postwarden.observe.alerts` with their
+  thresholds, and where alerts go (the postmaster by mail, a webhook).
+* ``[trace]``: how long the history of every message is kept.
+
+Security exposure: none of its own (validation of trusted input).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ADMIN_ADDRESS = "127.0.0.1:9425"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _unknown(table: Mapping[str, Any], allowed: set[str]) -> None:
+    for k in table:
+        if k not in allowed:
+            raise ValueError(f"{k}: unknown key")
+
+
+def _bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: must be true or false")
+    return value
+
+
+def _str(table: Mapping[str, Any], key: str, default: str = "") -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value.isprintable():
+        raise ValueError(f"{key}: must be a string")
+    return value
+
+
+def _number(table: Mapping[str, Any], key: str, default: float, *, minimum: float = 0,
+            integer: bool = False) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key}: must be a number")
+    if integer and not isinstance(value, int):
+        raise ValueError(f"{key}: must be a whole number")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{key}: must be at least {minimum}")
+    return value
+
+
+def _duration(table: Mapping[str, Any], key: str, default: float) -> float:
+    """Seconds, as a number or ``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``."""
+    value = table.get(key, default)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1:]) if text else None
+        try:
+            seconds = float(text[:-1] if unit else text) * (unit or 1)
+        except ValueError:
+            raise ValueError(f"{key}: {value!r} is not a duration (e.g. 900, \"15m\", "
+                             "\"1h\", \"7d\")") from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"{key}: must be a duration (e.g. 900, \"15m\", \"1h\", \"7d\")")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{key}: must be a positive duration")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """``[admin]``: the metrics and health listener."""
+
+    enabled: bool = False
+    address: str = ADMIN_ADDRESS  # HOST:PORT, parsed by the config module
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> AdminSettings:
+        _unknown(table, {"enabled", "address"})
+        return cls(enabled=_bool(table, "enabled", False),
+                   address=_str(table, "address", ADMIN_ADDRESS))
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """``[alerts]``: rules, thresholds, destinations (observe/alerts.py)."""
+
+    enabled: bool = True
+    # How often the rules are evaluated (the main process only).
+    interval: float = 30.0
+    # Alerts are mailed to this address ("" : postmaster@ the first domain).
+    postmaster: str = ""
+    mail: bool = True
+    # POSTed as JSON, signed with HMAC-SHA256 of webhook_secret ("" : none).
+    webhook: str = ""
+    webhook_secret: str = ""
+    webhook_timeout: float = 10.0
+    # An account sending spike_factor times its usual rate per [ratelimit]
+    # window (and at least spike_min messages) is suspended from sending
+    # when suspend is true (an alert in any case).
+    spike_factor: float = 10.0
+    spike_min: int = 200
+    suspend: bool = True
+    # More than this share of the last hour's final delivery results were
+    # bounces (and at least bounce_min results).
+    bounce_rate: float = 0.2
+    bounce_min: int = 20
+    # Messages waiting in the queue; the oldest deferred message.
+    queue_max: int = 10000
+    deferred_age: float = 86400.0
+    # A listener's certificate expires within this many days.
+    cert_days: float = 14.0
+    # Our own public addresses, looked up in these blocklists.
+    own_ips: tuple[str, ...] = ()
+    blocklists: tuple[str, ...] = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
+    # Configured filter daemons (clamd, rspamd) that do not answer.
+    filters: bool = True
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> AlertSettings:
+        _unknown(table, {"enabled", "interval", "postmaster", "mail", "webhook",
+                         "webhook_secret", "webhook_timeout", "spike_factor", "spike_min",
+                         "suspend", "bounce_rate", "bounce_min", "queue_max",
+                         "deferred_age", "cert_days", "own_ips", "blocklists", "filters"})
+        d = cls()
+        webhook = _str(table, "webhook")
+        if webhook and not webhook.startswith(("http://", "https://")):
+            raise ValueError("webhook: must be an http:// or https:// URL")
+        secret = _str(table, "webhook_secret")
+        postmaster = _str(table, "postmaster").strip()
+        if postmaster and "@" not in postmaster:
+            raise ValueError("postmaster: must be an address")
+        rate = _number(table, "bounce_rate", d.bounce_rate)
+        if rate > 1:
+            raise ValueError("bounce_rate: must be a share between 0 and 1")
+        own = table.get("own_ips", [])
+        if not isinstance(own, list) or not all(isinstance(ip, str) for ip in own):
+            raise ValueError("own_ips: must be a list of IP addresses")
+        for ip in own:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"own_ips: {ip!r} is not an IP address") from None
+        lists = table.get("blocklists", list(d.blocklists))
+        if not isinstance(lists, list) or not all(isinstance(z, str) and z for z in lists):
+            raise ValueError("blocklists: must be a list of DNS zones")
+        return cls(
+            enabled=_bool(table, "enabled", d.enabled),
+            interval=_duration(table, "interval", d.interval),
+            postmaster=postmaster, mail=_bool(table, "mail", d.mail),
+            webhook=webhook, webhook_secret=secret,
+            webhook_timeout=_duration(table, "webhook_timeout", d.webhook_timeout),
+            spike_factor=_number(table, "spike_factor", d.spike_factor, minimum=1),
+            spike_min=int(_number(table, "spike_min", d.spike_min, minimum=1, integer=True)),
+            suspend=_bool(table, "suspend", d.suspend),
+            bounce_rate=rate,
+            bounce_min=int(_number(table, "bounce_min", d.bounce_min, minimum=1,
+                                   integer=True)),
+            queue_max=int(_number(table, "queue_max", d.queue_max, minimum=1, integer=True)),
+            deferred_age=_duration(table, "deferred_age", d.deferred_age),
+            cert_days=_number(table, "cert_days", d.cert_days),
+            own_ips=tuple(own), blocklists=tuple(z.strip(".").lower() for z in lists),
+            filters=_bool(table, "filters", d.filters))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSettings:
+    """``[trace]``: the message history (the queue's events table)."""
+
+    # How long a message's history is kept after its last event.
+    retention: float = 30 * 86400.0
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> TraceSettings:
+        _unknown(table, {"retention"})
+        return cls(retention=_duration(table, "retention", 30 * 86400.0))

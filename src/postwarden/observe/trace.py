@@ -1,0 +1,183 @@
+"""The message trace: every message's history, found by id, Message-ID,
+sender, recipient and time.
+
+The history is the queue's ``events`` table
+(:mod:`postwarden.storage.sqlite_schema`), written in the same transactions
+as the queue changes it records: at the commit one ``queued`` event per
+recipient carrying the sender, the Message-ID and how the message came
+(listener, client, HELO, TLS, authenticated user, the sender
+authentication and filter verdicts); then every delivery attempt with the
+remote reply, bounces, holds, deletions.  It outlives the message and is
+pruned after ``[trace] retention``.
+
+:func:`search` answers from indexes only: the sender, recipient and
+Message-ID indexes (each ordered by time) or the time index find the
+matching queue ids, then the ``events_queue`` index gives their histories.
+The benchmark (``python -m bench.trace``) searches a million events.
+
+Security exposure: reads the database as the administrator; the values
+shown came from untrusted clients and are printed escaped (``repr`` of
+control characters) so that they cannot drive the terminal.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from postwarden.envelope import ConnectionInfo
+from postwarden.storage.base import DeliveryEvent
+from postwarden.storage.sqlite_schema import EVENT_COLS, event_from_row
+
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[^<>\s]{1,250}>)",
+                         re.IGNORECASE | re.MULTILINE)
+DEFAULT_LIMIT = 50
+
+
+def message_id_of(*heads: bytes) -> str:
+    """The Message-ID of a header block (the first found in ``heads``)."""
+    for head in heads:
+        if head:
+            m = _MESSAGE_ID.search(head)
+            if m is not None:
+                return m.group(1).decode("ascii", "replace")
+    return ""
+
+
+def received_detail(conn: ConnectionInfo, auth_log: Mapping[str, object]) -> str:
+    """How a message came, for its ``queued`` event: ``listener=submission
+    helo=laptop tls=TLSv1.3/TLS_AES_256_GCM_SHA384 user=alice@example.org
+    spf=pass ...``.  Passwords are never part of it."""
+    parts = [f"listener={conn.listener}", f"client={conn.peer_ip}"]
+    if conn.helo:
+        parts.append(f"helo={conn.helo}")
+    parts.append(f"tls={conn.tls_version}/{conn.tls_cipher}" if conn.tls_version
+                 else "tls=no")
+    if conn.auth_user:
+        parts.append(f"user={conn.auth_user}")
+    parts.extend(f"{k}={v}" for k, v in auth_log.items())
+    parts.append(f"session={conn.session_id}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What ``postwarden trace`` looks for; empty fields match anything."""
+
+    queue_id: str = ""
+    message_id: str = ""
+    sender: str = ""
+    rcpt: str = ""
+    since: float | None = None
+    until: float | None = None
+    limit: int = DEFAULT_LIMIT
+
+
+@dataclass(slots=True)
+class Trace:
+    """One message's history, oldest first."""
+
+    queue_id: str
+    events: list[DeliveryEvent] = field(default_factory=list)
+
+    @property
+    def first(self) -> DeliveryEvent | None:
+        return self.events[0] if self.events else None
+
+    def summary(self) -> dict[str, object]:
+        queued = [e for e in self.events if e.event == "queued"]
+        return {
+            "queue_id": self.queue_id,
+            "received": queued[0].ts if queued else None,
+            "sender": queued[0].sender if queued else "",
+            "message_id": queued[0].message_id if queued else "",
+            "recipients": [e.rcpt for e in queued if e.rcpt],
+            "events": [
+                {k: v for k, v in (("ts", e.ts), ("event", e.event), ("rcpt", e.rcpt),
+                                   ("relay", e.relay), ("dsn", e.dsn), ("reply", e.reply),
+                                   ("detail", e.detail)) if v not in ("", None)}
+                for e in self.events],
+        }
+
+
+def _time_clause(q: Query, column: str = "ts") -> tuple[str, list[object]]:
+    clause, args = "", list[object]()
+    if q.since is not None:
+        clause += f" AND {column} >= ?"
+        args.append(q.since)
+    if q.until is not None:
+        clause += f" AND {column} <= ?"
+        args.append(q.until)
+    return clause, args
+
+
+def find_ids(db: sqlite3.Connection, q: Query) -> list[str]:
+    """The queue ids matching ``q``, newest first (at most ``q.limit``).
+
+    Each criterion is answered by its index; several are intersected."""
+    when, when_args = _time_clause(q)
+    selects: list[tuple[str, list[object]]] = []
+    if q.queue_id:
+        selects.append(("SELECT queue_id FROM events WHERE queue_id = ?",
+                        [q.queue_id.upper()]))
+    if q.message_id:
+        mid = q.message_id.strip()
+        if not mid.startswith("<"):
+            mid = f"<{mid}>"
+        # (The partial indexes are used only when the query says the value
+        # is not empty.)
+        selects.append(("SELECT queue_id FROM events WHERE message_id = ?"
+                        f" AND message_id <> ''{when}",
+                        [mid, *when_args]))
+    if q.sender:
+        selects.append(("SELECT queue_id FROM events WHERE sender = ? COLLATE NOCASE"
+                        f" AND sender <> ''{when}", [_bare(q.sender), *when_args]))
+    if q.rcpt:
+        selects.append(("SELECT queue_id FROM events WHERE rcpt = ? COLLATE NOCASE"
+                        f" AND rcpt <> ''{when}", [_bare(q.rcpt), *when_args]))
+    if not selects:
+        # Time only: the messages received in the period (the queued events).
+        selects.append((f"SELECT queue_id FROM events WHERE event = 'queued'{when}",
+                        when_args))
+    # A message matches when every criterion matched one of its events.
+    sql = " INTERSECT ".join(s for s, _ in selects)
+    args = [a for _, sel_args in selects for a in sel_args]
+    rows = db.execute(
+        f"SELECT i.queue_id FROM (SELECT DISTINCT queue_id FROM ({sql})) i "
+        "CROSS JOIN events e ON e.id = "
+        "(SELECT max(id) FROM events WHERE queue_id = i.queue_id) "
+        "ORDER BY e.ts DESC LIMIT ?", (*args, q.limit)).fetchall()
+    return [r[0] for r in rows]
+
+
+def _bare(address: str) -> str:
+    return address.strip().removeprefix("<").removesuffix(">")
+
+
+def histories(db: sqlite3.Connection, queue_ids: Sequence[str]) -> list[Trace]:
+    out = []
+    for queue_id in queue_ids:
+        rows = db.execute(f"SELECT {EVENT_COLS} FROM events WHERE queue_id = ? ORDER BY id",
+                          (queue_id,)).fetchall()
+        out.append(Trace(queue_id, [event_from_row(r) for r in rows]))
+    return out
+
+
+def open_readonly(db_path: Path) -> sqlite3.Connection:
+    """The database, read-only (the server may be writing it)."""
+    if not db_path.exists():
+        raise FileNotFoundError(2, "no database (has the server run yet?)", str(db_path))
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+    db.execute("PRAGMA busy_timeout = 5000")
+    return db
+
+
+def search(db_path: Path, q: Query) -> list[Trace]:
+    db = open_readonly(db_path)
+    try:
+        return histories(db, find_ids(db, q))
+    finally:
+        db.close()
