@@ -55,6 +55,12 @@ log = get_logger("smtp")
 
 AUTH_NOT_ENABLED = R.Reply(503, "5.5.1", "Authentication not enabled")
 PREGREET_REFUSED = R.Reply(554, "5.5.1", "Protocol error: talking before the greeting")
+# An unexpected error in the session (RFC 5321 4.2.5: 451 aborts the
+# transaction, 421 closes the channel).
+CRASHED = R.Reply(421, "4.3.0", "Local error, closing connection")
+CRASHED_MID_TRANSACTION = R.Reply(451, "4.3.0", "Local error in processing, closing connection")
+_IN_TRANSACTION = frozenset({P.State.MAIL, P.State.RCPT, P.State.DATA, P.State.BDAT,
+                             P.State.CHUNK})
 
 
 @dataclass(slots=True)
@@ -150,6 +156,13 @@ class Session:
             # Shutdown after the grace period: tell the client to come back.
             if not self.writer.is_closing():
                 self.writer.write(R.SHUTTING_DOWN.to_bytes())
+        except Exception:
+            # A bug: the client is told to try again later (never left
+            # waiting for a reply), the listener logs it.
+            if not self.writer.is_closing():
+                mid = self.tx is not None or self.proto.state in _IN_TRANSACTION
+                self.writer.write((CRASHED_MID_TRANSACTION if mid else CRASHED).to_bytes())
+            raise
         finally:
             self._abort_transaction()
             with contextlib.suppress(Exception):
