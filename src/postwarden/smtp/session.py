@@ -243,6 +243,10 @@ class Session:
 
     async def _loop_events(self) -> None:
         proto = self.proto
+        # RFC 5321 4.5.3.2.7: the command timeout is for a whole command, so
+        # a client dribbling one byte at a time (slowloris) does not extend
+        # it; DATA content re-arms it at every read (4.5.3.2.5).
+        progress = True
         while True:
             ev = proto.next_event()
             if isinstance(ev, P.NeedData):
@@ -260,8 +264,10 @@ class Session:
                     proto.tls_started()
                     continue
                 in_data = proto.state in (P.State.DATA, P.State.CHUNK)
-                self._deadline = self._loop_time() + (
-                    self.limits.data_timeout if in_data else self.limits.command_timeout)
+                if in_data or progress:
+                    self._deadline = self._loop_time() + (
+                        self.limits.data_timeout if in_data else self.limits.command_timeout)
+                progress = False
                 data = await self.reader.read(READ_CHUNK)
                 if self._timed_out:
                     return
@@ -272,6 +278,7 @@ class Session:
                     return
                 proto.receive(data)
                 continue
+            progress = True
             await self._handle(ev)
 
     async def _handshake(self) -> bool:
