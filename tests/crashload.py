@@ -293,7 +293,7 @@ class CrashRun:
                         os.kill(self.rng.choice(workers), signal.SIGKILL)
                         r.worker_kills += 1
                     else:
-                        if n == self.plan.snapshot_round:
+                        if 0 <= self.plan.snapshot_round <= n and r.snapshot is None:
                             self._snapshot(svc)
                         svc.stop(signal.SIGKILL)
                         r.main_kills += 1
