@@ -6,7 +6,7 @@ VAR    := var
 CONFIG := $(VAR)/postwarden.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick clean venv
+.PHONY: run test lint bench bench-quick clean venv crash fuzz soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,3 +51,18 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.compare --quick
+
+# Proof of reliability (docs/reliability.md), the long versions of what the
+# suite runs briefly: 50 SIGKILL rounds under load; 20000 fuzz inputs per
+# parser; a 10-minute soak with faults injected.
+PYTEST_LONG = $(BIN)/python -m pytest -q -s -p no:cacheprovider -o timeout=0 \
+               --basetemp=/tmp/postwarden-$@
+
+crash: $(STAMP)
+	POSTWARDEN_CRASH_ROUNDS=$${ROUNDS:-50} $(PYTEST_LONG) tests/test_crash.py
+
+fuzz: $(STAMP)
+	POSTWARDEN_FUZZ_EXAMPLES=$${EXAMPLES:-20000} $(PYTEST_LONG) tests/test_fuzz.py
+
+soak: $(STAMP)
+	POSTWARDEN_SOAK_SECONDS=$${SECONDS_:-600} $(PYTEST_LONG) tests/test_soak.py

@@ -20,78 +20,13 @@ from typing import Any
 import pytest
 import trustme
 from tests.conftest import PASSWORD, add_alias, add_user, maildir_messages, wait_for, write_config
-
-from postwarden import config as config_mod
-
-ALICE = "alice@example.test"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-_RUNNING: list[subprocess.Popen[bytes]] = []
+from tests.service import ALICE, Service, free_ports, kill_leftovers, setup_config
 
 
 @pytest.fixture(autouse=True)
 def _no_leftover_servers() -> Iterator[None]:
-    """A failed assertion must not leave a server running."""
     yield
-    while _RUNNING:
-        proc = _RUNNING.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-
-class Service:
-    def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.config_path = config_path
-        self.log = open(log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postwarden", "-c", str(config_path), "serve"],
-            stdout=self.log, stderr=self.log)
-        _RUNNING.append(self.proc)
-
-    def wait_ready(self, port: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"postwarden exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    if s.recv(100).startswith(b"220"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("postwarden did not become ready")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(20)
-        self.log.close()
-        return code
-
-
-@pytest.fixture
-def service_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-
-
-def setup_config(directory: Path, cert_files: tuple[Path, Path], dns: Any, extra: str = ""
-                 ) -> tuple[Path, list[int], config_mod.Config]:
-    ports = free_ports(3)
-    path = write_config(directory, cert_files, extra, ports=(ports[0], ports[1], ports[2]),
-                        dns_port=dns.port)
-    cfg = config_mod.load(path)
-    return path, ports, cfg
+    kill_leftovers()
 
 
 def test_queued_mail_survives_sigkill(tmp_path: Path, cert_files: tuple[Path, Path],

@@ -4,7 +4,6 @@ workers queued, and the workers live and die with it."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import smtplib
@@ -16,43 +15,10 @@ from typing import Any
 import pytest
 import trustme
 from tests.conftest import PASSWORD, add_user, maildir_messages, wait_for
-from tests.test_service import ALICE, Service, setup_config
+from tests.service import ALICE, Service, alive, children, log_events, setup_config, with_top
 
 from postwarden import config as config_mod
 from postwarden.workers import process_count
-
-
-def with_top(path: Path, line: str) -> Path:
-    """Put a top-level key before the config's tables."""
-    path.write_text(line + "\n" + path.read_text())
-    return path
-
-
-def log_events(path: Path, event: str) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == event:
-                out.append(record)
-    return out
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return status != "Z"
 
 
 def start(tmp_path: Path, cert_files: tuple[Path, Path], dns: Any, extra: str = ""
@@ -221,7 +187,7 @@ def test_the_web_listener_runs_in_the_main_process_only(
         tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any) -> None:
     import urllib.request
 
-    from tests.test_service import free_ports
+    from tests.service import free_ports
 
     (http_port,) = free_ports(1)
     svc, _ports, _cfg, log = start(

@@ -58,6 +58,12 @@ log = get_logger("smtp")
 
 AUTH_NOT_ENABLED = R.Reply(503, "5.5.1", "Authentication not enabled")
 PREGREET_REFUSED = R.Reply(554, "5.5.1", "Protocol error: talking before the greeting")
+# An unexpected error in the session (RFC 5321 4.2.5: 451 aborts the
+# transaction, 421 closes the channel).
+CRASHED = R.Reply(421, "4.3.0", "Local error, closing connection")
+CRASHED_MID_TRANSACTION = R.Reply(451, "4.3.0", "Local error in processing, closing connection")
+_IN_TRANSACTION = frozenset({P.State.MAIL, P.State.RCPT, P.State.DATA, P.State.BDAT,
+                             P.State.CHUNK})
 
 
 @dataclass(slots=True)
@@ -155,6 +161,13 @@ class Session:
             # Shutdown after the grace period: tell the client to come back.
             if not self.writer.is_closing():
                 self.writer.write(R.SHUTTING_DOWN.to_bytes())
+        except Exception:
+            # A bug: the client is told to try again later (never left
+            # waiting for a reply), the listener logs it.
+            if not self.writer.is_closing():
+                mid = self.tx is not None or self.proto.state in _IN_TRANSACTION
+                self.writer.write((CRASHED_MID_TRANSACTION if mid else CRASHED).to_bytes())
+            raise
         finally:
             self._abort_transaction()
             with contextlib.suppress(Exception):
@@ -238,6 +251,10 @@ class Session:
 
     async def _loop_events(self) -> None:
         proto = self.proto
+        # RFC 5321 4.5.3.2.7: the command timeout is for a whole command, so
+        # a client dribbling one byte at a time (slowloris) does not extend
+        # it; DATA content re-arms it at every read (4.5.3.2.5).
+        progress = True
         while True:
             ev = proto.next_event()
             if isinstance(ev, P.NeedData):
@@ -255,8 +272,10 @@ class Session:
                     proto.tls_started()
                     continue
                 in_data = proto.state in (P.State.DATA, P.State.CHUNK)
-                self._deadline = self._loop_time() + (
-                    self.limits.data_timeout if in_data else self.limits.command_timeout)
+                if in_data or progress:
+                    self._deadline = self._loop_time() + (
+                        self.limits.data_timeout if in_data else self.limits.command_timeout)
+                progress = False
                 data = await self.reader.read(READ_CHUNK)
                 if self._timed_out:
                     return
@@ -267,6 +286,7 @@ class Session:
                     return
                 proto.receive(data)
                 continue
+            progress = True
             await self._handle(ev)
 
     async def _handshake(self) -> bool:
