@@ -20,65 +20,17 @@ Security exposure: none of its own (validation of trusted input).
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from postwarden.settings_table import boolean as _bool
+from postwarden.settings_table import duration as _duration
+from postwarden.settings_table import number as _number
+from postwarden.settings_table import string as _str
+from postwarden.settings_table import unknown as _unknown
+
 ADMIN_ADDRESS = "127.0.0.1:9425"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def _unknown(table: Mapping[str, Any], allowed: set[str]) -> None:
-    for k in table:
-        if k not in allowed:
-            raise ValueError(f"{k}: unknown key")
-
-
-def _bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false")
-    return value
-
-
-def _str(table: Mapping[str, Any], key: str, default: str = "") -> str:
-    value = table.get(key, default)
-    if not isinstance(value, str) or not value.isprintable():
-        raise ValueError(f"{key}: must be a string")
-    return value
-
-
-def _number(table: Mapping[str, Any], key: str, default: float, *, minimum: float = 0,
-            integer: bool = False) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key}: must be a number")
-    if integer and not isinstance(value, int):
-        raise ValueError(f"{key}: must be a whole number")
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{key}: must be at least {minimum}")
-    return value
-
-
-def _duration(table: Mapping[str, Any], key: str, default: float) -> float:
-    """Seconds, as a number or ``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``."""
-    value = table.get(key, default)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        unit = _UNITS.get(text[-1:]) if text else None
-        try:
-            seconds = float(text[:-1] if unit else text) * (unit or 1)
-        except ValueError:
-            raise ValueError(f"{key}: {value!r} is not a duration (e.g. 900, \"15m\", "
-                             "\"1h\", \"7d\")") from None
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise ValueError(f"{key}: must be a duration (e.g. 900, \"15m\", \"1h\", \"7d\")")
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{key}: must be a positive duration")
-    return seconds
 
 
 @dataclass(frozen=True, slots=True)

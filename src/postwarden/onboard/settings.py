@@ -26,30 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from postwarden.settings_table import boolean as _bool
+from postwarden.settings_table import port as _port
+from postwarden.settings_table import unknown as _unknown
+
 HTTP_ADDRESS = "127.0.0.1:8080"
 MTA_STS_MODES = ("testing", "enforce", "none")
 IMAP_SECURITY = ("ssl", "starttls")
 IMAP_PORTS = {"ssl": 993, "starttls": 143}
-
-
-def _unknown(table: Mapping[str, Any], allowed: set[str]) -> None:
-    for k in table:
-        if k not in allowed:
-            raise ValueError(f"{k}: unknown key")
-
-
-def _bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false")
-    return value
-
-
-def _port(table: Mapping[str, Any], key: str, default: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError(f"{key}: must be a port number 0-65535")
-    return value
 
 
 def _name(table: Mapping[str, Any], key: str) -> str:
