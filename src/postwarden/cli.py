@@ -136,14 +136,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if cfg.tls.cert is None or cfg.tls.key is None:  # pragma: no cover - the template has both
         raise CliError("internal error: the config template has no [tls]")
 
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_pem, key_pem = bootstrap.self_signed_certificate(hostname, args.listen_host)
-    cfg.tls.cert.parent.mkdir(parents=True, exist_ok=True)
-    bootstrap.write_file(cfg.tls.key, key_pem, 0o600)
-    bootstrap.write_file(cfg.tls.cert, cert_pem, 0o644)
-    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(cfg.data_dir, 0o700)
-    bootstrap.write_file(path, text.encode("utf-8"), 0o644)
+    bootstrap.write_install(directory, cfg, path, text,
+                            self_signed_for=(hostname, args.listen_host))
     print(f"wrote {path}")
     print(f"wrote a self-signed certificate for {hostname}: {cfg.tls.cert} (key {cfg.tls.key})")
 
