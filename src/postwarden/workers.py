@@ -168,6 +168,7 @@ class WorkerPool:
         self._born: dict[int, float] = {}  # slot -> when its process started
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._stop_event = asyncio.Event()  # wakes watchers waiting to restart
 
     async def start(self) -> None:
         for slot in range(1, self.count + 1):
@@ -225,7 +226,8 @@ class WorkerPool:
         self._delay[slot] = min(delay, RESTART_DELAY_MAX)
         log.error("worker_died", slot=slot, pid=proc.pid, status=status,
                   restart_in=self._delay[slot])
-        await asyncio.sleep(self._delay[slot])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), self._delay[slot])
         if not self._stopping:
             await self._spawn(slot)
 
@@ -241,6 +243,7 @@ class WorkerPool:
         """SIGTERM: the workers stop accepting and let their sessions finish
         (within their grace period); SIGKILL for any still running after."""
         self._stopping = True
+        self._stop_event.set()
         procs = list(self.procs.values())
         self.signal(signal.SIGTERM)
         if procs:
