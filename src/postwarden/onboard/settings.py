@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from postwarden.netaddr import client_address
 from postwarden.settings_table import boolean as _bool
 from postwarden.settings_table import port as _port
 from postwarden.settings_table import unknown as _unknown
@@ -109,10 +110,12 @@ class RelaySettings:
     """``[relaying]``: clients that may relay without authentication."""
 
     networks: tuple[str, ...] = ()
+    # Public ranges make an open relay: refused unless this says so.
+    allow_public: bool = False
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> RelaySettings:
-        _unknown(table, {"networks"})
+        _unknown(table, {"networks", "allow_public"})
         raw = table.get("networks", [])
         if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
             raise ValueError("networks: must be a list of CIDRs")
@@ -122,14 +125,19 @@ class RelaySettings:
                 nets.append(str(ipaddress.ip_network(n, strict=False)))
             except ValueError:
                 raise ValueError(f"networks: {n!r} is not an IP network") from None
-        return cls(tuple(nets))
+        settings = cls(tuple(nets), _bool(table, "allow_public", False))
+        public = settings.public()
+        if public and not settings.allow_public:
+            raise ValueError(
+                f"networks: {', '.join(public)} reaches beyond private and loopback "
+                "addresses: anyone there could relay mail through this server (an open "
+                "relay); list only your own networks, or set allow_public = true")
+        return settings
 
     def contains(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in ipaddress.ip_network(n) for n in self.networks)
+        addr = client_address(ip)  # IPv4-mapped IPv6 as IPv4
+        return addr is not None and any(
+            addr in ipaddress.ip_network(n) for n in self.networks)
 
     def public(self) -> list[str]:
         """The networks that reach beyond private and loopback addresses."""
