@@ -254,8 +254,8 @@ def test_corrupt_message_is_not_delivered(tmp_path: Path) -> None:
 
     run(main)
     maildir = tmp_path / "mail" / "example.test" / "bob" / "Maildir"
-    assert list((maildir / "new").iterdir()) == []
-    assert list((maildir / "tmp").iterdir()) == []
+    for sub in ("new", "tmp"):  # nothing written (the Maildir need not even exist)
+        assert not (maildir / sub).exists() or list((maildir / sub).iterdir()) == []
 
 
 def test_restart_resumes_undelivered_messages(tmp_path: Path) -> None:
