@@ -171,7 +171,7 @@ def test_remote_recipient_without_transport_stays_deferred(tmp_path: Path) -> No
     delivered = next(e for e in events if e["event"] == "delivered")
     assert delivered["relay"] == "local"
     assert delivered["dsn"] == "2.0.0"
-    assert delivered["rcpt"] == "<bob@example.test>"
+    assert delivered["to"] == "<bob@example.test>"
     assert delivered["status"].startswith("sent")
     assert delivered["queue_id"]
     assert "delay" in delivered

@@ -575,6 +575,8 @@ class Session:
                 return filtered.reply
             tx.body = filtered.body or tx.body
             extra += filtered.headers
+            if filtered.summary:
+                tx.auth_log["filters"] = filtered.summary
         queue_id = new_queue_id()
         params = tx.envelope.params
         if tx.eight_bit and params.body != "8BITMIME":
