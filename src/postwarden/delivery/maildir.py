@@ -32,7 +32,6 @@ import errno
 import functools
 import itertools
 import os
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from postwarden.delivery.result import DeliveryResult, worst
 from postwarden.delivery.transport import DeliveryJob
+from postwarden.ids import random_hex
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import StorageError
 from postwarden.storage.spool import fsync_dir, write_all
@@ -105,7 +105,7 @@ def unique_name() -> str:
     now = time.time()
     host = _host()
     return (f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}"
-            f"R{secrets.token_hex(8)}Q{next(_counter)}.{host}")
+            f"R{random_hex(8)}Q{next(_counter)}.{host}")
 
 
 def _header_value(text: str) -> str:
