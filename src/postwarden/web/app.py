@@ -9,7 +9,9 @@ Routes (all under the ``[admin]`` listener, beside ``/metrics``):
   bulk;
 * ``GET /accounts``, ``POST /accounts/{add,passwd,del,app-add,app-revoke}``;
 * ``GET /domains``, ``POST /domains/{add,del}``;
-* ``GET /aliases``, ``POST /aliases/{add,del}``.
+* ``GET /aliases``, ``POST /aliases/{add,del}``;
+* ``GET /keys``, ``POST /keys/{add,revoke}``: API keys;
+* ``/api/v1/...``: the JSON API (:mod:`postwarden.web.api`).
 
 The pages call the same store methods as the command line
 (:mod:`postwarden.cli`, :mod:`postwarden.cli_queue`), on the running
@@ -43,7 +45,7 @@ from postwarden.observe.log import get_logger
 from postwarden.storage import sqlite_queue_browse as browse
 from postwarden.storage.sqlite_directory import DirectoryError
 from postwarden.web import security
-from postwarden.web.store import Session, SqliteAdminStore
+from postwarden.web.store import SCOPES, AdminError, Session, SqliteAdminStore
 
 log = get_logger("web")
 PAGE_SIZE = 50
@@ -434,6 +436,43 @@ class WebAdmin:
                                             lambda: d.del_alias(source),
                                             f"Deleted alias {source}.", "/aliases")
 
+    # --- API keys ----------------------------------------------------------
+
+    async def keys(self, request: Request, session: Session) -> Response:
+        items = await asyncio.to_thread(self.store.list_keys)
+        users = await asyncio.to_thread(self.server.directory.list_users)
+        return self.render(request, "keys.html", session, keys=items, scopes=SCOPES,
+                           accounts=[u.address for u in users])
+
+    async def key_add(self, request: Request, session: Session) -> Response:
+        form: FormData = request.state.form
+        scope = str(form.get("scope", ""))
+        account = str(form.get("account", "")).strip().lower() if scope == "send" else ""
+        label = str(form.get("label", ""))[:100]
+        try:
+            if account and await self.server.directory.get_account(account) is None:
+                raise AdminError(f"no account {account}")
+            whole, key = await asyncio.to_thread(self.store.add_key, scope, label=label,
+                                                 account=account, created_by=session.name)
+        except AdminError as exc:
+            self.flash(session, "error", str(exc))
+            return self.back(request, "/keys")
+        await self.audit(session, "api-key add", key.key_id, {"scope": scope})
+        self.flash(session, "ok", f"Created API key {key.key_id} ({scope}).")
+        self.flash(session, "secret", f"The key (shown only this once): {whole}")
+        return self.back(request, "/keys")
+
+    async def key_revoke(self, request: Request, session: Session) -> Response:
+        key_id = str(request.state.form.get("key_id", ""))
+        try:
+            await asyncio.to_thread(self.store.revoke_key, key_id)
+        except AdminError as exc:
+            self.flash(session, "error", str(exc))
+            return self.back(request, "/keys")
+        await self.audit(session, "api-key revoke", key_id)
+        self.flash(session, "ok", f"Revoked API key {key_id}.")
+        return self.back(request, "/keys")
+
     # --- routes ----------------------------------------------------------
 
     def routes(self) -> list[BaseRoute]:
@@ -459,6 +498,9 @@ class WebAdmin:
             Route("/aliases", p(self.aliases)),
             Route("/aliases/add", p(self.alias_add, change=True), methods=post),
             Route("/aliases/del", p(self.alias_del, change=True), methods=post),
+            Route("/keys", p(self.keys)),
+            Route("/keys/add", p(self.key_add, change=True), methods=post),
+            Route("/keys/revoke", p(self.key_revoke, change=True), methods=post),
             Mount("/static", StaticFiles(packages=[("postwarden.web", "static")]),
                   name="static"),
         ]
@@ -467,5 +509,7 @@ class WebAdmin:
 def build_routes(server: Any) -> tuple[list[BaseRoute], SqliteAdminStore]:
     """The web admin's routes on ``server``'s stores, and the admin store
     (closed by the caller when the listener stops)."""
+    from postwarden.web.api import ApiV1
+
     store = SqliteAdminStore(server.config.db_path)
-    return WebAdmin(server, store).routes(), store
+    return ApiV1(server, store).routes() + WebAdmin(server, store).routes(), store
