@@ -510,6 +510,9 @@ def build_routes(server: Any) -> tuple[list[BaseRoute], SqliteAdminStore]:
     """The web admin's routes on ``server``'s stores, and the admin store
     (closed by the caller when the listener stops)."""
     from postwarden.web.api import ApiV1
+    from postwarden.web.send import SendApi
 
     store = SqliteAdminStore(server.config.db_path)
-    return ApiV1(server, store).routes() + WebAdmin(server, store).routes(), store
+    api = ApiV1(server, store)
+    send = Route("/api/v1/messages", api.op(SendApi(server).send, "send"), methods=["POST"])
+    return api.routes([send]) + WebAdmin(server, store).routes(), store
