@@ -8,6 +8,7 @@ browser that then sends over SMTP."""
 from __future__ import annotations
 
 import io
+import os
 import smtplib
 import ssl
 import sys
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -297,3 +299,62 @@ def test_read_only_admin_sees_but_cannot_change(web: ServerThread, page: Any,
         "id": queue_id, "action": "delete", "csrf": token})
     assert response.status == 403 and "read-only" in response.text()
     assert web.call(web.server.store.get(queue_id)) is not None
+
+
+def screenshot(page: Any, name: str, tmp: Path) -> None:
+    """Into the test's directory, and into $POSTWARDEN_SCREENSHOTS (docs/screenshots
+    when the README's pictures are renewed)."""
+    page.screenshot(path=str(tmp / f"{name}.png"), full_page=True)
+    target = os.environ.get("POSTWARDEN_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(target) / f"{name}.png"), full_page=True)
+
+
+def test_dashboard_chart_and_trace_after_real_traffic(web: ServerThread, page: Any,
+                                                      client_tls: ssl.SSLContext,
+                                                      tmp_path: Path) -> None:
+    mx = web.port("mx")
+    for i in range(3):
+        with smtplib.SMTP("127.0.0.1", mx, timeout=10) as c:
+            c.sendmail("news@remote.example", [ALICE],
+                       f"Subject: n{i}\r\nMessage-ID: <n{i}@remote.example>\r\n\r\nhi\r\n"
+                       .encode())
+    with (smtplib.SMTP("127.0.0.1", mx, timeout=10) as c,
+          pytest.raises(smtplib.SMTPRecipientsRefused)):
+        c.sendmail("news@remote.example", [f"nobody@{DOMAIN}"], b"Subject: x\r\n\r\nx\r\n")
+    held = submit(web, client_tls, "bob@remote.example", "to a remote")
+    assert wait_for(lambda: len(maildir_messages(web.cfg, ALICE)) == 3)
+    login(page, web)
+    page.wait_for_url(base(web) + "/")
+    assert int(page.locator("#in-24h").inner_text()) == 4
+    assert int(page.locator("#out-24h").inner_text()) == 3
+    chart = page.locator("#traffic-chart")
+    assert chart.is_visible()
+    box = chart.bounding_box()
+    assert box is not None and box["width"] > 300 and box["height"] > 40
+    # The last minutes' points are above the baseline: the chart shows the traffic.
+    points = [tuple(map(float, p.split(","))) for p in
+              (page.locator("polyline.in").get_attribute("points") or "").split()]
+    assert len(points) == 24 * 60 and min(y for _, y in points[-5:]) < 160
+    assert "news@remote.example" in page.locator("#top-senders").inner_text()
+    assert "rcpt" in page.locator("#top-rejections").inner_text()
+    assert page.locator("#success-rate").inner_text() == "100.0 %"
+    screenshot(page, "dashboard", tmp_path)
+    page.goto(base(web) + "/queue")
+    screenshot(page, "queue", tmp_path)
+    # The trace: search by sender, as `postwarden trace --from` does.
+    page.goto(base(web) + "/trace")
+    page.fill("input[name=from]", "news@remote.example")
+    page.click("text=Search")
+    assert page.locator("#found").inner_text() == "3"
+    section = page.locator("section.trace").first
+    assert "delivered" in section.inner_text() and ALICE in section.inner_text()
+    screenshot(page, "trace", tmp_path)
+    page.fill("input[name=from]", "")
+    page.fill("input[name=id]", held)
+    page.click("text=Search")
+    assert page.locator("#found").inner_text() == "1"
+    assert "bob@remote.example" in page.locator(f"#trace-{held}").inner_text()
+    page.click(f"#trace-{held} h2 a")
+    assert "Subject: to a remote" in page.locator("pre.headers").inner_text()

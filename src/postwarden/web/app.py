@@ -40,11 +40,11 @@ from starlette.staticfiles import StaticFiles
 from postwarden import __version__
 from postwarden.auth import password_policy, passwords
 from postwarden.cli_queue import _headers as read_headers
-from postwarden.observe import health
+from postwarden.observe import trace as trace_mod
 from postwarden.observe.log import get_logger
 from postwarden.storage import sqlite_queue_browse as browse
 from postwarden.storage.sqlite_directory import DirectoryError
-from postwarden.web import security
+from postwarden.web import dashboard, security
 from postwarden.web.store import SCOPES, AdminError, Session, SqliteAdminStore
 
 log = get_logger("web")
@@ -208,17 +208,39 @@ class WebAdmin:
     # --- dashboard -------------------------------------------------------
 
     async def dashboard(self, request: Request, session: Session) -> Response:
-        def figures() -> tuple[dict[str, Any], list[Any]]:
-            db = health.read_db(self.cfg.db_path)
-            try:
-                q = health.queue_state(db, time.time())
-            finally:
-                db.close()
+        def read() -> dashboard.Figures:
+            f = dashboard.figures(self.cfg.db_path, time.time())
             monitor = self.server.monitor
-            return q, list(monitor.firing().values()) if monitor is not None else []
+            f.alerts = list(monitor.firing().values()) if monitor is not None else []
+            f.rejections = dashboard.rejections(self.server.metrics.exposition())
+            return f
 
-        queue, alerts = await asyncio.to_thread(figures)
-        return self.render(request, "dashboard.html", session, queue=queue, alerts=alerts)
+        return self.render(request, "dashboard.html", session, f=await asyncio.to_thread(read),
+                           chart_w=dashboard.CHART_W, chart_h=dashboard.CHART_H)
+
+    # --- trace -----------------------------------------------------------
+
+    async def trace(self, request: Request, session: Session) -> Response:
+        """Search the message history as ``postwarden trace`` does."""
+        qp = request.query_params
+        fields = {k: qp.get(k, "").strip()[:300] for k in ("id", "message_id", "from", "to")}
+        try:
+            hours = float(qp.get("hours", "24") or 24)
+        except ValueError:
+            hours = 24.0
+        hours = min(max(hours, 0.1), 24 * 366)
+        traces: list[trace_mod.Trace] = []
+        searched = any(fields.values()) or "hours" in qp
+        if searched:
+            q = trace_mod.Query(queue_id=fields["id"], message_id=fields["message_id"],
+                                sender=fields["from"], rcpt=fields["to"],
+                                since=time.time() - hours * 3600, limit=100)
+            try:
+                traces = await asyncio.to_thread(trace_mod.search, self.cfg.db_path, q)
+            except FileNotFoundError:
+                traces = []
+        return self.render(request, "trace.html", session, fields=fields, hours=hours,
+                           traces=traces, searched=searched)
 
     # --- queue -----------------------------------------------------------
 
@@ -484,6 +506,7 @@ class WebAdmin:
             Route("/logout", p(self.logout), methods=post),
             Route("/", p(self.dashboard)),
             Route("/queue", p(self.queue)),
+            Route("/trace", p(self.trace)),
             Route("/queue/action", p(self.queue_action, change=True), methods=post),
             Route("/queue/{queue_id:str}", p(self.message)),
             Route("/accounts", p(self.accounts)),
