@@ -538,4 +538,7 @@ def build_routes(server: Any) -> tuple[list[BaseRoute], SqliteAdminStore]:
     store = SqliteAdminStore(server.config.db_path)
     api = ApiV1(server, store)
     send = Route("/api/v1/messages", api.op(SendApi(server).send, "send"), methods=["POST"])
-    return api.routes([send]) + WebAdmin(server, store).routes(), store
+    from postwarden.web.operations import OperationsPages
+
+    web = WebAdmin(server, store)
+    return api.routes([send]) + web.routes() + OperationsPages(web).routes(), store
