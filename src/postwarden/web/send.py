@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import email.errors
 import email.policy
 import email.utils
 import time
@@ -78,8 +79,33 @@ def _mailbox(text: str, field: str) -> Address:
     return path.address
 
 
+def _check_text(value: Any, where: str = "body") -> None:
+    """Every string must be valid Unicode (JSON allows lone surrogates)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, f"{where}: not valid Unicode text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, f"{where}.{k}" if where != "body" else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
+
+
 def _build(data: dict[str, Any]) -> bytes:
-    """The message of the JSON fields."""
+    """The message of the JSON fields (malformed values: 422, never 500)."""
+    try:
+        return _compose(data)
+    except ApiError:
+        raise
+    except (ValueError, TypeError, LookupError, email.errors.MessageError) as exc:
+        raise ApiError(422, f"cannot build the message: {exc}"[:300]) from None
+
+
+def _compose(data: dict[str, Any]) -> bytes:
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = str(data["from"])
     for key in ("to", "cc"):
@@ -187,6 +213,7 @@ class SendApi:
             message = _raw_lines(bytes(raw))
         else:
             data = await read_json(request, limit * 4 // 3 + 65536)
+            _check_text(data)
             if "raw" in data:
                 if not isinstance(data["raw"], str):
                     raise ApiError(422, "raw: the message as a string")
