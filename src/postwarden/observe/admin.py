@@ -59,7 +59,7 @@ def build_admin_app(server: Any) -> Starlette:
     # The web admin and the HTTP API (postwarden.web), on the same listener.
     from postwarden.web.app import build_routes
 
-    web_routes, store = build_routes(server)
+    web_routes, on_stop = build_routes(server)
     app = Starlette(routes=routes + web_routes, middleware=[Middleware(SecurityHeaders)])
-    app.state.admin_store = store
+    app.state.on_stop = on_stop  # called by HttpService.stop
     return app

@@ -196,3 +196,5 @@ class HttpService:
         if self._sock is not None:
             self._sock.close()
         self._server = None
+        for hook in getattr(self.app.state, "on_stop", []):  # the web admin's tasks
+            await hook()

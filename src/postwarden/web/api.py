@@ -285,6 +285,32 @@ class ApiV1:
         await self.audit(key, "api-key revoke", key_id)
         return JSONResponse({"key_id": key_id, "deleted": True})
 
+    # --- webhooks ------------------------------------------------------------
+
+    async def webhooks(self, request: Request, key: ApiKey) -> Response:
+        hooks = await asyncio.to_thread(self.store.webhooks)
+        return JSONResponse({"webhooks": [{"account": a, "url": u} for a, u in hooks.items()]})
+
+    async def webhook_set(self, request: Request, key: ApiKey) -> Response:
+        from postwarden.web.webhooks import check_url, new_secret
+
+        data = await read_json(request)
+        account = text_field(data, "account", limit=254).strip().lower()
+        url = check_url(text_field(data, "url", limit=2000))
+        if await self.server.directory.get_account(account) is None:
+            raise ApiError(422, f"account: no account {account}")
+        secret = new_secret()
+        await asyncio.to_thread(self.store.set_webhook, account, url, secret)
+        await self.audit(key, "webhook set", account, {"url": url})
+        return JSONResponse({"account": account, "url": url, "secret": secret},
+                            status_code=201)
+
+    async def webhook_del(self, request: Request, key: ApiKey) -> Response:
+        account = await asyncio.to_thread(self.store.del_webhook,
+                                          request.path_params["account"])
+        await self.audit(key, "webhook del", account)
+        return JSONResponse({"account": account, "deleted": True})
+
     async def openapi_doc(self, request: Request) -> Response:
         return JSONResponse(openapi.document())
 
@@ -315,6 +341,10 @@ class ApiV1:
             Route(f"{v1}/keys", o(self.keys, "admin"), methods=["GET"]),
             Route(f"{v1}/keys", o(self.key_add, "admin"), methods=["POST"]),
             Route(f"{v1}/keys/{{key_id:str}}", o(self.key_del, "admin"), methods=["DELETE"]),
+            Route(f"{v1}/webhooks", o(self.webhooks, "read"), methods=["GET"]),
+            Route(f"{v1}/webhooks", o(self.webhook_set, "admin"), methods=["POST"]),
+            Route(f"{v1}/webhooks/{{account:str}}", o(self.webhook_del, "admin"),
+                  methods=["DELETE"]),
             *(extra or []),
         ]
 

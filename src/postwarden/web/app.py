@@ -331,7 +331,38 @@ class WebAdmin:
 
         accounts = await asyncio.to_thread(read)
         return self.render(request, "accounts.html", session, accounts=accounts,
-                           domains=await asyncio.to_thread(d.list_domains))
+                           domains=await asyncio.to_thread(d.list_domains),
+                           webhooks=await asyncio.to_thread(self.store.webhooks))
+
+    async def webhook_set(self, request: Request, session: Session) -> Response:
+        from postwarden.web.webhooks import check_url, new_secret
+
+        form: FormData = request.state.form
+        address = str(form.get("address", "")).strip().lower()
+        try:
+            url = check_url(str(form.get("url", "")))
+            if await self.server.directory.get_account(address) is None:
+                raise AdminError(f"no account {address}")
+            secret = new_secret()
+            await asyncio.to_thread(self.store.set_webhook, address, url, secret)
+        except AdminError as exc:
+            self.flash(session, "error", str(exc))
+            return self.back(request, "/accounts")
+        await self.audit(session, "webhook set", address, {"url": url})
+        self.flash(session, "ok", f"Delivery webhook of {address}: {url}")
+        self.flash(session, "secret", f"Signing secret (shown only this once): {secret}")
+        return self.back(request, "/accounts")
+
+    async def webhook_del(self, request: Request, session: Session) -> Response:
+        address = str(request.state.form.get("address", ""))
+        try:
+            await asyncio.to_thread(self.store.del_webhook, address)
+        except AdminError as exc:
+            self.flash(session, "error", str(exc))
+            return self.back(request, "/accounts")
+        await self.audit(session, "webhook del", address)
+        self.flash(session, "ok", f"Removed the webhook of {address}.")
+        return self.back(request, "/accounts")
 
     def _password(self, form: FormData) -> tuple[str, bool]:
         given = str(form.get("password", ""))
@@ -515,6 +546,8 @@ class WebAdmin:
             Route("/accounts/del", p(self.account_del, change=True), methods=post),
             Route("/accounts/app-add", p(self.app_add, change=True), methods=post),
             Route("/accounts/app-revoke", p(self.app_revoke, change=True), methods=post),
+            Route("/accounts/webhook-set", p(self.webhook_set, change=True), methods=post),
+            Route("/accounts/webhook-del", p(self.webhook_del, change=True), methods=post),
             Route("/domains", p(self.domains)),
             Route("/domains/add", p(self.domain_add, change=True), methods=post),
             Route("/domains/del", p(self.domain_del, change=True), methods=post),
@@ -529,16 +562,27 @@ class WebAdmin:
         ]
 
 
-def build_routes(server: Any) -> tuple[list[BaseRoute], SqliteAdminStore]:
-    """The web admin's routes on ``server``'s stores, and the admin store
-    (closed by the caller when the listener stops)."""
+def build_routes(server: Any) -> tuple[list[BaseRoute], list[Callable[[], Awaitable[None]]]]:
+    """The web admin's routes on ``server``'s stores, and what to call when
+    the listener stops (the webhook sender, the admin store)."""
     from postwarden.web.api import ApiV1
+    from postwarden.web.operations import OperationsPages
     from postwarden.web.send import SendApi
+    from postwarden.web.webhooks import WebhookSender
 
     store = SqliteAdminStore(server.config.db_path)
     api = ApiV1(server, store)
     send = Route("/api/v1/messages", api.op(SendApi(server).send, "send"), methods=["POST"])
-    from postwarden.web.operations import OperationsPages
-
     web = WebAdmin(server, store)
-    return api.routes([send]) + web.routes() + OperationsPages(web).routes(), store
+    on_stop: list[Callable[[], Awaitable[None]]] = []
+    if server.runner is not None:  # this process delivers: it reports deliveries
+        hooks = WebhookSender(store, server.config.delivery.ca_file)
+        server.runner.on_results.append(hooks.on_results)
+        hooks.start()
+        on_stop.append(hooks.stop)
+
+    async def close() -> None:
+        store.close()
+
+    on_stop.append(close)
+    return api.routes([send]) + web.routes() + OperationsPages(web).routes(), on_stop

@@ -178,6 +178,20 @@ def document() -> dict[str, Any]:
                 "summary": "Revoke an API key (admin)",
                 "parameters": [_path_param("key_id")],
                 "responses": _responses(200, _DELETED, 422)}},
+            "/api/v1/webhooks": {
+                "get": {"summary": "Delivery webhooks of the accounts (read)",
+                        "responses": _responses(200, {"type": "object", "properties": {
+                            "webhooks": {"type": "array", "items": _OBJ}}})},
+                "post": {"summary": "Set an account's delivery webhook (admin); the "
+                                    "signing secret is returned once",
+                         "requestBody": _body({"type": "object", "required": ["account", "url"],
+                                               "properties": {"account": address,
+                                                              "url": {"type": "string"}}}),
+                         "responses": _responses(201, _OBJ, 400, 413, 422)}},
+            "/api/v1/webhooks/{account}": {"delete": {
+                "summary": "Remove an account's delivery webhook (admin)",
+                "parameters": [_path_param("account")],
+                "responses": _responses(200, _DELETED, 422)}},
             "/api/v1/messages": {"post": {
                 "summary": "Send a message as the send key's account",
                 "requestBody": _body(send_body),

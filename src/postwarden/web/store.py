@@ -11,12 +11,16 @@ and owns the tables prefixed ``webadmin_``:
 - ``webadmin_failures``: failed logins per name and per client address,
   counted over a window like failed SMTP AUTH: too many and the login is
   refused until the window has passed;
+- ``webadmin_webhooks``, ``webadmin_webhook_outbox``: each account's
+  delivery webhook (URL and signing secret) and the events waiting to be
+  posted (:mod:`postwarden.web.webhooks`);
 - ``webadmin_api_keys``: API keys (only the SHA-256 of the secret part is
   kept) with their scope (``read``, ``send``, ``admin``) and, for
   ``send``, the mail account they send as.
 
 Security exposure: holds password hashes and token digests, never a
-password or a token.  All SQL is parameterised.
+password or a token (webhook signing secrets are kept as they are: they
+are needed to sign).  All SQL is parameterised.
 """
 
 from __future__ import annotations
@@ -69,6 +73,20 @@ CREATE TABLE IF NOT EXISTS webadmin_api_keys (
     created_by TEXT NOT NULL DEFAULT '',
     last_used REAL
 );
+CREATE TABLE IF NOT EXISTS webadmin_webhooks (
+    account TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webadmin_webhook_outbox (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webadmin_webhook_outbox_due ON webadmin_webhook_outbox (next_try);
 """
 
 
@@ -304,3 +322,51 @@ class SqliteAdminStore(SharedTables):
                               (key_id,)).rowcount:
                 raise AdminError(f"no API key {key_id}")
         return key_id
+
+    # --- webhooks --------------------------------------------------------
+
+    def set_webhook(self, account: str, url: str, secret: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO webadmin_webhooks VALUES (?, ?, ?, ?) ON CONFLICT(account) "
+                       "DO UPDATE SET url = excluded.url, secret = excluded.secret",
+                       (account, url, secret, self.clock()))
+
+    def del_webhook(self, account: str) -> str:
+        with self._write() as db:
+            if not db.execute("DELETE FROM webadmin_webhooks WHERE account = ?",
+                              (account,)).rowcount:
+                raise AdminError(f"no webhook for {account}")
+            db.execute("DELETE FROM webadmin_webhook_outbox WHERE account = ?", (account,))
+        return account
+
+    def webhooks(self) -> dict[str, str]:
+        """{account: url}"""
+        return {str(a): str(u) for a, u in self._query(
+            "SELECT account, url FROM webadmin_webhooks ORDER BY account")}
+
+    def webhook_accounts(self) -> list[str]:
+        return [str(r[0]) for r in self._query("SELECT account FROM webadmin_webhooks")]
+
+    def outbox_add(self, events: list[tuple[str, str]]) -> None:
+        now = self.clock()
+        with self._write() as db:
+            db.executemany("INSERT INTO webadmin_webhook_outbox (account, payload, next_try) "
+                           "VALUES (?, ?, ?)", [(a, p, now) for a, p in events])
+
+    def outbox_due(self, now: float, limit: int) -> list[tuple[int, str, str, str, int]]:
+        """(id, url, secret, payload, attempts) of the events due now."""
+        return [(int(i), str(u), str(s), str(p), int(n))  # type: ignore[call-overload]
+                for i, u, s, p, n in self._query(
+                    "SELECT o.id, w.url, w.secret, o.payload, o.attempts "
+                    "FROM webadmin_webhook_outbox o JOIN webadmin_webhooks w "
+                    "ON w.account = o.account WHERE o.next_try <= ? ORDER BY o.id LIMIT ?",
+                    (now, limit))]
+
+    def outbox_retry(self, row_id: int, attempts: int, next_try: float) -> None:
+        with self._write() as db:
+            db.execute("UPDATE webadmin_webhook_outbox SET attempts = ?, next_try = ? "
+                       "WHERE id = ?", (attempts, next_try, row_id))
+
+    def outbox_done(self, row_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM webadmin_webhook_outbox WHERE id = ?", (row_id,))
