@@ -358,3 +358,25 @@ def test_dashboard_chart_and_trace_after_real_traffic(web: ServerThread, page: A
     assert "bob@remote.example" in page.locator(f"#trace-{held}").inner_text()
     page.click(f"#trace-{held} h2 a")
     assert "Subject: to a remote" in page.locator("pre.headers").inner_text()
+
+
+def test_https_listener_sets_a_secure_cookie(make_server: Callable[..., ServerThread],
+                                             cert_files: tuple[Path, Path],
+                                             browser: Any) -> None:
+    cert, key = cert_files
+    port = free_ports(1)[0]
+    st = make_server(f'[admin]\nenabled = true\naddress = "127.0.0.1:{port}"\n'
+                     f'tls_cert = "{cert}"\ntls_key = "{key}"\n[alerts]\nenabled = false\n')
+    add_admin(st, "root")
+    context = browser.new_context(ignore_https_errors=True)  # a test CA's certificate
+    try:
+        pg = context.new_page()
+        pg.goto(f"https://127.0.0.1:{port}/login")
+        pg.fill("input[name=name]", "root")
+        pg.fill("input[name=password]", ADMIN_PASSWORD)
+        pg.click("button[type=submit]")
+        pg.wait_for_url(f"https://127.0.0.1:{port}/")
+        cookie = next(c for c in context.cookies() if c["name"] == "pw_session")
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    finally:
+        context.close()
