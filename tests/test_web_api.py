@@ -148,3 +148,27 @@ def test_schemathesis_finds_no_server_error(api: ServerThread,
                             "SCHEMATHESIS_HOOKS": ""})
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "passed" in r.stdout, r.stdout
+
+
+def test_trace_bans_quarantine_settings(api: ServerThread, capsys: pytest.CaptureFixture[str],
+                                        client_tls: ssl.SSLContext) -> None:
+    read = new_key(api, capsys, "read")
+    admin = new_key(api, capsys, "admin")
+    queue_id = submit(api, client_tls, "bob@remote.example")
+    status, body = call(api, "GET", "/api/v1/trace?from=" + ALICE, read)
+    assert status == 200 and [m["queue_id"] for m in body["messages"]] == [queue_id]
+    assert body["messages"][0]["recipients"] == ["bob@remote.example"]
+    assert call(api, "GET", "/api/v1/trace?hours=0", read)[0] == 422
+    assert call(api, "GET", "/api/v1/quarantine", read) == (200, {"held": []})
+    assert call(api, "POST", "/api/v1/quarantine/QNONE/release", admin)[0] == 404
+    status, body = call(api, "POST", "/api/v1/bans", admin,
+                        {"address": "198.51.100.0/24", "hours": 1, "reason": "scan"})
+    assert status == 201 and body["network"] == "198.51.100.0/24"
+    _, body = call(api, "GET", "/api/v1/bans", read)
+    assert [b["reason"] for b in body["bans"]] == ["scan"]
+    assert call(api, "POST", "/api/v1/bans", admin, {"address": "nope"})[0] == 422
+    assert call(api, "DELETE", "/api/v1/bans/198.51.100.0/24", admin)[0] == 200
+    assert call(api, "DELETE", "/api/v1/bans/198.51.100.0/24", admin)[0] == 404
+    assert call(api, "GET", "/api/v1/settings", read)[0] == 403
+    status, body = call(api, "GET", "/api/v1/settings", admin)
+    assert status == 200 and body["config"]["hostname"] == api.cfg.hostname

@@ -5,7 +5,7 @@ Authenticated by API keys (``Authorization: Bearer pwk_...``, created with
 
 * ``read``: every ``GET``;
 * ``admin``: every ``GET`` and every change (queue actions, accounts,
-  domains, aliases, keys);
+  domains, aliases, quarantine, bans, keys, webhooks) and the settings;
 * ``send``: ``POST /api/v1/messages`` only, as the key's account.
 
 The operations call the same store methods as the pages and the command
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,11 +31,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from postwarden import cli_quarantine
 from postwarden.auth import password_policy, passwords
 from postwarden.cli_queue import message_dict
 from postwarden.observe import health
+from postwarden.observe import trace as trace_mod
 from postwarden.storage import sqlite_queue_browse as browse
 from postwarden.storage.sqlite_directory import DirectoryError
+from postwarden.storage.sqlite_protect import ProtectError
+from postwarden.storage.sqlite_quarantine import SqliteQuarantine
 from postwarden.web import openapi
 from postwarden.web.store import AdminError, ApiKey, SqliteAdminStore
 
@@ -285,6 +290,95 @@ class ApiV1:
         await self.audit(key, "api-key revoke", key_id)
         return JSONResponse({"key_id": key_id, "deleted": True})
 
+    # --- trace, quarantine, bans, settings -----------------------------------
+
+    async def trace(self, request: Request, key: ApiKey) -> Response:
+        qp = request.query_params
+        try:
+            hours = float(qp.get("hours", "24"))
+            limit = int(qp.get("limit", "50"))
+        except ValueError:
+            raise ApiError(422, "hours: a number; limit: a whole number") from None
+        if not (0 < hours <= 24 * 366 and 1 <= limit <= 500):
+            raise ApiError(422, "0 < hours <= 8784, 1 <= limit <= 500")
+        q = trace_mod.Query(queue_id=qp.get("id", "")[:100],
+                            message_id=qp.get("message_id", "")[:300],
+                            sender=qp.get("from", "")[:300], rcpt=qp.get("to", "")[:300],
+                            since=time.time() - hours * 3600, limit=limit)
+        try:
+            traces = await asyncio.to_thread(trace_mod.search, self.cfg.db_path, q)
+        except FileNotFoundError:
+            traces = []
+        return JSONResponse({"messages": [t.summary() for t in traces]})
+
+    async def quarantine(self, request: Request, key: ApiKey) -> Response:
+        def read() -> list[dict[str, Any]]:
+            with SqliteQuarantine(self.cfg.db_path) as q:
+                return [cli_quarantine.held_dict(h) for h in q.list(limit=500)]
+
+        return JSONResponse({"held": await asyncio.to_thread(read)})
+
+    async def quarantine_action(self, request: Request, key: ApiKey) -> Response:
+        held_id, action = request.path_params["held_id"], request.path_params["action"]
+        if action not in ("release", "delete"):
+            raise ApiError(404, f"no action {action}: release or delete")
+        with SqliteQuarantine(self.cfg.db_path) as q:
+            try:
+                if action == "release":
+                    queue_id = await cli_quarantine.release(self.cfg, q, self.server.store,
+                                                            held_id)
+                    self.server.wake()
+                elif await asyncio.to_thread(q.delete, held_id):
+                    queue_id = ""
+                else:
+                    raise ApiError(404, f"no message {held_id} in the quarantine")
+            except cli_quarantine.QuarantineCommandError as exc:
+                raise ApiError(404, str(exc)) from None
+        await self.audit(key, f"quarantine {action}", held_id)
+        return JSONResponse({"id": held_id, "action": action, "queue_id": queue_id or None})
+
+    async def bans(self, request: Request, key: ApiKey) -> Response:
+        items = await asyncio.to_thread(self.server.protect.list_bans)
+        return JSONResponse({"bans": [{"network": b.network, "reason": b.reason,
+                                       "level": b.level, "until": b.until,
+                                       "created": b.created} for b in items]})
+
+    async def ban_add(self, request: Request, key: ApiKey) -> Response:
+        data = await read_json(request)
+        address = text_field(data, "address", limit=100)
+        reason = text_field(data, "reason", required=False, limit=200) or "banned by the API"
+        hours = data.get("hours")
+        if hours is not None and (isinstance(hours, bool) or not isinstance(hours, int | float)
+                                  or not 0 < hours < 10 * 366 * 24):
+            raise ApiError(422, "hours: a positive number (absent: permanent)")
+        try:
+            ban = await asyncio.to_thread(self.server.protect.add_ban, address, reason,
+                                          None if hours is None else float(hours) * 3600)
+        except ProtectError as exc:
+            raise ApiError(422, str(exc)) from None
+        await self.audit(key, "ban add", address)
+        return JSONResponse({"network": ban.network, "until": ban.until}, status_code=201)
+
+    async def ban_del(self, request: Request, key: ApiKey) -> Response:
+        address = request.path_params["address"]
+        try:
+            found = await asyncio.to_thread(self.server.protect.del_ban, address)
+        except ProtectError as exc:
+            raise ApiError(422, str(exc)) from None
+        if not found:
+            raise ApiError(404, f"no ban for {address}")
+        await self.audit(key, "ban del", address)
+        return JSONResponse({"network": address, "deleted": True})
+
+    async def settings(self, request: Request, key: ApiKey) -> Response:
+        from postwarden.web.operations import masked
+
+        def read() -> Any:
+            with open(self.cfg.path, "rb") as f:
+                return masked(tomllib.load(f))
+
+        return JSONResponse({"path": str(self.cfg.path), "config": await asyncio.to_thread(read)})
+
     # --- webhooks ------------------------------------------------------------
 
     async def webhooks(self, request: Request, key: ApiKey) -> Response:
@@ -341,6 +435,14 @@ class ApiV1:
             Route(f"{v1}/keys", o(self.keys, "admin"), methods=["GET"]),
             Route(f"{v1}/keys", o(self.key_add, "admin"), methods=["POST"]),
             Route(f"{v1}/keys/{{key_id:str}}", o(self.key_del, "admin"), methods=["DELETE"]),
+            Route(f"{v1}/trace", o(self.trace, "read")),
+            Route(f"{v1}/quarantine", o(self.quarantine, "read")),
+            Route(f"{v1}/quarantine/{{held_id:str}}/{{action:str}}",
+                  o(self.quarantine_action, "admin"), methods=["POST"]),
+            Route(f"{v1}/bans", o(self.bans, "read"), methods=["GET"]),
+            Route(f"{v1}/bans", o(self.ban_add, "admin"), methods=["POST"]),
+            Route(f"{v1}/bans/{{address:path}}", o(self.ban_del, "admin"), methods=["DELETE"]),
+            Route(f"{v1}/settings", o(self.settings, "admin")),
             Route(f"{v1}/webhooks", o(self.webhooks, "read"), methods=["GET"]),
             Route(f"{v1}/webhooks", o(self.webhook_set, "admin"), methods=["POST"]),
             Route(f"{v1}/webhooks/{{account:str}}", o(self.webhook_del, "admin"),

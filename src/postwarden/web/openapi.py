@@ -178,6 +178,44 @@ def document() -> dict[str, Any]:
                 "summary": "Revoke an API key (admin)",
                 "parameters": [_path_param("key_id")],
                 "responses": _responses(200, _DELETED, 422)}},
+            "/api/v1/trace": {"get": {
+                "summary": "Find messages and their history, as postwarden trace (read)",
+                "parameters": [
+                    {"name": n, "in": "query", "schema": {"type": "string"}}
+                    for n in ("id", "message_id", "from", "to")] + [
+                    {"name": "hours", "in": "query", "schema": {
+                        "type": "number", "exclusiveMinimum": 0, "maximum": 8784}},
+                    {"name": "limit", "in": "query", "schema": {
+                        "type": "integer", "minimum": 1, "maximum": 500}}],
+                "responses": _responses(200, {"type": "object", "properties": {
+                    "messages": {"type": "array", "items": _OBJ}}}, 422)}},
+            "/api/v1/quarantine": {"get": {
+                "summary": "Messages held by a content filter (read)",
+                "responses": _responses(200, {"type": "object", "properties": {
+                    "held": {"type": "array", "items": _OBJ}}})}},
+            "/api/v1/quarantine/{held_id}/{action}": {"post": {
+                "summary": "Release or delete a held message (admin)",
+                "parameters": [_path_param("held_id"), {
+                    "name": "action", "in": "path", "required": True,
+                    "schema": {"enum": ["release", "delete"]}}],
+                "responses": _responses(200, _OBJ, 404)}},
+            "/api/v1/bans": {
+                "get": {"summary": "Active bans (read)",
+                        "responses": _responses(200, {"type": "object", "properties": {
+                            "bans": {"type": "array", "items": _OBJ}}})},
+                "post": {"summary": "Ban an address or network (admin)",
+                         "requestBody": _body({"type": "object", "required": ["address"],
+                                               "properties": {
+                             "address": {"type": "string"}, "reason": {"type": "string"},
+                             "hours": {"type": "number", "exclusiveMinimum": 0}}}),
+                         "responses": _responses(201, _OBJ, 400, 413, 422)}},
+            "/api/v1/bans/{address}": {"delete": {
+                "summary": "Lift a ban (admin)",
+                "parameters": [_path_param("address")],
+                "responses": _responses(200, _DELETED, 404, 422)}},
+            "/api/v1/settings": {"get": {
+                "summary": "The active config file, secrets masked (admin)",
+                "responses": _responses(200, _OBJ)}},
             "/api/v1/webhooks": {
                 "get": {"summary": "Delivery webhooks of the accounts (read)",
                         "responses": _responses(200, {"type": "object", "properties": {
