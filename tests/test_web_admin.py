@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import DOMAIN, PASSWORD, ServerThread, maildir_messages, require_peer, wait_for
+from tests.conftest import DOMAIN, PASSWORD, ServerThread, maildir_messages, require_tool, wait_for
 from tests.test_service import free_ports
 
 from postwarden import cli
@@ -37,9 +37,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    chromium = require_peer("chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
+    chromium = require_tool("chromium")
+    from playwright.sync_api import sync_playwright  # the test extra
+
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield b
         b.close()
