@@ -140,7 +140,8 @@ def test_failing_endpoint_is_retried_with_backoff(hooked: ServerThread, receiver
     assert wait_for(lambda: receiver.requests, 20)
     with SqliteAdminStore(hooked.cfg.db_path) as store:
         now = time.time()
-        assert wait_for(lambda: store.outbox_due(now + 3600, 10), 5)
-        assert store.outbox_due(now + 5, 10) == []  # not before the backoff
+        # The failed attempt is recorded (attempt 1), the next one not before the backoff.
+        assert wait_for(lambda: [r for r in store.outbox_due(now + 3600, 10) if r[4] == 1], 10)
+        assert store.outbox_due(now + 5, 10) == []
         ((_, url, _, payload, attempts),) = store.outbox_due(now + 3600, 10)
         assert url == receiver.url and attempts == 1 and json.loads(payload)["recipient"] == BOB
