@@ -133,7 +133,7 @@ def test_key_created_in_the_web_admin(api: ServerThread, page: Any) -> None:
     assert call(api, "GET", "/api/v1/status", key)[0] == 401
 
 
-def test_schemathesis_finds_no_server_error(api: ServerThread,
+def test_schemathesis_finds_no_server_error(api: ServerThread, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     st_cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert st_cli is not None, "schemathesis (the test extra) is not installed"
@@ -142,7 +142,7 @@ def test_schemathesis_finds_no_server_error(api: ServerThread,
                         "--checks", "not_a_server_error", "--max-examples", "25",
                         "-H", f"Authorization: Bearer {admin}", "--request-timeout", "10",
                         "--no-color"],
-                       capture_output=True, text=True, timeout=600,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env={"PATH": "/usr/bin:/bin", "HOME": str(api.cfg.data_dir),
                             "SCHEMATHESIS_HOOKS": ""})
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

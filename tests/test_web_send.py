@@ -148,7 +148,7 @@ def test_refusals(sender: ServerThread, capsys: pytest.CaptureFixture[str]) -> N
     assert codes == [202] * 5 + [429]
 
 
-def test_schemathesis_send_api(sender: ServerThread,
+def test_schemathesis_send_api(sender: ServerThread, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     st_cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert st_cli is not None, "schemathesis (the test extra) is not installed"
@@ -158,7 +158,7 @@ def test_schemathesis_send_api(sender: ServerThread,
                         "--checks", "not_a_server_error", "--max-examples", "40",
                         "-H", f"Authorization: Bearer {key}", "--request-timeout", "20",
                         "--no-color"],
-                       capture_output=True, text=True, timeout=600,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env={"PATH": "/usr/bin:/bin", "HOME": str(sender.cfg.data_dir)})
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "passed" in r.stdout
