@@ -381,3 +381,19 @@ def test_https_listener_sets_a_secure_cookie(make_server: Callable[..., ServerTh
         assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     finally:
         context.close()
+
+
+def test_no_open_redirect_and_bounded_bodies(web: ServerThread, page: Any) -> None:
+    for target in ("//evil.example/", "/\\evil.example/", "https://evil.example/"):
+        page.goto(base(web) + "/login?" + urllib.parse.urlencode({"next": target}))
+        page.fill("input[name=name]", "root")
+        page.fill("input[name=password]", ADMIN_PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(base(web) + "/")
+        page.context.clear_cookies()
+    # A body larger than any form is refused before it is read.
+    req = urllib.request.Request(base(web) + "/login", data=b"x" * (2 * 1024 * 1024),
+                                 method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 413

@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute, Route
 from postwarden import __version__
 from postwarden.observe import health
 from postwarden.observe.metrics import CONTENT_TYPE
-from postwarden.web.security import SecurityHeaders
+from postwarden.web.security import BodyLimit, SecurityHeaders
 
 
 def build_admin_app(server: Any) -> Starlette:
@@ -60,6 +60,9 @@ def build_admin_app(server: Any) -> Starlette:
     from postwarden.web.app import build_routes
 
     web_routes, on_stop = build_routes(server)
-    app = Starlette(routes=routes + web_routes, middleware=[Middleware(SecurityHeaders)])
+    big = server.config.limits.message_size_max * 4 // 3 + 65536  # base64 in JSON
+    app = Starlette(routes=routes + web_routes, middleware=[
+        Middleware(SecurityHeaders),
+        Middleware(BodyLimit, big=big, big_paths=("/api/v1/messages",))])
     app.state.on_stop = on_stop  # called by HttpService.stop
     return app

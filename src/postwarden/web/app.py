@@ -139,9 +139,7 @@ class WebAdmin:
 
     def back(self, request: Request, default: str) -> RedirectResponse:
         form: FormData = request.state.form
-        target = str(form.get("back") or default)
-        if not target.startswith("/") or target.startswith("//"):
-            target = default
+        target = security.safe_target(str(form.get("back") or default), default)
         return RedirectResponse(target, status_code=303)
 
     # --- login -----------------------------------------------------------
@@ -188,10 +186,8 @@ class WebAdmin:
                                                  admin.session_lifetime)
         log.info("web_login", admin=user.name, client_ip=ip)
         await self.audit(session, "admin login", user.name, {"client_ip": ip})
-        target = str(form.get("next") or "/")
-        if not target.startswith("/") or target.startswith("//"):
-            target = "/"
-        response = RedirectResponse(target, status_code=303)
+        response = RedirectResponse(security.safe_target(str(form.get("next") or "/")),
+                                    status_code=303)
         security.set_cookie(response, request, security.SESSION_COOKIE, token,
                             int(admin.session_lifetime))
         security.clear_cookie(response, request, security.LOGIN_COOKIE)

@@ -28,6 +28,8 @@ SESSION_COOKIE = "pw_session"
 LOGIN_COOKIE = "pw_login"
 LOGIN_COOKIE_AGE = 3600
 CSRF_FIELD = "csrf"
+# Form posts and API requests other than sending mail.
+FORM_BODY_MAX = 1024 * 1024
 
 HEADERS = [
     (b"content-security-policy",
@@ -60,6 +62,51 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies above ``limit`` bytes (``big`` for
+    the paths in ``big_paths``) get 413, or are cut off when they come
+    without a Content-Length (the application sees the client leave)."""
+
+    def __init__(self, app: ASGIApp, limit: int = FORM_BODY_MAX, big: int = FORM_BODY_MAX,
+                 big_paths: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.limit = limit
+        self.big = big
+        self.big_paths = big_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.big if scope.get("path", "") in self.big_paths else self.limit
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            response = Response(f"request body larger than {limit} bytes\n", status_code=413,
+                                media_type="text/plain")
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def bounded() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, bounded, send)
+
+
+def safe_target(target: str, default: str = "/") -> str:
+    """A local path to redirect to, never another site (``//host``, ``/\\host``)."""
+    if (not target.startswith("/") or target.startswith(("//", "/\\"))
+            or any(c in target for c in "\\\r\n\t") or not target.isprintable()):
+        return default
+    return target
 
 
 def is_tls(request: Request) -> bool:
