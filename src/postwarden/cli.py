@@ -30,6 +30,7 @@ from postwarden import (
     __version__,
     bootstrap,
     cli_access,
+    cli_admin,
     cli_ban,
     cli_dns,
     cli_observe,
@@ -48,6 +49,7 @@ from postwarden.storage.sqlite_directory import (
     SqliteDirectory,
     check_domain,
 )
+from postwarden.web.store import AdminError
 
 PROG = "postwarden"
 EXIT_OK = 0
@@ -480,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_dns.add_parsers(sub, _with_config)
     onboard_commands.add_parsers(sub, _with_config)
     cli_observe.add_parsers(sub, _with_config)
+    cli_admin.add_parsers(sub, _with_config)
     return p
 
 
@@ -510,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
             cli_quarantine.QuarantineCommandError, sendtest.SendTestError,
             cli_observe.ObserveCommandError,
-            onboard_interactive.InitCancelled) as exc:
+            onboard_interactive.InitCancelled, AdminError) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")

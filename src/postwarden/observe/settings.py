@@ -35,16 +35,41 @@ ADMIN_ADDRESS = "127.0.0.1:9425"
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
-    """``[admin]``: the metrics and health listener."""
+    """``[admin]``: the metrics and health listener, and the web admin with
+    its HTTP API (:mod:`postwarden.web`) on the same address."""
 
     enabled: bool = False
     address: str = ADMIN_ADDRESS  # HOST:PORT, parsed by the config module
+    # The web admin and the JSON API (admin accounts: postwarden admin add).
+    web: bool = True
+    # HTTPS on this listener (both or neither; relative to the config file).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # How long a login lasts; failed logins (per name and per client
+    # address) before the login is refused for login_window.
+    session_lifetime: float = 8 * 3600.0
+    login_failures: int = 5
+    login_window: float = 900.0
+    # Messages a send API key may submit per minute.
+    send_rate: int = 60
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> AdminSettings:
-        _unknown(table, {"enabled", "address"})
+        _unknown(table, {"enabled", "address", "web", "tls_cert", "tls_key",
+                         "session_lifetime", "login_failures", "login_window", "send_rate"})
+        d = cls()
+        cert, key = _str(table, "tls_cert"), _str(table, "tls_key")
+        if bool(cert) != bool(key):
+            raise ValueError("tls_cert: give both tls_cert and tls_key, or neither")
         return cls(enabled=_bool(table, "enabled", False),
-                   address=_str(table, "address", ADMIN_ADDRESS))
+                   address=_str(table, "address", ADMIN_ADDRESS),
+                   web=_bool(table, "web", True), tls_cert=cert, tls_key=key,
+                   session_lifetime=_duration(table, "session_lifetime", d.session_lifetime),
+                   login_failures=int(_number(table, "login_failures", d.login_failures,
+                                              minimum=1, integer=True)),
+                   login_window=_duration(table, "login_window", d.login_window),
+                   send_rate=int(_number(table, "send_rate", d.send_rate, minimum=1,
+                                         integer=True)))
 
 
 @dataclass(frozen=True, slots=True)
