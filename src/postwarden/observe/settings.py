@@ -9,7 +9,7 @@ module turns into a :class:`~postwarden.config.ConfigError` naming the key.
   autoconfiguration and MTA-STS to the public through the domain's web
   server, while metrics say how much mail flows and from where, which is
   nobody's business but the operator's.  Off by default; when on it listens
-  on loopback (127.0.0.1:9425) unless told otherwise.
+  on loopback (127.0.0.1:8080) unless told otherwise.
 * ``[alerts]``: the rules of :mod:`postwarden.observe.alerts` with their
   thresholds, and where alerts go (the postmaster by mail, a webhook).
 * ``[trace]``: how long the history of every message is kept.
@@ -30,7 +30,7 @@ from postwarden.settings_table import number as _number
 from postwarden.settings_table import string as _str
 from postwarden.settings_table import unknown as _unknown
 
-ADMIN_ADDRESS = "127.0.0.1:9425"
+ADMIN_ADDRESS = "127.0.0.1:8080"
 
 
 @dataclass(frozen=True, slots=True)

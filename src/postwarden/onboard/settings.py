@@ -6,7 +6,7 @@ that the config module turns into a :class:`~postwarden.config.ConfigError`.
 
 * ``[http]``: the HTTP listener serving mail-client autoconfiguration and
   the MTA-STS policy.  Off by default; when switched on it listens on
-  loopback (127.0.0.1:8080) unless told otherwise, so that the domain's web
+  loopback (127.0.0.1:8081) unless told otherwise, so that the domain's web
   server (which holds the HTTPS certificates of ``autoconfig.DOMAIN``,
   ``autodiscover.DOMAIN`` and ``mta-sts.DOMAIN``) proxies to it.
 * ``[clients]``: what mail clients are told: the server name, the public
@@ -31,7 +31,7 @@ from postwarden.settings_table import boolean as _bool
 from postwarden.settings_table import port as _port
 from postwarden.settings_table import unknown as _unknown
 
-HTTP_ADDRESS = "127.0.0.1:8080"
+HTTP_ADDRESS = "127.0.0.1:8081"
 MTA_STS_MODES = ("testing", "enforce", "none")
 IMAP_SECURITY = ("ssl", "starttls")
 IMAP_PORTS = {"ssl": 993, "starttls": 143}
