@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postwarden import __version__
 from postwarden.auth import password_policy
@@ -59,12 +60,12 @@ from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
+from postwarden.storage.factory import queue_store
 from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_greylist import SqliteGreylist
 from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import SqliteQuarantine
-from postwarden.storage.sqlite_queue import SqliteQueueStore
 from postwarden.workers import (
     CommitNotifier,
     WorkerArgs,
@@ -73,6 +74,9 @@ from postwarden.workers import (
     die_with_parent,
     process_count,
 )
+
+if TYPE_CHECKING:
+    from postwarden.storage.factory import AnyQueueStore
 
 log = get_logger("app")
 
@@ -95,7 +99,7 @@ class Server:
         self.conn_table = conn_table
         self.listeners: list[Listener] = []
         self.runner: QueueRunner | None = None
-        self.store: SqliteQueueStore | None = None
+        self.store: AnyQueueStore | None = None
         self.directory: SqliteDirectory | None = None
         self.tls = TlsContexts(config.tls)
         self.control: ControlServer | None = None
@@ -124,7 +128,8 @@ class Server:
         if self.worker is None:  # the main process migrated before starting workers
             await asyncio.to_thread(migrate.prepare, cfg)
         self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
-        self.store = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
+        # [storage] backend: SQLite (default) or PostgreSQL shared by nodes.
+        self.store = queue_store(cfg, node=self.worker is None)
         self.store.events_keep = cfg.trace.retention
         await self.store.start()
         # Metrics: shared among the processes when there are several
@@ -133,6 +138,12 @@ class Server:
         if self.worker is None:
             metrics.collectors.append(metrics_mod.StateCollector(
                 lambda: health.state_gauges(cfg.db_path)))
+            if cfg.storage.postgres:  # this node's leases (a shared queue)
+                from postwarden.storage.pg_queue import PgQueueStore, node_gauges
+
+                assert isinstance(self.store, PgQueueStore)
+                metrics.collectors.append(metrics_mod.StateCollector(
+                    functools.partial(node_gauges, self.store)))
         resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
                             cache=DNS_CACHE_ENTRIES)
         resolver.observe = metrics.dns_lookup

@@ -646,6 +646,22 @@ class PgQueueStore:
             return await self._load(conn, ids)
 
 
+def node_gauges(store: PgQueueStore) -> list[tuple[str, str, dict[tuple[str, ...], float],
+                                                    tuple[str, ...]]]:
+    """Scrape-time gauges of this node's leases (``/metrics``)."""
+    node = (store.node_id,)
+    stats = store.lease_stats
+    return [
+        ("postwarden_node_deliveries_in_flight", "Messages this node holds a delivery lease on",
+         {node: float(store.in_flight)}, ("node",)),
+        ("postwarden_node_claims", "Messages this node claimed since it started",
+         {node: float(stats.claimed)}, ("node",)),
+        ("postwarden_node_lease_takeovers", "Messages this node claimed after another node's "
+         "lease expired (a delivery there may have been under way: possible duplicates)",
+         {node: float(stats.takeovers)}, ("node",)),
+    ]
+
+
 async def _insert_events(conn: asyncpg.Connection, events: Sequence[DeliveryEvent]) -> None:
     if events:
         await conn.executemany(_INSERT_EVENT, [
