@@ -93,6 +93,22 @@ def pg_schema() -> Iterator[str]:
     asyncio.run(drop())
 
 
+async def pg_pool(schema: str) -> Any:
+    """An asyncpg pool on ``schema`` (created and migrated by postwarden),
+    for the stores that share a node's pool (protection, greylisting)."""
+    import asyncpg
+
+    from postwarden.storage.pg_schema import prepare
+
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await prepare(conn, schema)
+    finally:
+        await conn.close()
+    return await asyncpg.create_pool(PG_DSN, min_size=1, max_size=4,
+                                     server_settings={"search_path": schema})
+
+
 def write_cert(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
     """A certificate from ``ca`` for ``names``: (chain file, key file 0600)."""
     issued = ca.issue_cert(*names)

@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import smtplib
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -83,7 +86,7 @@ class Node:
 
     def __init__(self, directory: Path, cert_files: tuple[Path, Path], dns_port: int,
                  schema: str, sink_port: int, *, workers: int = 4, scan: float = 60.0,
-                 lease: float = 30.0, heartbeat: float = 1.0) -> None:
+                 lease: float = 30.0, heartbeat: float = 1.0, extra: str = "") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.dir = directory
         ports = free_ports(3)
@@ -93,7 +96,8 @@ class Node:
                  f"workers = {workers}\n"
                  f'[transports]\n"sink.example" = "smtp:[127.0.0.1]:{sink_port}"\n'
                  f'[storage]\nbackend = "postgres"\ndsn = "{PG_DSN}"\nschema = "{schema}"\n'
-                 f"pool_min = 1\npool_max = 4\nlease = {lease}\nheartbeat = {heartbeat}\n")
+                 f"pool_min = 1\npool_max = 4\nlease = {lease}\nheartbeat = {heartbeat}\n"
+                 + extra)
         self.config_path = write_config(directory, cert_files, extra,
                                         ports=(ports[0], ports[1], ports[2]), dns_port=dns_port)
         with_top(self.config_path, "processes = 1")
@@ -231,3 +235,69 @@ def test_sigkill_mid_delivery_loses_nothing_and_duplicates_stay_within_the_lease
     rows = pg(pg_schema, "SELECT takeovers, heartbeat FROM nodes ORDER BY heartbeat")
     assert len(rows) == 2 and rows[-1]["takeovers"] == len(takeovers)
     assert b.stop() == 0
+
+
+# ---- shared protection state ------------------------------------------------
+
+def greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        return s.recv(200)
+
+
+def rcpt_replies(port: int, *rcpts: str) -> list[int]:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    try:  # no QUIT: a ban may end the session
+        client.ehlo("prober.remote.example")
+        client.mail("prober@remote.example")
+        return [client.rcpt(r)[0] for r in rcpts]
+    finally:
+        client.close()
+
+
+def test_a_ban_on_node_a_refuses_the_client_on_node_b(nodes: Any, pg_schema: str) -> None:
+    extra = "[bans]\nharvest_rejects = 3\n"
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    assert greeting(b.port).startswith(b"220 ")
+    # A directory harvest on A: three unknown recipients, then a ban.
+    # The third reject is the ban: 421 and the session ends.
+    assert rcpt_replies(a.port, *(f"nobody{i}@example.test" for i in range(3))) == [550, 550, 421]
+    wait_for(lambda: greeting(b.port).startswith(b"421 4.7.0"), 10, "node B to refuse")
+    [ban] = pg(pg_schema, "SELECT network, reason FROM protect_bans")
+    assert ban["network"] == "127.0.0.1/32"
+    # Lifted through B's configuration: A accepts the client again.
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(b.config_path), "ban",
+                          "del", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: greeting(a.port).startswith(b"220 "), 10, "node A to accept again")
+    # An administrator's ban through A's configuration reaches B.
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(a.config_path), "ban",
+                          "add", "127.0.0.0/8", "--reason", "test"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: greeting(b.port).startswith(b"421 4.7.0"), 10, "node B to refuse")
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_rate_limits_count_what_a_client_did_on_every_node(nodes: Any) -> None:
+    extra = "[ratelimit]\nip_messages = 4\n"
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    send(a.port, "rl-a", 2)
+    send(b.port, "rl-b", 2)
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        send(a.port, "rl-over", 1)
+    assert info.value.smtp_code in (450, 451, 452, 550)
+    with pytest.raises(smtplib.SMTPSenderRefused):
+        send(b.port, "rl-over", 1)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_greylist_retry_passes_on_the_other_node(nodes: Any, sink: Sink) -> None:
+    extra = "[greylist]\nenabled = true\ndelay = 1\n"
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    assert rcpt_replies(a.port, FORWARD) == [451]  # first attempt: greylisted on A
+    time.sleep(1.2)
+    assert rcpt_replies(b.port, FORWARD) == [250]  # the retry reaches B: passed
+    assert a.stop() == 0 and b.stop() == 0

@@ -271,3 +271,31 @@ def test_a_damaged_body_is_quarantined(tmp_path: Path, pg_schema: str) -> None:
         await store.close()
 
     run(main)
+
+
+def test_protection_state_is_the_same_for_two_nodes(pg_schema: str) -> None:
+    from tests.conftest import pg_pool
+
+    from postwarden.storage.pg_protect import PgProtectStore
+
+    async def main() -> None:
+        pool_a, pool_b = await pg_pool(pg_schema), await pg_pool(pg_schema)
+        a, b = PgProtectStore(pool_a), PgProtectStore(pool_b)
+        assert await b.banned("192.0.2.9") is None  # B caches "no bans"
+        await a.ban("192.0.2.9", "auth", (900.0,), 86400.0)
+        await asyncio.sleep(1.1)  # BAN_CACHE_SECONDS
+        ban = await b.banned("192.0.2.9")
+        assert ban is not None and ban.reason == "auth"
+        # Failures and rates count what the client did on both nodes.
+        assert [await s.record("auth_ip", "192.0.2.7", 900) for s in (a, b, a)] == [1, 2, 3]
+        await a.clear("auth_ip", "192.0.2.7")
+        assert await b.record("auth_ip", "192.0.2.7", 900) == 1
+        await a.add_rates([("msg:ip:192.0.2.7", 2)], 3600)
+        await b.add_rates([("msg:ip:192.0.2.7", 3)], 3600)
+        assert await a.rate("msg:ip:192.0.2.7", 3600) == pytest.approx(5, abs=0.01)
+        await a.lock("Alice@example.test", "192.0.2.7", "auth", 600)
+        assert await b.locked("alice@example.test", "192.0.2.7")
+        await pool_a.close()
+        await pool_b.close()
+
+    run(main)

@@ -62,7 +62,6 @@ from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
 from postwarden.storage.factory import queue_store
 from postwarden.storage.sqlite_directory import SqliteDirectory
-from postwarden.storage.sqlite_greylist import SqliteGreylist
 from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import SqliteQuarantine
@@ -76,6 +75,8 @@ from postwarden.workers import (
 )
 
 if TYPE_CHECKING:
+    from postwarden.policy.bans import ProtectStore
+    from postwarden.policy.greylist import GreylistStore
     from postwarden.storage.factory import AnyQueueStore
 
 log = get_logger("app")
@@ -103,8 +104,8 @@ class Server:
         self.directory: SqliteDirectory | None = None
         self.tls = TlsContexts(config.tls)
         self.control: ControlServer | None = None
-        self.greylist: SqliteGreylist | None = None
-        self.protect: SqliteProtectStore | None = None
+        self.greylist: GreylistStore | None = None
+        self.protect: ProtectStore | None = None
         self.quarantine: SqliteQuarantine | None = None
         self.http: Any = None  # postwarden.onboard.web.HttpService when [http] enabled
         self.admin: Any = None  # the same for [admin] (postwarden.observe.admin)
@@ -158,7 +159,16 @@ class Server:
             cfg.passwords, self.directory.password_changed, used_app_password))
         # Bans (refused at connect, before any DNS lookup), brute-force and
         # harvest counters, rate limits: state shared in the database.
-        self.protect = SqliteProtectStore(cfg.db_path)
+        pg_pool = None
+        if cfg.storage.postgres:  # shared by the nodes
+            from postwarden.storage.pg_protect import PgProtectStore
+            from postwarden.storage.pg_queue import PgQueueStore
+
+            assert isinstance(self.store, PgQueueStore)
+            pg_pool = self.store.pool
+            self.protect = PgProtectStore(pg_pool)
+        else:
+            self.protect = SqliteProtectStore(cfg.db_path)
         bans.install(policy, self.protect, cfg.bans)
         ratelimit.install(policy, self.protect, cfg.ratelimit)
         # Accounts suspended by the spike detector or the administrator
@@ -167,7 +177,7 @@ class Server:
         alerts_mod.install_suspension(policy, self.monitor)
         # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
         listed = dnsbl.install(policy, cfg.dnsbl, resolver)
-        self.greylist = greylist.install(policy, cfg)
+        self.greylist = greylist.install(policy, cfg, pg_pool)
         ctx = ServerContext(config=cfg, tls=self.tls, directory=self.directory,
                             queue=self.store, policy=policy,
                             verify_password=CredentialVerifier(

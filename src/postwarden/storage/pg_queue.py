@@ -162,6 +162,14 @@ class PgQueueStore:
         return LeaseStats(self._counters.claimed, self._counters.takeovers)
 
     @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool (shared with the protection and greylist
+        stores of this process)."""
+        if self._pool is None:
+            raise StorageError("queue store is not open")
+        return self._pool
+
+    @property
     def in_flight(self) -> int:
         return len(self._counters.in_flight)
 

@@ -11,6 +11,11 @@ Version history:
 1. ``messages`` (with the body, and the delivery lease: ``lease_owner``,
    ``lease_until``), ``recipients``, ``events`` (the history, outliving the
    message) and ``nodes`` (one row per running node, its heartbeat).
+2. The shared protection state: ``protect_bans``, ``protect_locks``,
+   ``protect_events``, ``protect_rates`` (bans, account locks, failure
+   counters, rate counters), and greylisting: ``greylist_triplets``,
+   ``greylist_clients``; the same tables as SQLite's, so a ban or a
+   greylist pass on one node holds on every node.
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -22,7 +27,7 @@ from typing import Any
 
 from postwarden.storage.base import StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -90,8 +95,51 @@ CREATE TABLE nodes (
 )
 """
 
+_V2 = """
+CREATE TABLE protect_bans (
+    network TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    level INTEGER NOT NULL DEFAULT 0,
+    until DOUBLE PRECISION,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE protect_locks (
+    account TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    until DOUBLE PRECISION NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (account, ip)
+);
+CREATE TABLE protect_events (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX protect_events_key ON protect_events (kind, key, at);
+CREATE TABLE protect_rates (
+    key TEXT NOT NULL,
+    window_start BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (key, window_start)
+);
+CREATE TABLE greylist_triplets (
+    network TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    first_seen DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (network, sender, recipient)
+);
+CREATE INDEX greylist_triplets_first ON greylist_triplets (first_seen);
+CREATE TABLE greylist_clients (
+    network TEXT PRIMARY KEY,
+    allowed_until DOUBLE PRECISION NOT NULL
+)
+"""
+
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
 
 
 def _statements(script: str) -> list[str]:
