@@ -12,6 +12,7 @@ dead node held.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import smtplib
 import socket
@@ -132,6 +133,13 @@ def send(port: int, tag: str, count: int) -> list[str]:
     return ids
 
 
+def nodes_cli(node: Node, *args: str) -> Any:
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(node.config_path),
+                          "nodes", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if "--json" in args else out.stdout
+
+
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -167,8 +175,10 @@ def test_one_node_on_postgres_delivers_and_the_cli_sees_the_shared_queue(
     assert set(sink.ids) == set(ids) and set(sink.ids.values()) == {1}
     wait_for(lambda: not pg(pg_schema, "SELECT 1 FROM messages"), 10, "an empty queue")
     assert queue_list(a.config_path) == []
-    [row] = pg(pg_schema, "SELECT hostname, in_flight FROM nodes")
-    assert row["in_flight"] == 0
+    [row] = nodes_cli(a, "--json")
+    assert row["live"] and row["in_flight"] == 0 and row["heartbeat_age"] < 5
+    assert a.service is not None and row["pid"] == a.service.proc.pid
+    assert "live" in nodes_cli(a)
     assert a.stop() == 0
     assert pg(pg_schema, "SELECT 1 FROM nodes") == []  # deregistered
 
@@ -234,6 +244,12 @@ def test_sigkill_mid_delivery_loses_nothing_and_duplicates_stay_within_the_lease
     # Counted per node: B's row (A's stays behind with a stale heartbeat).
     rows = pg(pg_schema, "SELECT takeovers, heartbeat FROM nodes ORDER BY heartbeat")
     assert len(rows) == 2 and rows[-1]["takeovers"] == len(takeovers)
+    # `postwarden nodes`: A is gone, B live; --prune forgets A.
+    listed = {r["pid"]: r for r in nodes_cli(b, "--json")}
+    assert b.service is not None and a.service is not None
+    assert listed[b.service.proc.pid]["live"] and not listed[a.service.proc.pid]["live"]
+    assert listed[b.service.proc.pid]["takeovers"] == len(takeovers)
+    assert [r["pid"] for r in nodes_cli(b, "--json", "--prune")] == [b.service.proc.pid]
     assert b.stop() == 0
 
 

@@ -32,6 +32,7 @@ from postwarden import (
     cli_access,
     cli_ban,
     cli_dns,
+    cli_nodes,
     cli_observe,
     cli_quarantine,
     cli_queue,
@@ -486,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_dns.add_parsers(sub, _with_config)
     onboard_commands.add_parsers(sub, _with_config)
     cli_observe.add_parsers(sub, _with_config)
+    cli_nodes.add_parser(sub, _with_config)
     return p
 
 

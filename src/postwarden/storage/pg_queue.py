@@ -644,6 +644,12 @@ class PgQueueStore:
                 "FROM nodes ORDER BY started, node_id")
         return [dict(r) for r in rows]
 
+    async def forget_nodes(self, node_ids: Sequence[str]) -> None:
+        """Remove the rows of nodes that are gone (``postwarden nodes --prune``)."""
+        async with self._acquire() as conn:
+            await conn.execute("DELETE FROM nodes WHERE node_id = ANY($1::text[])",
+                               list(node_ids))
+
     # Last: a method named ``list`` shadows the builtin in later signatures.
     async def list(self, limit: int = 1000) -> list[QueuedMessage]:
         async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",
