@@ -81,6 +81,7 @@ log = get_logger("queue")
 
 CHANNEL = "postwarden_queue"
 READ_CHUNK = 64 * 1024
+WHOLE_READ = 256 * 1024
 STATE_ACTIVE = "active"
 STATE_CORRUPT = "corrupt"
 COMMIT_LANES = 4  # batches committing at once (each on its own connection)
@@ -115,6 +116,15 @@ class _Commit:
     events: list[tuple[Any, ...]]
     future: asyncio.Future[str]
     error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Record:
+    queue_id: str
+    results: list[RecipientResult]
+    events: list[DeliveryEvent]
+    now: float
+    future: asyncio.Future[bool]
 
 
 @dataclass
@@ -152,6 +162,8 @@ class PgQueueStore:
         self._listener: asyncpg.Connection | None = None
         self._pending: list[_Commit] = []
         self._lanes = 0
+        self._results: list[_Record] = []
+        self._result_lanes = 0
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._counters = _Counters()
@@ -259,6 +271,7 @@ class PgQueueStore:
         now = self._clock()
         held = list(self._counters.in_flight)
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit TO off")  # as for claims
             if held:
                 await conn.execute(
                     "UPDATE messages SET lease_until = $1 "
@@ -404,6 +417,9 @@ class PgQueueStore:
             return []
         until = self._clock() + self.settings.lease
         async with self._acquire() as conn, conn.transaction():
+            # A claim lost in a database crash only frees the message for
+            # another claim (at least once): no need to wait for the flush.
+            await conn.execute("SET LOCAL synchronous_commit TO off")
             rows = await conn.fetch(
                 "WITH c AS (SELECT m.queue_id, m.lease_owner FROM messages m "
                 "WHERE m.queue_id IN (SELECT r.queue_id FROM recipients r "
@@ -441,16 +457,57 @@ class PgQueueStore:
 
     async def record_results(self, queue_id: str, results: list[RecipientResult],
                              events: Sequence[DeliveryEvent] = ()) -> None:
-        now = self._clock()
+        """As SqliteQueueStore.record_results.  Results that arrive together
+        share one transaction (one WAL flush), each in a savepoint of its own."""
+        job = _Record(queue_id, list(results), list(events), self._clock(),
+                      asyncio.get_running_loop().create_future())
+        self._results.append(job)
+        if self._result_lanes < COMMIT_LANES:
+            self._result_lanes += 1
+            task = asyncio.create_task(self._record_lane(), name="pg-results")
+            self._lane_tasks.add(task)
+            task.add_done_callback(self._lane_tasks.discard)
         try:
-            async with self._acquire() as conn, conn.transaction():
-                removed = await self._record(conn, queue_id, list(results), list(events), now)
-        except asyncpg.PostgresError as exc:
-            raise StorageError(f"queue write failed: {_describe(exc)}") from exc
+            removed = await job.future
         finally:
             self._counters.in_flight.discard(queue_id)
         if removed:
             log.info("removed", queue_id=queue_id, reason="delivered")
+
+    async def _record_lane(self) -> None:
+        try:
+            while self._results:
+                batch, self._results = self._results[:BATCH_MAX], self._results[BATCH_MAX:]
+                outcome: dict[int, bool | BaseException] = {}
+                try:
+                    async with self._acquire() as conn, conn.transaction():
+                        for i, job in enumerate(batch):
+                            try:
+                                async with conn.transaction():  # a savepoint
+                                    outcome[i] = await self._record(
+                                        conn, job.queue_id, job.results, job.events, job.now)
+                            except asyncpg.PostgresError as exc:
+                                outcome[i] = StorageError(
+                                    f"queue write failed: {_describe(exc)}")
+                except BaseException as exc:
+                    error = exc if isinstance(exc, StorageError) else StorageError(
+                        f"queue write failed: {_describe(exc)}")
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for i, job in enumerate(batch):
+                    value = outcome[i]
+                    if job.future.done():
+                        continue
+                    if isinstance(value, BaseException):
+                        job.future.set_exception(value)
+                    else:
+                        job.future.set_result(value)
+        finally:
+            self._result_lanes -= 1
 
     async def _record(self, conn: asyncpg.Connection, queue_id: str,
                       results: list[RecipientResult], events: list[DeliveryEvent],
@@ -602,11 +659,12 @@ class PgQueueStore:
         message corrupt and raises :class:`MessageCorrupt`)."""
         async with self._acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT prepend, body_size, checksum, state, octet_length(body) "
-                "FROM messages WHERE queue_id = $1", queue_id)
+                "SELECT prepend, body_size, checksum, state, octet_length(body), "
+                "CASE WHEN body_size <= $2 THEN body END "
+                "FROM messages WHERE queue_id = $1", queue_id, WHOLE_READ)
         if row is None:
             raise StorageError(f"no message {queue_id}")
-        prepend, size, checksum, state, actual = row
+        prepend, size, checksum, state, actual, whole = row
         if state != STATE_ACTIVE:
             raise MessageCorrupt(f"message {queue_id} is {state}")
         if actual != size:
@@ -614,15 +672,22 @@ class PgQueueStore:
         if prepend:
             yield bytes(prepend)
         crc = 0
-        for start in range(0, size, READ_CHUNK):
-            async with self._acquire() as conn:
-                chunk = await conn.fetchval(
-                    "SELECT substring(body FROM $2 FOR $3) FROM messages WHERE queue_id = $1",
-                    queue_id, start + 1, READ_CHUNK)
-            if chunk is None:
+        # Bodies up to WHOLE_READ come in one query, larger ones by parts
+        # (memory stays bounded).
+        step = size if size <= WHOLE_READ else READ_CHUNK
+        for start in range(0, size, max(step, 1)):
+            if whole is not None:
+                part = whole
+            else:
+                async with self._acquire() as conn:
+                    part = await conn.fetchval(
+                        "SELECT substring(body FROM $2 FOR $3) FROM messages "
+                        "WHERE queue_id = $1", queue_id, start + 1, step)
+            if part is None:
                 raise StorageError(f"message {queue_id} was deleted")
-            crc = zlib.crc32(chunk, crc)
-            yield bytes(chunk)
+            crc = zlib.crc32(part, crc)
+            for at in range(0, len(part), READ_CHUNK):
+                yield bytes(part[at:at + READ_CHUNK])
         if crc != checksum:
             await self._corrupt(queue_id, "body does not match its checksum")
 
