@@ -237,8 +237,11 @@ def test_queue_commands(tmp_path: Path, pg_schema: str) -> None:
             RecipientResult(r.id, RcptStatus.DEFERRED, "4.4.1 later", next_attempt=5000.0)
             for r in msg.recipients])
         assert await store.due(200.0, 10) == []
+        assert await store.claim(200.0, 10) == []
         assert await store.flush() == 2
         assert len(await store.due(store._clock(), 10)) == 1
+        [again] = await store.claim(store._clock(), 10)  # flushed: claimable now
+        await store.release(again.queue_id)
         assert await store.requeue(queue_id)
         full = await store.get(queue_id)
         assert full is not None and [r.attempts for r in full.recipients] == [0, 0]

@@ -422,10 +422,8 @@ class PgQueueStore:
             await conn.execute("SET LOCAL synchronous_commit TO off")
             rows = await conn.fetch(
                 "WITH c AS (SELECT m.queue_id, m.lease_owner FROM messages m "
-                "WHERE m.queue_id IN (SELECT r.queue_id FROM recipients r "
-                f"WHERE r.status IN {PENDING} AND r.next_attempt <= $1) "
-                "AND NOT m.held AND m.state = $2 AND m.lease_until <= $3 "
-                "ORDER BY m.received_at, m.queue_id LIMIT $4 FOR UPDATE SKIP LOCKED) "
+                "WHERE m.due_at <= $1 AND NOT m.held AND m.state = $2 AND m.lease_until <= $3 "
+                "ORDER BY m.due_at, m.received_at LIMIT $4 FOR UPDATE SKIP LOCKED) "
                 "UPDATE messages m SET lease_owner = $5, lease_until = $6 FROM c "
                 "WHERE m.queue_id = c.queue_id RETURNING m.queue_id, c.lease_owner",
                 now, STATE_ACTIVE, self._clock(), limit, self.node_id, until)
@@ -438,6 +436,15 @@ class PgQueueStore:
                      f"claimed by {self.node_id}") for queue_id, owner in taken])
             ids = [r[0] for r in rows]
             msgs = await self._load(conn, ids, due=now)
+            idle = [m.queue_id for m in msgs if not m.recipients]
+            if idle:  # due_at was ahead of its recipients: correct it, let go
+                await conn.execute(
+                    "UPDATE messages m SET lease_owner = '', lease_until = 0, due_at = "
+                    f"(SELECT coalesce(min(next_attempt), 0) FROM recipients r "
+                    f"WHERE r.queue_id = m.queue_id AND r.status IN {PENDING}) "
+                    "WHERE queue_id = ANY($1::text[])", idle)
+                msgs = [m for m in msgs if m.recipients]
+                ids = [m.queue_id for m in msgs]
         self._counters.claimed += len(ids)
         self._counters.takeovers += len(taken)
         self._counters.in_flight.update(ids)
@@ -529,13 +536,15 @@ class PgQueueStore:
             history.append(DeliveryEvent(now, queue_id, r.event or r.status.value, address,
                                          r.relay, dsn, text))
         await _insert_events(conn, [*history, *events])
-        pending = await conn.fetchval(
-            f"SELECT 1 FROM recipients WHERE queue_id = $1 AND status IN {PENDING} LIMIT 1",
-            queue_id)
-        if pending is not None:
-            await conn.execute("UPDATE messages SET lease_owner = '', lease_until = 0 "
-                               "WHERE queue_id = $1 AND lease_owner = $2", queue_id,
-                               self.node_id)
+        due_at = await conn.fetchval(
+            f"SELECT min(next_attempt) FROM recipients WHERE queue_id = $1 "
+            f"AND status IN {PENDING}", queue_id)
+        if due_at is not None:  # still pending: due again then; our lease ends
+            await conn.execute(
+                "UPDATE messages SET due_at = $2, "
+                "lease_until = CASE WHEN lease_owner = $3 THEN 0 ELSE lease_until END, "
+                "lease_owner = CASE WHEN lease_owner = $3 THEN '' ELSE lease_owner END "
+                "WHERE queue_id = $1", queue_id, due_at, self.node_id)
             return False
         await _insert_events(conn, [DeliveryEvent(now, queue_id, "removed")])
         await conn.execute("DELETE FROM messages WHERE queue_id = $1", queue_id)
@@ -573,8 +582,8 @@ class PgQueueStore:
     async def requeue(self, queue_id: str) -> bool:
         now = self._clock()
         async with self._acquire() as conn, conn.transaction():
-            status = await conn.execute("UPDATE messages SET held = FALSE WHERE queue_id = $1",
-                                        queue_id)
+            status = await conn.execute("UPDATE messages SET held = FALSE, due_at = 0 "
+                                        "WHERE queue_id = $1", queue_id)
             if status.endswith(" 0"):
                 return False
             await conn.execute("UPDATE recipients SET attempts = 0, next_attempt = 0 "
@@ -587,10 +596,17 @@ class PgQueueStore:
         now = self._clock()
         where = "NOT m.held AND m.state = $2" + (" AND m.queue_id = $3" if queue_id else "")
         args: tuple[Any, ...] = (now, STATE_ACTIVE, *((queue_id,) if queue_id else ()))
-        status = await self._write(
-            "UPDATE recipients SET next_attempt = LEAST(next_attempt, $1) "
-            f"WHERE status IN {PENDING} AND queue_id IN "
-            f"(SELECT m.queue_id FROM messages m WHERE {where})", *args, notify=True)
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                status = await conn.execute(
+                    "UPDATE recipients SET next_attempt = LEAST(next_attempt, $1) "
+                    f"WHERE status IN {PENDING} AND queue_id IN "
+                    f"(SELECT m.queue_id FROM messages m WHERE {where})", *args)
+                await conn.execute(f"UPDATE messages m SET due_at = LEAST(due_at, $1) "
+                                   f"WHERE {where}", *args)
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.node_id)
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"queue write failed: {_describe(exc)}") from exc
         return int(status.rsplit(" ", 1)[-1])
 
     async def prune_events(self, keep: float | None = None) -> int:

@@ -8,8 +8,9 @@ schema written by a newer postwarden.
 
 Version history:
 
-1. ``messages`` (with the body, and the delivery lease: ``lease_owner``,
-   ``lease_until``), ``recipients``, ``events`` (the history, outliving the
+1. ``messages`` (with the body, the delivery lease: ``lease_owner``,
+   ``lease_until``, and ``due_at``, the earliest next attempt of its pending
+   recipients, which claims scan by index), ``recipients``, ``events`` (the history, outliving the
    message) and ``nodes`` (one row per running node, its heartbeat).
 2. The shared protection state: ``protect_bans``, ``protect_locks``,
    ``protect_events``, ``protect_rates`` (bans, account locks, failure
@@ -51,8 +52,10 @@ CREATE TABLE messages (
     body_size    BIGINT NOT NULL,
     checksum     BIGINT NOT NULL,
     lease_owner  TEXT NOT NULL DEFAULT '',
-    lease_until  DOUBLE PRECISION NOT NULL DEFAULT 0
+    lease_until  DOUBLE PRECISION NOT NULL DEFAULT 0,
+    due_at       DOUBLE PRECISION NOT NULL DEFAULT 0
 );
+CREATE INDEX messages_due ON messages(due_at, received_at) WHERE state = 'active' AND NOT held;
 CREATE TABLE recipients (
     id           BIGSERIAL PRIMARY KEY,
     queue_id     TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
