@@ -302,3 +302,37 @@ def test_protection_state_is_the_same_for_two_nodes(pg_schema: str) -> None:
         await pool_b.close()
 
     run(main)
+
+
+def test_a_node_survives_losing_its_connections(tmp_path: Path, pg_schema: str) -> None:
+    async def main() -> None:
+        a = await open_pg(tmp_path, pg_schema, "a", heartbeat=0.2, lease=5.0)
+        b = await open_pg(tmp_path, pg_schema, "b")
+        woke = asyncio.Event()
+        a.on_commit.append(lambda _qid: woke.set())
+        # The database drops every connection of node A (a restart, a failover).
+        admin = await asyncpg.connect(PG_DSN)
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'postwarden a'")
+        await admin.close()
+        assert killed >= 2  # the pool's and the LISTEN connection
+        # A listens again at its next heartbeat (and wakes, for what it missed) ...
+        await asyncio.wait_for(woke.wait(), 5)
+        woke.clear()
+        # ... then hears B's commits again, and its own pool reconnects.
+        await put(b)
+        await asyncio.wait_for(woke.wait(), 5)
+        for _ in range(3):  # the pool may hand out a dead connection first
+            try:
+                await put(a)
+                break
+            except StorageError:
+                continue
+        else:
+            raise AssertionError("node A cannot commit after reconnecting")
+        assert len(await a.list()) >= 2
+        await a.close()
+        await b.close()
+
+    run(main)

@@ -201,11 +201,9 @@ class PgQueueStore:
                 await conn.close()
             self._pool = await asyncpg.create_pool(
                 s.dsn, min_size=s.pool_min, max_size=s.pool_max,
-                server_settings={"search_path": s.schema, "application_name": "postwarden"})
+                server_settings={"search_path": s.schema, "application_name": self._app_name})
             if self._register:
-                listener = await self._pool.acquire()
-                await listener.add_listener(CHANNEL, self._notified)
-                self._listener = listener
+                await self._listen()
                 now = self._clock()
                 await self._pool.execute(
                     "INSERT INTO nodes (node_id, hostname, pid, started, heartbeat) "
@@ -232,11 +230,10 @@ class PgQueueStore:
         if pool is None:
             return
         try:
-            if self._listener is not None:
+            listener, self._listener = self._listener, None
+            if listener is not None:
                 with contextlib.suppress(Exception):
-                    await self._listener.remove_listener(CHANNEL, self._notified)
-                await pool.release(self._listener)
-                self._listener = None
+                    await listener.close()
             if self._register:
                 with contextlib.suppress(Exception):
                     async with pool.acquire() as conn, conn.transaction():
@@ -245,6 +242,33 @@ class PgQueueStore:
                         await conn.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
         finally:
             await pool.close()
+
+    @property
+    def _app_name(self) -> str:
+        """What pg_stat_activity shows for this node's connections."""
+        return f"postwarden {self.node_id}"[:63]
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own (outside the pool)."""
+        conn = await asyncpg.connect(self.settings.dsn,
+                                     server_settings={"application_name": self._app_name})
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:
+            await conn.close()
+            raise
+        self._listener = conn
+
+    async def _relisten(self) -> None:
+        """After the LISTEN connection was lost (database restart, network):
+        listen again, then wake the runner for what was missed meanwhile."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await listener.close()
+        await self._listen()
+        log.info("pg_listen_restored", node=self.node_id)
+        self._run_hooks("")
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         if payload == self.node_id:
@@ -268,6 +292,8 @@ class PgQueueStore:
                 log.error("heartbeat_failed", error=str(exc) or repr(exc))
 
     async def heartbeat(self) -> None:
+        if self._register and (self._listener is None or self._listener.is_closed()):
+            await self._relisten()
         now = self._clock()
         held = list(self._counters.in_flight)
         async with self._acquire() as conn, conn.transaction():
