@@ -29,11 +29,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from tests.conftest import PG_DSN, add_alias, write_config
+from tests.conftest import PG_DSN, write_config
 from tests.crashload import queue_list
 from tests.service import Service, free_ports, kill_leftovers, with_top
 
 from postwarden import config as config_mod
+from postwarden.storage.pg_directory import DirectoryEdit
 
 FORWARD = "fwd@example.test"
 REMOTE = "friend@sink.example"
@@ -103,8 +104,9 @@ class Node:
                                         ports=(ports[0], ports[1], ports[2]), dns_port=dns_port)
         with_top(self.config_path, "processes = 1")
         self.cfg = config_mod.load(self.config_path)
-        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        add_alias(self.cfg, FORWARD, REMOTE)
+        # The shared directory (every node sees it): the alias to the sink.
+        with DirectoryEdit(self.cfg.storage, self.cfg.domains) as directory:
+            directory.add_alias(FORWARD, [REMOTE])
         self.service: Service | None = None
 
     def start(self) -> Node:
@@ -316,4 +318,22 @@ def test_a_greylist_retry_passes_on_the_other_node(nodes: Any, sink: Sink) -> No
     assert rcpt_replies(a.port, FORWARD) == [451]  # first attempt: greylisted on A
     time.sleep(1.2)
     assert rcpt_replies(b.port, FORWARD) == [250]  # the retry reaches B: passed
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_an_account_added_through_one_node_is_known_to_the_others(nodes: Any) -> None:
+    extra = "[bans]\nenabled = false\n"  # the probes below would look like a harvest
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    assert rcpt_replies(b.port, "newcomer@example.test") == [550]
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(a.config_path), "user",
+                          "add", "newcomer@example.test", "--password-stdin"],
+                         input="a long enough password 42\n", capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: rcpt_replies(b.port, "newcomer@example.test") == [250], 10,
+             "node B to know the new account")
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(b.config_path), "user",
+                          "list"], capture_output=True, text=True, timeout=60)
+    assert "newcomer@example.test" in out.stdout
     assert a.stop() == 0 and b.stop() == 0

@@ -102,6 +102,7 @@ class Server:
         self.runner: QueueRunner | None = None
         self.store: AnyQueueStore | None = None
         self.directory: SqliteDirectory | None = None
+        self.directory_replica: Any = None  # pg_directory.DirectoryReplica (PostgreSQL)
         self.tls = TlsContexts(config.tls)
         self.control: ControlServer | None = None
         self.greylist: GreylistStore | None = None
@@ -128,11 +129,23 @@ class Server:
         # up, then upgraded (postwarden.storage.migrate).
         if self.worker is None:  # the main process migrated before starting workers
             await asyncio.to_thread(migrate.prepare, cfg)
-        self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
+        if cfg.storage.postgres:  # a cache of the shared directory
+            from postwarden.storage.pg_directory import cache_directory
+
+            self.directory = cache_directory(cfg.data_dir, cfg.domains)
+        else:
+            self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
         # [storage] backend: SQLite (default) or PostgreSQL shared by nodes.
         self.store = queue_store(cfg, node=self.worker is None)
         self.store.events_keep = cfg.trace.retention
         await self.store.start()
+        if cfg.storage.postgres:
+            from postwarden.storage.pg_directory import DirectoryReplica
+            from postwarden.storage.pg_queue import PgQueueStore
+
+            assert isinstance(self.store, PgQueueStore)
+            self.directory_replica = DirectoryReplica(self.store.pool, self.directory)
+            await self.directory_replica.start()
         # Metrics: shared among the processes when there are several
         # (PROMETHEUS_MULTIPROC_DIR, set by serve()).
         metrics = self.metrics = metrics_mod.Metrics(multiprocess=self.processes > 1)
@@ -328,6 +341,9 @@ class Server:
         if self.runner is not None:
             await self.runner.stop(self.config.queue.shutdown_timeout)
             self.runner = None
+        if self.directory_replica is not None:
+            await self.directory_replica.stop()
+            self.directory_replica = None
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -43,6 +43,7 @@ from postwarden.auth import password_policy, passwords
 from postwarden.observe import audit
 from postwarden.onboard import commands as onboard_commands
 from postwarden.onboard import interactive as onboard_interactive
+from postwarden.storage.factory import open_directory
 from postwarden.storage.sqlite_directory import (
     MAX_APP_PASSWORDS,
     DirectoryError,
@@ -80,7 +81,7 @@ def _directory(cfg: _config.Config) -> SqliteDirectory:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create data directory {cfg.data_dir}: {exc.strerror}") from None
-    return SqliteDirectory(cfg.db_path, cfg.domains)
+    return open_directory(cfg)  # [storage] backend
 
 
 def _read_password(stdin: TextIO) -> str:

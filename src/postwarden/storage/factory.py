@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 
 if TYPE_CHECKING:
@@ -30,3 +31,14 @@ def queue_store(cfg: Config, *, node: bool = True) -> AnyQueueStore:
 
         return PgQueueStore(cfg.storage, cfg.spool_dir, register=node)
     return SqliteQueueStore(cfg.db_path, cfg.spool_dir)
+
+
+def open_directory(cfg: Config) -> SqliteDirectory:
+    """The directory for an administration command: the SQLite file, or, on
+    PostgreSQL, a :class:`~postwarden.storage.pg_directory.DirectoryEdit`
+    (the shared tables, written back when the command changed them)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_directory import DirectoryEdit
+
+        return DirectoryEdit(cfg.storage, cfg.domains)
+    return SqliteDirectory(cfg.db_path, cfg.domains)

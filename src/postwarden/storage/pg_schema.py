@@ -17,6 +17,10 @@ Version history:
    counters, rate counters), and greylisting: ``greylist_triplets``,
    ``greylist_clients``; the same tables as SQLite's, so a ban or a
    greylist pass on one node holds on every node.
+3. The directory: ``dir_domains``, ``dir_accounts``, ``dir_aliases``,
+   ``dir_app_passwords`` (the columns of SQLite's directory tables) and
+   ``dir_version``, bumped by every change (nodes reload on a new version;
+   see :mod:`postwarden.storage.pg_directory`).
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -28,7 +32,7 @@ from typing import Any
 
 from postwarden.storage.base import StorageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -141,8 +145,40 @@ CREATE TABLE greylist_clients (
 )
 """
 
+_V3 = """
+CREATE TABLE dir_domains (
+    name TEXT PRIMARY KEY,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE dir_accounts (
+    address TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    password_changed DOUBLE PRECISION
+);
+CREATE TABLE dir_aliases (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (source, target)
+);
+CREATE TABLE dir_app_passwords (
+    id BIGINT PRIMARY KEY,
+    address TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    password_hash TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE dir_version (version BIGINT NOT NULL);
+INSERT INTO dir_version (version) VALUES (0)
+"""
+
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
 
 
 def _statements(script: str) -> list[str]:
