@@ -85,6 +85,21 @@ async def _drop(dsn: str, schema: str) -> None:
         await conn.close()
 
 
+def seed_directory(dsn: str, schema: str) -> None:
+    """What make_postwarden_template adds to its SQLite directory, in the
+    shared one: the sink's domain and the bench's accounts."""
+    from postwarden.auth.passwords import hash_password
+    from postwarden.storage.pg_directory import DirectoryEdit
+    from postwarden.storage.settings import StorageSettings
+
+    settings = StorageSettings(backend="postgres", dsn=dsn, schema=schema)
+    password = hash_password("bench-password-not-secret")
+    with DirectoryEdit(settings, ("example.test",)) as directory:
+        directory.add_domain("sink.test")
+        for address in ("sink@sink.test", "sink@example.test"):
+            directory.add_user(address, password)
+
+
 def spread(nodes: list[Node], count: int, sessions: int, size: int) -> tuple[float, int, list[str]]:
     """The load over every node at once: (elapsed seconds, sent, errors)."""
     loads = [Load(HOST, n.port, SENDER, RCPT, size, count // len(nodes) + (i < count % len(nodes)),
@@ -113,6 +128,8 @@ def measure(root: Path, template: Path, dns_port: int, tools: dict[str, str], ba
         if backend == "postgres":
             stack.callback(lambda: asyncio.run(_drop(args.dsn, schema)))
         workdir.mkdir(parents=True)
+        if backend == "postgres":
+            seed_directory(args.dsn, schema)
         sink = None
         if mode == "relay":
             sink = Sink(workdir / "sink", tools["smtp-sink"])
