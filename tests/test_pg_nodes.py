@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -88,7 +89,8 @@ class Node:
 
     def __init__(self, directory: Path, cert_files: tuple[Path, Path], dns_port: int,
                  schema: str, sink_port: int, *, workers: int = 4, scan: float = 60.0,
-                 lease: float = 30.0, heartbeat: float = 1.0, extra: str = "") -> None:
+                 lease: float = 30.0, heartbeat: float = 1.0, extra: str = "",
+                 processes: int = 1) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.dir = directory
         ports = free_ports(3)
@@ -102,7 +104,7 @@ class Node:
                  + extra)
         self.config_path = write_config(directory, cert_files, extra,
                                         ports=(ports[0], ports[1], ports[2]), dns_port=dns_port)
-        with_top(self.config_path, "processes = 1")
+        with_top(self.config_path, f"processes = {processes}")
         self.cfg = config_mod.load(self.config_path)
         # The shared directory (every node sees it): the alias to the sink.
         with DirectoryEdit(self.cfg.storage, self.cfg.domains) as directory:
@@ -171,7 +173,8 @@ def nodes(tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any, pg_s
 
 def test_one_node_on_postgres_delivers_and_the_cli_sees_the_shared_queue(
         nodes: Any, sink: Sink, pg_schema: str) -> None:
-    a = nodes("a").start()
+    admin, = free_ports(1)
+    a = nodes("a", extra=f'[admin]\nenabled = true\naddress = "127.0.0.1:{admin}"\n').start()
     ids = send(a.port, "solo", 5)
     wait_for(lambda: sink.count() == 5, 30, "5 deliveries")
     assert set(sink.ids) == set(ids) and set(sink.ids.values()) == {1}
@@ -181,6 +184,14 @@ def test_one_node_on_postgres_delivers_and_the_cli_sees_the_shared_queue(
     assert row["live"] and row["in_flight"] == 0 and row["heartbeat_age"] < 5
     assert a.service is not None and row["pid"] == a.service.proc.pid
     assert "live" in nodes_cli(a)
+    # /metrics: this node's claims, and the shared queue (empty now).
+    time.sleep(1.5)  # a heartbeat refreshes the queue figures
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    claims = [line for line in text.splitlines() if line.startswith("postwarden_node_claims{")]
+    assert len(claims) == 1 and float(claims[0].rsplit(" ", 1)[1]) >= 1
+    assert 'postwarden_queue_messages{state="active"} 0.0' in text
+    assert "alerts_failed" not in (a.dir / "serve.log").read_text()
     assert a.stop() == 0
     assert pg(pg_schema, "SELECT 1 FROM nodes") == []  # deregistered
 
@@ -201,7 +212,8 @@ def test_mail_accepted_by_an_accept_only_node_is_delivered_by_another_at_once(
 
 def test_two_and_three_nodes_deliver_everything_exactly_once(nodes: Any, sink: Sink,
                                                              pg_schema: str) -> None:
-    group = [nodes(n).start() for n in ("a", "b", "c")]
+    # Node c runs two processes (its worker accepts, its main process delivers).
+    group = [nodes("a").start(), nodes("b").start(), nodes("c", processes=2).start()]
     sent: list[str] = []
     lock = threading.Lock()
 

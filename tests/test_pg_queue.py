@@ -336,3 +336,29 @@ def test_a_node_survives_losing_its_connections(tmp_path: Path, pg_schema: str) 
         await b.close()
 
     run(main)
+
+
+def test_heartbeats_and_results_at_once_never_deadlock(tmp_path: Path, pg_schema: str) -> None:
+    async def main() -> None:
+        store = await open_pg(tmp_path, pg_schema, "n")
+        for _ in range(3):
+            for i in range(80):
+                await put(store, f"m{i}\r\n".encode())
+            msgs = await store.claim(1e12, 100)
+            assert len(msgs) == 80
+            stop = asyncio.Event()
+
+            async def beat() -> None:
+                while not stop.is_set():
+                    await store.heartbeat()
+
+            beats = [asyncio.create_task(beat()) for _ in range(2)]
+            await asyncio.gather(*(store.record_results(m.queue_id, [
+                RecipientResult(r.id, RcptStatus.DELIVERED, "2.0.0 ok") for r in m.recipients])
+                for m in msgs))
+            stop.set()
+            await asyncio.gather(*beats)
+            assert await store.list() == []
+        await store.close()
+
+    run(main)

@@ -149,15 +149,15 @@ class Server:
         # Metrics: shared among the processes when there are several
         # (PROMETHEUS_MULTIPROC_DIR, set by serve()).
         metrics = self.metrics = metrics_mod.Metrics(multiprocess=self.processes > 1)
-        if self.worker is None:
+        if self.worker is None and not cfg.storage.postgres:
             metrics.collectors.append(metrics_mod.StateCollector(
                 lambda: health.state_gauges(cfg.db_path)))
-            if cfg.storage.postgres:  # this node's leases (a shared queue)
-                from postwarden.storage.pg_queue import PgQueueStore, node_gauges
+        elif self.worker is None:  # the shared queue, and this node's leases
+            from postwarden.storage.pg_queue import PgQueueStore, node_gauges
 
-                assert isinstance(self.store, PgQueueStore)
-                metrics.collectors.append(metrics_mod.StateCollector(
-                    functools.partial(node_gauges, self.store)))
+            assert isinstance(self.store, PgQueueStore)
+            metrics.collectors.append(metrics_mod.StateCollector(
+                functools.partial(node_gauges, self.store, cfg.db_path)))
         resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
                             cache=DNS_CACHE_ENTRIES)
         resolver.observe = metrics.dns_lookup

@@ -86,6 +86,7 @@ STATE_ACTIVE = "active"
 STATE_CORRUPT = "corrupt"
 COMMIT_LANES = 4  # batches committing at once (each on its own connection)
 BATCH_MAX = 256  # commits in one transaction at most
+RECORD_RETRIES = 3  # a message's results after a deadlock
 EVENTS_KEEP = 30 * 86400.0
 _FINAL = (RcptStatus.DELIVERED, RcptStatus.FAILED)
 _MAIL_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(MailParams))
@@ -167,6 +168,8 @@ class PgQueueStore:
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._counters = _Counters()
+        # The shared queue by state, refreshed at each heartbeat (/metrics).
+        self.queue_state: dict[str, Any] = {}
         self._closed = False
 
     @property
@@ -299,13 +302,39 @@ class PgQueueStore:
         async with self._acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit TO off")  # as for claims
             if held:
+                # SKIP LOCKED: a message whose results are being recorded
+                # is skipped (its lease ends with them); waiting for it here
+                # while holding others could deadlock with that transaction.
                 await conn.execute(
-                    "UPDATE messages SET lease_until = $1 "
-                    "WHERE lease_owner = $2 AND queue_id = ANY($3::text[])",
+                    "UPDATE messages SET lease_until = $1 WHERE queue_id IN "
+                    "(SELECT queue_id FROM messages WHERE lease_owner = $2 "
+                    "AND queue_id = ANY($3::text[]) FOR UPDATE SKIP LOCKED)",
                     now + self.settings.lease, self.node_id, held)
             await conn.execute(
                 "UPDATE nodes SET heartbeat = $2, in_flight = $3, takeovers = $4 "
                 "WHERE node_id = $1", self.node_id, now, len(held), self._counters.takeovers)
+        self.queue_state = await self._queue_state(now)
+
+    async def _queue_state(self, now: float) -> dict[str, Any]:
+        """As observe.health.queue_state, for the shared queue."""
+        messages = {"active": 0, "held": 0, "corrupt": 0}
+        recipients = {"queued": 0, "deferred": 0}
+        async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                             readonly=True):
+            for state, held, count in await conn.fetch(
+                    "SELECT state, held, count(*) FROM messages GROUP BY state, held"):
+                key = "held" if held and state == STATE_ACTIVE else str(state)
+                messages[key] = messages.get(key, 0) + int(count)
+            for status, count in await conn.fetch(
+                    f"SELECT status, count(*) FROM recipients WHERE status IN {PENDING} "
+                    "GROUP BY status"):
+                recipients[str(status)] = int(count)
+            oldest = await conn.fetchval("SELECT min(received_at) FROM messages")
+            bans = await conn.fetchval("SELECT count(*) FROM protect_bans "
+                                       "WHERE until IS NULL OR until > $1", now)
+        return {"messages": messages, "recipients": recipients,
+                "oldest_seconds": round(now - oldest, 1) if oldest is not None else 0.0,
+                "bans_active": int(bans)}
 
     def _acquire(self) -> Any:
         if self._pool is None or self._closed:
@@ -515,13 +544,7 @@ class PgQueueStore:
                 try:
                     async with self._acquire() as conn, conn.transaction():
                         for i, job in enumerate(batch):
-                            try:
-                                async with conn.transaction():  # a savepoint
-                                    outcome[i] = await self._record(
-                                        conn, job.queue_id, job.results, job.events, job.now)
-                            except asyncpg.PostgresError as exc:
-                                outcome[i] = StorageError(
-                                    f"queue write failed: {_describe(exc)}")
+                            outcome[i] = await self._record_one(conn, job)
                 except BaseException as exc:
                     error = exc if isinstance(exc, StorageError) else StorageError(
                         f"queue write failed: {_describe(exc)}")
@@ -541,6 +564,24 @@ class PgQueueStore:
                         job.future.set_result(value)
         finally:
             self._result_lanes -= 1
+
+    async def _record_one(self, conn: asyncpg.Connection, job: _Record) -> bool | StorageError:
+        """One message's results in a savepoint; a deadlock (with a command
+        or another node touching the same rows) is retried: the rolled-back
+        savepoint released its locks."""
+        for attempt in range(RECORD_RETRIES):
+            try:
+                async with conn.transaction():  # a savepoint
+                    return await self._record(conn, job.queue_id, job.results, job.events,
+                                              job.now)
+            except (asyncpg.DeadlockDetectedError,
+                    asyncpg.SerializationError) as exc:
+                if attempt + 1 == RECORD_RETRIES:
+                    return StorageError(f"queue write failed: {_describe(exc)}")
+                log.warning("record_retry", queue_id=job.queue_id, error=type(exc).__name__)
+            except asyncpg.PostgresError as exc:
+                return StorageError(f"queue write failed: {_describe(exc)}")
+        raise AssertionError("unreachable")
 
     async def _record(self, conn: asyncpg.Connection, queue_id: str,
                       results: list[RecipientResult], events: list[DeliveryEvent],
@@ -767,12 +808,40 @@ class PgQueueStore:
             return await self._load(conn, ids)
 
 
-def node_gauges(store: PgQueueStore) -> list[tuple[str, str, dict[tuple[str, ...], float],
-                                                    tuple[str, ...]]]:
-    """Scrape-time gauges of this node's leases (``/metrics``)."""
+def node_gauges(store: PgQueueStore, db_path: Path
+                ) -> list[tuple[str, str, dict[tuple[str, ...], float], tuple[str, ...]]]:
+    """Scrape-time gauges (``/metrics``): the shared queue and bans (as of
+    the last heartbeat), this node's leases, and what stays in the node's
+    SQLite file (suspended accounts, alerts)."""
+    from postwarden.observe import health
+
+    local: dict[str, Any] = {"accounts_suspended": 0,
+                             "alerts_firing": {"warning": 0, "critical": 0}}
+    if db_path.exists():
+        db = health.read_db(db_path)
+        try:
+            local = health.protection_state(db, time.time())
+        finally:
+            db.close()
     node = (store.node_id,)
     stats = store.lease_stats
-    return [
+    q = store.queue_state
+    shared: list[tuple[str, str, dict[tuple[str, ...], float], tuple[str, ...]]] = [
+        ("postwarden_queue_messages", "Messages in the shared queue by state (active, held, "
+         "corrupt)", {(k,): float(v) for k, v in q.get("messages", {}).items()}, ("state",)),
+        ("postwarden_queue_recipients", "Recipients waiting for delivery by status "
+         "(queued: never tried; deferred: to be retried)",
+         {(k,): float(v) for k, v in q.get("recipients", {}).items()}, ("status",)),
+        ("postwarden_queue_oldest_message_age_seconds", "Age of the oldest message in the "
+         "shared queue", {(): float(q.get("oldest_seconds", 0.0))}, ()),
+        ("postwarden_bans_active", "Client networks banned now (on every node)",
+         {(): float(q.get("bans_active", 0))}, ()),
+        ("postwarden_accounts_suspended", "Accounts suspended from sending",
+         {(): float(local["accounts_suspended"])}, ()),
+        ("postwarden_alerts_firing", "Alerts firing now by severity",
+         {(k,): float(v) for k, v in local["alerts_firing"].items()}, ("severity",)),
+    ]
+    return [*shared,
         ("postwarden_node_deliveries_in_flight", "Messages this node holds a delivery lease on",
          {node: float(store.in_flight)}, ("node",)),
         ("postwarden_node_claims", "Messages this node claimed since it started",
