@@ -348,11 +348,11 @@ def test_heartbeats_and_results_at_once_never_deadlock(tmp_path: Path, pg_schema
             assert len(msgs) == 80
             stop = asyncio.Event()
 
-            async def beat() -> None:
+            async def beat(stop: asyncio.Event) -> None:
                 while not stop.is_set():
                     await store.heartbeat()
 
-            beats = [asyncio.create_task(beat()) for _ in range(2)]
+            beats = [asyncio.create_task(beat(stop)) for _ in range(2)]
             await asyncio.gather(*(store.record_results(m.queue_id, [
                 RecipientResult(r.id, RcptStatus.DELIVERED, "2.0.0 ok") for r in m.recipients])
                 for m in msgs))
