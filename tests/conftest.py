@@ -4,9 +4,12 @@ real postwarden server running in a background thread on port 0."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import shutil
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import pytest
 import trustme
 
 from postwarden import config as config_mod
+from postwarden.observe import log as logmod
 
 REQUIRE_ALL = os.environ.get("POSTWARDEN_REQUIRE_ALL") == "1"
 DOMAIN = "example.test"
@@ -290,3 +294,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.02)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """The log, as JSON lines in memory, for the length of a test."""
+    buf = io.StringIO()
+    logmod.configure("json", "info", buf)
+    try:
+        yield buf
+    finally:
+        logmod.configure("json", "info", sys.stderr)
+
+
+def json_log_events(buf: io.StringIO) -> list[dict[str, Any]]:
+    """The records written to a :func:`log_lines` buffer."""
+    return [json.loads(line) for line in buf.getvalue().splitlines()]

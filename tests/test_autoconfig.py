@@ -56,7 +56,7 @@ def http_server(make_server: Callable[..., ServerThread]) -> ServerThread:
 def _tb_server(el: ET.Element) -> dict[str, Any]:
     fields = {child.tag: (child.text or "") for child in el}
     assert set(fields) >= {"hostname", "port", "socketType", "authentication", "username"}
-    assert 1 <= int(fields["port"]) <= 65535
+    assert 0 < int(fields["port"]) < 65536
     assert fields["socketType"] in TB_SOCKET_TYPES
     assert fields["authentication"] in TB_AUTH
     return {"type": el.get("type"), **fields}

@@ -83,3 +83,24 @@ def test_config_errors_name_the_key(site: Path, capsys: Any, extra: str, message
     capsys.readouterr()
     assert cli.main(["-c", str(site), "check-config"]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_public_relay_networks_are_refused_unless_explicitly_allowed(
+        tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    from tests.conftest import write_config
+
+    from postwarden import config as config_mod
+
+    path = write_config(tmp_path, cert_files,
+                        '[relaying]\nnetworks = ["10.0.0.0/8", "0.0.0.0/0"]\n', dns_port=53)
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"relaying\.networks: 0\.0\.0\.0/0 .*open relay"):
+        config_mod.load(path)
+    path = write_config(tmp_path, cert_files,
+                        '[relaying]\nnetworks = ["192.0.2.0/24"]\nallow_public = true\n',
+                        dns_port=53)
+    cfg = config_mod.load(path)
+    assert cfg.relay.contains("::ffff:192.0.2.7") and not cfg.relay.contains("198.51.100.1")
+    path = write_config(tmp_path, cert_files, '[relaying]\nnetworks = ["10.1.0.0/16"]\n',
+                        dns_port=53)
+    assert config_mod.load(path).relay.contains("10.1.2.3")

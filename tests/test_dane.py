@@ -8,9 +8,7 @@ import asyncio
 import datetime
 import hashlib
 import io
-import json
 import ssl
-import sys
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from tests.conftest import json_log_events as events
 
 from dns_server import LoopbackDns
 from fixtures_outbound import Sink, aiosmtpd_server, delivery_config, make_job
@@ -37,7 +36,6 @@ from postwarden.delivery.dane import (
 from postwarden.delivery.dns import Resolver
 from postwarden.delivery.remote import SmtpTransport
 from postwarden.delivery.result import DeliveryResult, DeliveryStatus
-from postwarden.observe import log as logmod
 
 T = TypeVar("T")
 DELIVERED, DEFERRED = DeliveryStatus.DELIVERED, DeliveryStatus.DEFERRED
@@ -247,20 +245,6 @@ class TlsSink(Sink):
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.tls.append(session.ssl is not None)
         return await super().handle_DATA(server, session, envelope)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    buf = io.StringIO()
-    logmod.configure("json", "info", buf)
-    try:
-        yield buf
-    finally:
-        logmod.configure("json", "info", sys.stderr)
-
-
-def events(buf: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in buf.getvalue().splitlines()]
 
 
 @pytest.fixture

@@ -85,7 +85,8 @@ def test_broken_setup_reports_each_problem(
     issued.private_key_pem.write_to_path(str(key))
     key.chmod(0o600)
     # An expired certificate, and an open relay by a bad [relaying] config.
-    st = make_server(DNSBL + '[relaying]\nnetworks = ["0.0.0.0/0"]\n', ports=tuple(free_ports(3)))
+    st = make_server(DNSBL + '[relaying]\nnetworks = ["0.0.0.0/0"]\nallow_public = true\n',
+                     ports=tuple(free_ports(3)))
     text = st.cfg.path.read_text()
     st.cfg.path.write_text(text.replace(str(st.cfg.tls.cert), str(cert))
                            .replace(str(st.cfg.tls.key), str(key)))

@@ -71,6 +71,12 @@ def test_sloppy_message_is_tagged_with_the_rules_that_fired(
     msgs = wait_for(lambda: maildir_messages(st.cfg, ALICE))
     assert b"X-Spam-Flag: YES" in msgs[0]
     assert b"MISSING_FROM=3" in msgs[0] and b"MISSING_DATE=1" in msgs[0]
+    # The message's trace says what the filters decided, and why.
+    out = cli(st, "trace", "--to", ALICE, "--json")
+    assert out.returncode == 0, out.stderr
+    (received,) = [e for e in json.loads(out.stdout)[0]["events"] if e["event"] == "queued"]
+    assert "filters=rules:headers(5)" in received["detail"]  # tagged, score 5
+    assert "MISSING_FROM" in received["detail"] and "MISSING_DATE" in received["detail"]
 
 
 def test_executable_attachment_is_rejected(make_server: Callable[..., ServerThread]) -> None:

@@ -60,6 +60,21 @@ def test_delivery_lands_in_new_with_trace_headers(tmp_path: Path) -> None:
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
 
 
+def test_a_message_bigger_than_the_write_buffer_is_streamed_intact(tmp_path: Path) -> None:
+    body = b"".join(b"line %06d " % i + b"x" * 60 + b"\r\n" for i in range(15_000))  # ~1.1 MB
+    message = b"Subject: big\r\n\r\n" + body
+    # Chunks of an odd size: CRLFs fall across chunk boundaries.
+    parts = tuple(message[i:i + 65_537] for i in range(0, len(message), 65_537))
+    result = deliver(tmp_path, "bob@example.test", parts=parts)
+    assert result.status is DeliveryStatus.DELIVERED
+    maildir = tmp_path / "example.test" / "bob" / "Maildir"
+    [msg] = list((maildir / "new").iterdir())
+    assert msg.read_bytes() == (b"Return-Path: <alice@example.test>\n"
+                                b"Delivered-To: bob@example.test\n"
+                                + message.replace(b"\r\n", b"\n"))
+    assert list((maildir / "tmp").iterdir()) == []
+
+
 def test_two_deliveries_get_unique_names(tmp_path: Path) -> None:
     for _ in range(2):
         assert deliver(tmp_path, "bob@example.test").status is DeliveryStatus.DELIVERED

@@ -8,7 +8,6 @@ import asyncio
 import io
 import json
 import ssl
-import sys
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from tests.conftest import json_log_events as events
 
 from dns_server import LoopbackDns
 from fixtures_outbound import Sink, aiosmtpd_server, delivery_config, make_job, server_tls
@@ -37,7 +37,6 @@ from postwarden.delivery.mta_sts import (
 )
 from postwarden.delivery.remote import SmtpTransport
 from postwarden.delivery.result import DeliveryResult, DeliveryStatus
-from postwarden.observe import log as logmod
 
 T = TypeVar("T")
 DELIVERED, DEFERRED = DeliveryStatus.DELIVERED, DeliveryStatus.DEFERRED
@@ -501,20 +500,6 @@ class TlsSink(Sink):
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.tls.append(session.ssl is not None)
         return await super().handle_DATA(server, session, envelope)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    buf = io.StringIO()
-    logmod.configure("json", "info", buf)
-    try:
-        yield buf
-    finally:
-        logmod.configure("json", "info", sys.stderr)
-
-
-def events(buf: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in buf.getvalue().splitlines()]
 
 
 async def deliver(dns: LoopbackDns, https_port: int, client_tls: ssl.SSLContext,

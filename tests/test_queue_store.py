@@ -386,6 +386,27 @@ def test_second_instance_does_not_collect_garbage(tmp_path: Path) -> None:
     run(main)
 
 
+def test_due_returns_the_longest_waiting_messages_however_many_recipients(
+        tmp_path: Path, backend: Backend) -> None:
+    async def main() -> None:
+        store = await backend.open(tmp_path)
+        many = [f"r{i}@example.test" for i in range(30)]
+        crowded = [await commit(store, f"crowded {i}\r\n".encode(), envelope(*many))
+                   for i in range(6)]
+        single = [await commit(store, f"single {i}\r\n".encode()) for i in range(6)]
+        now = 4e9  # everything is due
+        due = await store.due(now, 8)
+        # All due since the same moment: ties go by queue id.  Eight whole
+        # messages, however many recipient rows the crowded ones take.
+        everything = sorted(crowded + single)
+        assert [m.queue_id for m in due] == everything[:8]
+        assert all(len(m.recipients) == (30 if m.queue_id in crowded else 1) for m in due)
+        assert [m.queue_id for m in await store.due(now, 100)] == everything
+        await store.close()
+
+    run(main)
+
+
 def test_due_record_results_and_removal(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
         store = await backend.open(tmp_path, inline_max=1000)

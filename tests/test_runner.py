@@ -171,7 +171,7 @@ def test_remote_recipient_without_transport_stays_deferred(tmp_path: Path) -> No
     delivered = next(e for e in events if e["event"] == "delivered")
     assert delivered["relay"] == "local"
     assert delivered["dsn"] == "2.0.0"
-    assert delivered["rcpt"] == "<bob@example.test>"
+    assert delivered["to"] == "<bob@example.test>"
     assert delivered["status"].startswith("sent")
     assert delivered["queue_id"]
     assert "delay" in delivered
@@ -254,8 +254,8 @@ def test_corrupt_message_is_not_delivered(tmp_path: Path) -> None:
 
     run(main)
     maildir = tmp_path / "mail" / "example.test" / "bob" / "Maildir"
-    assert list((maildir / "new").iterdir()) == []
-    assert list((maildir / "tmp").iterdir()) == []
+    for sub in ("new", "tmp"):  # nothing written (the Maildir need not even exist)
+        assert not (maildir / sub).exists() or list((maildir / sub).iterdir()) == []
 
 
 def test_restart_resumes_undelivered_messages(tmp_path: Path) -> None:

@@ -202,3 +202,22 @@ def test_the_web_listener_runs_in_the_main_process_only(
         assert [r.get("worker") for r in log_events(log, "ready")] == [None, 1]
     finally:
         assert svc.stop() == 0
+
+
+def test_a_worker_that_keeps_failing_is_restarted_ever_more_slowly(
+        tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any) -> None:
+    svc, ports, cfg, log = start(tmp_path, cert_files, loopback_dns)
+    try:
+        good = cfg.path.read_text()
+        cfg.path.write_text(good + "\nthis is not TOML\n")  # a new worker cannot start
+        (worker,) = children(svc.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        assert wait_for(lambda: len(log_events(log, "worker_died")) >= 3, timeout=15)
+        delays = [r["restart_in"] for r in log_events(log, "worker_died")][:3]
+        assert delays == [1.0, 2.0, 4.0]
+        with smtplib.SMTP("127.0.0.1", ports[0], timeout=10) as client:
+            assert client.noop()[0] == 250  # the main process serves meanwhile
+        cfg.path.write_text(good)
+        assert wait_for(lambda: len(log_events(log, "ready")) == 3, timeout=15)
+    finally:
+        assert svc.stop() == 0

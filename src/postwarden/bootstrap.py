@@ -128,6 +128,23 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def write_install(directory: Path, cfg: _config.Config, path: Path, text: str, *,
+                  self_signed_for: tuple[str, str] | None) -> None:
+    """What ``init`` writes: the directory, a self-signed certificate for
+    ``(hostname, address)`` unless ``None`` (a certificate found elsewhere),
+    the data directory (0700) and the config file ``text`` at ``path``."""
+    assert cfg.tls.cert is not None and cfg.tls.key is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    if self_signed_for is not None:
+        cert_pem, key_pem = self_signed_certificate(*self_signed_for)
+        cfg.tls.cert.parent.mkdir(parents=True, exist_ok=True)
+        write_file(cfg.tls.key, key_pem, 0o600)
+        write_file(cfg.tls.cert, cert_pem, 0o644)
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(cfg.data_dir, 0o700)
+    write_file(path, text.encode("utf-8"), 0o644)
+
+
 # Self-signed certificate: EC P-256 (fast, accepted by every current client).
 CERT_VALID_DAYS = 2 * 365
 

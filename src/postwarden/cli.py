@@ -30,6 +30,7 @@ from postwarden import (
     __version__,
     bootstrap,
     cli_access,
+    cli_admin,
     cli_ban,
     cli_dns,
     cli_nodes,
@@ -50,6 +51,7 @@ from postwarden.storage.sqlite_directory import (
     SqliteDirectory,
     check_domain,
 )
+from postwarden.web.store import AdminError
 
 PROG = "postwarden"
 EXIT_OK = 0
@@ -138,14 +140,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if cfg.tls.cert is None or cfg.tls.key is None:  # pragma: no cover - the template has both
         raise CliError("internal error: the config template has no [tls]")
 
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_pem, key_pem = bootstrap.self_signed_certificate(hostname, args.listen_host)
-    cfg.tls.cert.parent.mkdir(parents=True, exist_ok=True)
-    bootstrap.write_file(cfg.tls.key, key_pem, 0o600)
-    bootstrap.write_file(cfg.tls.cert, cert_pem, 0o644)
-    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(cfg.data_dir, 0o700)
-    bootstrap.write_file(path, text.encode("utf-8"), 0o644)
+    bootstrap.write_install(directory, cfg, path, text,
+                            self_signed_for=(hostname, args.listen_host))
     print(f"wrote {path}")
     print(f"wrote a self-signed certificate for {hostname}: {cfg.tls.cert} (key {cfg.tls.key})")
 
@@ -488,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_dns.add_parsers(sub, _with_config)
     onboard_commands.add_parsers(sub, _with_config)
     cli_observe.add_parsers(sub, _with_config)
+    cli_admin.add_parsers(sub, _with_config)
     cli_nodes.add_parser(sub, _with_config)
     return p
 
@@ -519,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
             cli_quarantine.QuarantineCommandError, sendtest.SendTestError,
             cli_observe.ObserveCommandError,
-            onboard_interactive.InitCancelled) as exc:
+            onboard_interactive.InitCancelled, AdminError) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")

@@ -24,7 +24,7 @@ from postwarden import config as _config
 from postwarden import control
 from postwarden.envelope import Address, Envelope, MailParams, RcptParams, Recipient
 from postwarden.message import cleanup, rawheaders
-from postwarden.storage.base import CommitMeta
+from postwarden.storage.base import CommitMeta, QueueStore
 from postwarden.storage.sqlite_quarantine import HeldMessage, SqliteQuarantine
 
 Handler = Callable[[_config.Config, argparse.Namespace], int]
@@ -149,30 +149,37 @@ async def _sign(cfg: _config.Config, h: HeldMessage, message: bytes) -> bytes:
     return sign_message(full, h.sender, keys, local.__contains__) + added
 
 
+async def release(cfg: _config.Config, store: SqliteQuarantine, queue: QueueStore,
+                  held_id: str) -> str:
+    """Re-inject a held message into ``queue`` as it was held, then drop it
+    from the quarantine; the queue id (used by the CLI and the web admin)."""
+    h, message = _get(store, held_id)
+    envelope = _envelope(h)
+    prepend = await _sign(cfg, h, message)
+    body = queue.new_body()
+    body.write(message)
+    queue_id = await queue.commit(body, envelope, prepend, CommitMeta(
+        client_ip=h.client_ip, helo=h.helo, auth_user=h.auth_user,
+        listener=h.listener, session_id=f"quarantine-{h.id}"))
+    store.delete(h.id)
+    return queue_id
+
+
 def cmd_release(cfg: _config.Config, args: argparse.Namespace) -> int:
     from postwarden.storage.sqlite_queue import SqliteQueueStore
 
     with _store(cfg) as store:
-        h, message = _get(store, args.id)
-        envelope = _envelope(h)
-
         async def inject() -> str:
             queue = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
             await queue.start()
             try:
-                prepend = await _sign(cfg, h, message)
-                body = queue.new_body()
-                body.write(message)
-                return await queue.commit(body, envelope, prepend, CommitMeta(
-                    client_ip=h.client_ip, helo=h.helo, auth_user=h.auth_user,
-                    listener=h.listener, session_id=f"quarantine-{h.id}"))
+                return await release(cfg, store, queue, args.id)
             finally:
                 await queue.close()
 
         queue_id = asyncio.run(inject())
-        store.delete(h.id)
     woke = control.request(cfg.data_dir, "wake")
-    print(f"{h.id}: released as {queue_id}; " + (
+    print(f"{args.id}: released as {queue_id}; " + (
         "the server is delivering now" if woke
         else "the server is not running: delivery happens when it starts"))
     return 0

@@ -40,6 +40,11 @@ class _Entropy:
 _entropy = _Entropy()
 
 
+def random_hex(nbytes: int) -> str:
+    """``nbytes`` random bytes as hex (e.g. for unique file names)."""
+    return _entropy.take(nbytes).hex()
+
+
 def new_session_id() -> str:
     """10 hex characters (40 random bits): short enough to grep by eye."""
     return _entropy.take(5).hex()

@@ -39,6 +39,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ log = get_logger("workers")
 MAX_PROCESSES = 64
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 RESTART_DELAY = 1.0
+# A worker that dies within STABLE seconds of its start is restarted after a
+# delay that doubles each time, up to RESTART_DELAY_MAX (a crash loop, e.g.
+# a config file broken since the main process started, must not spin).
+STABLE = 10.0
+RESTART_DELAY_MAX = 60.0
 STOP_TIMEOUT_EXTRA = 5.0  # beyond the sessions' grace period
 
 
@@ -158,8 +164,11 @@ class WorkerPool:
         self.on_exit = on_exit  # told the pid of a worker that ended
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.started = 0  # processes started, restarts included
+        self._delay: dict[int, float] = {}  # slot -> next restart delay
+        self._born: dict[int, float] = {}  # slot -> when its process started
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._stop_event = asyncio.Event()  # wakes watchers waiting to restart
 
     async def start(self) -> None:
         for slot in range(1, self.count + 1):
@@ -178,6 +187,7 @@ class WorkerPool:
         finally:
             os.close(write_fd)
         self.procs[slot] = proc
+        self._born[slot] = time.monotonic()
         self.started += 1
         os.set_blocking(read_fd, False)
         loop.add_reader(read_fd, self._notified, read_fd)
@@ -210,9 +220,14 @@ class WorkerPool:
             return
         # Its sessions are gone: so are their places in the counts.
         self.table.clear(slot)
+        delay = RESTART_DELAY
+        if time.monotonic() - self._born.get(slot, 0.0) < STABLE:
+            delay = self._delay.get(slot, RESTART_DELAY / 2) * 2
+        self._delay[slot] = min(delay, RESTART_DELAY_MAX)
         log.error("worker_died", slot=slot, pid=proc.pid, status=status,
-                  restart_in=RESTART_DELAY)
-        await asyncio.sleep(RESTART_DELAY)
+                  restart_in=self._delay[slot])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), self._delay[slot])
         if not self._stopping:
             await self._spawn(slot)
 
@@ -228,6 +243,7 @@ class WorkerPool:
         """SIGTERM: the workers stop accepting and let their sessions finish
         (within their grace period); SIGKILL for any still running after."""
         self._stopping = True
+        self._stop_event.set()
         procs = list(self.procs.values())
         self.signal(signal.SIGTERM)
         if procs:

@@ -51,6 +51,9 @@ class Decision:
     reply: R.Reply | None = None
     headers: bytes = b""
     body: BodyWriter | None = None
+    # For the message trace when it was more than a plain accept, e.g.
+    # "rules:tag(6.2),attachments:accept|MISSING_DATE,NO_MESSAGE_ID".
+    summary: str = ""
 
 
 GO_ON = Decision()
@@ -133,6 +136,15 @@ class FilterService:
                      reason="; ".join(result.reasons)[:1000])
             return Decision(reply=result.reply)
         headers = result.header_bytes()
+        summary = ""
+        if result.verdicts and (result.action is not Action.ACCEPT or result.rules):
+            # What the filters said, when it was more than a plain accept.
+            summary = ",".join(
+                f"{n}:{v.action.name.lower()}" + (f"({v.score:g})" if v.score is not None
+                                                  else "")
+                for n, v in result.verdicts)
+            if result.rules:
+                summary += "|" + ",".join(result.rules[:20])
         if result.notify:
             await self._notify(conn, message, result)
         if result.action is Action.QUARANTINE:
@@ -141,8 +153,8 @@ class FilterService:
         if result.subject:
             new_body = self._rewrite_subject(data, result.subject, body)
             if new_body is not None:
-                return Decision(headers=headers, body=new_body)
-        return Decision(headers=headers)
+                return Decision(headers=headers, body=new_body, summary=summary)
+        return Decision(headers=headers, summary=summary)
 
     async def _hold(self, conn: ConnectionInfo, direction: str, envelope: Envelope,
                     recipients: list[Recipient], content: bytes, result: ChainResult

@@ -1,4 +1,5 @@
-"""The admin listener (``[admin]``): ``/metrics``, ``/healthz``, ``/readyz``.
+"""The admin listener (``[admin]``): ``/metrics``, ``/healthz``, ``/readyz``,
+and the web admin with its HTTP API (:mod:`postwarden.web`, ``[admin] web``).
 
 The same stack as the ``[http]`` listener (Starlette on uvicorn, on the
 server's event loop, main process only), on an address of its own,
@@ -24,13 +25,15 @@ import os
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from postwarden import __version__
 from postwarden.observe import health
 from postwarden.observe.metrics import CONTENT_TYPE
+from postwarden.web.security import BodyLimit, SecurityHeaders
 
 
 def build_admin_app(server: Any) -> Starlette:
@@ -49,5 +52,17 @@ def build_admin_app(server: Any) -> Starlette:
                              "version": __version__},
                             status_code=200 if ready else 503)
 
-    return Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz),
-                             Route("/readyz", readyz)])
+    routes: list[BaseRoute] = [Route("/metrics", metrics), Route("/healthz", healthz),
+                               Route("/readyz", readyz)]
+    if not server.config.admin.web:
+        return Starlette(routes=routes)
+    # The web admin and the HTTP API (postwarden.web), on the same listener.
+    from postwarden.web.app import build_routes
+
+    web_routes, on_stop = build_routes(server)
+    big = server.config.limits.message_size_max * 4 // 3 + 65536  # base64 in JSON
+    app = Starlette(routes=routes + web_routes, middleware=[
+        Middleware(SecurityHeaders),
+        Middleware(BodyLimit, big=big, big_paths=("/api/v1/messages",))])
+    app.state.on_stop = on_stop  # called by HttpService.stop
+    return app

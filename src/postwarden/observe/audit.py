@@ -31,7 +31,7 @@ from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 
 # Commands that change something, except their read-only actions.
 AUDITED = {"user", "domain", "alias", "queue", "quarantine", "ban", "access", "suspend",
-           "migrate"}
+           "migrate", "admin", "api-key"}
 READ_ONLY = {"list", "show"}
 _HIDDEN = ("password", "secret", "token", "func", "command", "action", "app_action",
            "config", "json")
@@ -74,7 +74,8 @@ def arguments(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
         elif isinstance(value, Path):
             values[name] = str(value)
     target = ""
-    for key in ("address", "domain", "source", "queue_id", "id", "value", "network"):
+    for key in ("address", "domain", "source", "queue_id", "id", "value", "network", "name",
+                "key_id"):
         if key in values:
             target = str(values.pop(key))
             break

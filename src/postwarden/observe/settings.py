@@ -9,7 +9,7 @@ module turns into a :class:`~postwarden.config.ConfigError` naming the key.
   autoconfiguration and MTA-STS to the public through the domain's web
   server, while metrics say how much mail flows and from where, which is
   nobody's business but the operator's.  Off by default; when on it listens
-  on loopback (127.0.0.1:9425) unless told otherwise.
+  on loopback (127.0.0.1:8080) unless told otherwise.
 * ``[alerts]``: the rules of :mod:`postwarden.observe.alerts` with their
   thresholds, and where alerts go (the postmaster by mail, a webhook).
 * ``[trace]``: how long the history of every message is kept.
@@ -20,79 +20,56 @@ Security exposure: none of its own (validation of trusted input).
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ADMIN_ADDRESS = "127.0.0.1:9425"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+from postwarden.settings_table import boolean as _bool
+from postwarden.settings_table import duration as _duration
+from postwarden.settings_table import number as _number
+from postwarden.settings_table import string as _str
+from postwarden.settings_table import unknown as _unknown
 
-
-def _unknown(table: Mapping[str, Any], allowed: set[str]) -> None:
-    for k in table:
-        if k not in allowed:
-            raise ValueError(f"{k}: unknown key")
-
-
-def _bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false")
-    return value
-
-
-def _str(table: Mapping[str, Any], key: str, default: str = "") -> str:
-    value = table.get(key, default)
-    if not isinstance(value, str) or not value.isprintable():
-        raise ValueError(f"{key}: must be a string")
-    return value
-
-
-def _number(table: Mapping[str, Any], key: str, default: float, *, minimum: float = 0,
-            integer: bool = False) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key}: must be a number")
-    if integer and not isinstance(value, int):
-        raise ValueError(f"{key}: must be a whole number")
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{key}: must be at least {minimum}")
-    return value
-
-
-def _duration(table: Mapping[str, Any], key: str, default: float) -> float:
-    """Seconds, as a number or ``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``."""
-    value = table.get(key, default)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        unit = _UNITS.get(text[-1:]) if text else None
-        try:
-            seconds = float(text[:-1] if unit else text) * (unit or 1)
-        except ValueError:
-            raise ValueError(f"{key}: {value!r} is not a duration (e.g. 900, \"15m\", "
-                             "\"1h\", \"7d\")") from None
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise ValueError(f"{key}: must be a duration (e.g. 900, \"15m\", \"1h\", \"7d\")")
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{key}: must be a positive duration")
-    return seconds
+ADMIN_ADDRESS = "127.0.0.1:8080"
 
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
-    """``[admin]``: the metrics and health listener."""
+    """``[admin]``: the metrics and health listener, and the web admin with
+    its HTTP API (:mod:`postwarden.web`) on the same address."""
 
     enabled: bool = False
     address: str = ADMIN_ADDRESS  # HOST:PORT, parsed by the config module
+    # The web admin and the JSON API (admin accounts: postwarden admin add).
+    web: bool = True
+    # HTTPS on this listener (both or neither; relative to the config file).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # How long a login lasts; failed logins (per name and per client
+    # address) before the login is refused for login_window.
+    session_lifetime: float = 8 * 3600.0
+    login_failures: int = 5
+    login_window: float = 900.0
+    # Messages a send API key may submit per minute.
+    send_rate: int = 60
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> AdminSettings:
-        _unknown(table, {"enabled", "address"})
+        _unknown(table, {"enabled", "address", "web", "tls_cert", "tls_key",
+                         "session_lifetime", "login_failures", "login_window", "send_rate"})
+        d = cls()
+        cert, key = _str(table, "tls_cert"), _str(table, "tls_key")
+        if bool(cert) != bool(key):
+            raise ValueError("tls_cert: give both tls_cert and tls_key, or neither")
         return cls(enabled=_bool(table, "enabled", False),
-                   address=_str(table, "address", ADMIN_ADDRESS))
+                   address=_str(table, "address", ADMIN_ADDRESS),
+                   web=_bool(table, "web", True), tls_cert=cert, tls_key=key,
+                   session_lifetime=_duration(table, "session_lifetime", d.session_lifetime),
+                   login_failures=int(_number(table, "login_failures", d.login_failures,
+                                              minimum=1, integer=True)),
+                   login_window=_duration(table, "login_window", d.login_window),
+                   send_rate=int(_number(table, "send_rate", d.send_rate, minimum=1,
+                                         integer=True)))
 
 
 @dataclass(frozen=True, slots=True)

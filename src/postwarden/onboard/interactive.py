@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import socket
 import sys
 import tomllib
@@ -179,15 +178,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config.parse(tomllib.loads(text), path)
     assert cfg.tls.cert is not None and cfg.tls.key is not None
 
-    directory.mkdir(parents=True, exist_ok=True)
-    if found is None:
-        cert_pem, key_pem = bootstrap.self_signed_certificate(hostname, listen_host)
-        cfg.tls.cert.parent.mkdir(parents=True, exist_ok=True)
-        bootstrap.write_file(cfg.tls.key, key_pem, 0o600)
-        bootstrap.write_file(cfg.tls.cert, cert_pem, 0o644)
-    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(cfg.data_dir, 0o700)
-    bootstrap.write_file(path, text.encode("utf-8"), 0o644)
+    bootstrap.write_install(directory, cfg, path, text,
+                            self_signed_for=None if found is not None else (hostname, listen_host))
     print(f"\nwrote {path}")
     print(f"listening on {listen_host}: mx {ports['mx']}, submission {ports['submission']} "
           f"(STARTTLS), submissions {ports['submissions']} (TLS)")

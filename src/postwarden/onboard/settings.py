@@ -6,7 +6,7 @@ that the config module turns into a :class:`~postwarden.config.ConfigError`.
 
 * ``[http]``: the HTTP listener serving mail-client autoconfiguration and
   the MTA-STS policy.  Off by default; when switched on it listens on
-  loopback (127.0.0.1:8080) unless told otherwise, so that the domain's web
+  loopback (127.0.0.1:8081) unless told otherwise, so that the domain's web
   server (which holds the HTTPS certificates of ``autoconfig.DOMAIN``,
   ``autodiscover.DOMAIN`` and ``mta-sts.DOMAIN``) proxies to it.
 * ``[clients]``: what mail clients are told: the server name, the public
@@ -26,30 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-HTTP_ADDRESS = "127.0.0.1:8080"
+from postwarden.netaddr import client_address
+from postwarden.settings_table import boolean as _bool
+from postwarden.settings_table import port as _port
+from postwarden.settings_table import unknown as _unknown
+
+HTTP_ADDRESS = "127.0.0.1:8081"
 MTA_STS_MODES = ("testing", "enforce", "none")
 IMAP_SECURITY = ("ssl", "starttls")
 IMAP_PORTS = {"ssl": 993, "starttls": 143}
-
-
-def _unknown(table: Mapping[str, Any], allowed: set[str]) -> None:
-    for k in table:
-        if k not in allowed:
-            raise ValueError(f"{k}: unknown key")
-
-
-def _bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false")
-    return value
-
-
-def _port(table: Mapping[str, Any], key: str, default: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError(f"{key}: must be a port number 0-65535")
-    return value
 
 
 def _name(table: Mapping[str, Any], key: str) -> str:
@@ -125,10 +110,12 @@ class RelaySettings:
     """``[relaying]``: clients that may relay without authentication."""
 
     networks: tuple[str, ...] = ()
+    # Public ranges make an open relay: refused unless this says so.
+    allow_public: bool = False
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> RelaySettings:
-        _unknown(table, {"networks"})
+        _unknown(table, {"networks", "allow_public"})
         raw = table.get("networks", [])
         if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
             raise ValueError("networks: must be a list of CIDRs")
@@ -138,14 +125,19 @@ class RelaySettings:
                 nets.append(str(ipaddress.ip_network(n, strict=False)))
             except ValueError:
                 raise ValueError(f"networks: {n!r} is not an IP network") from None
-        return cls(tuple(nets))
+        settings = cls(tuple(nets), _bool(table, "allow_public", False))
+        public = settings.public()
+        if public and not settings.allow_public:
+            raise ValueError(
+                f"networks: {', '.join(public)} reaches beyond private and loopback "
+                "addresses: anyone there could relay mail through this server (an open "
+                "relay); list only your own networks, or set allow_public = true")
+        return settings
 
     def contains(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in ipaddress.ip_network(n) for n in self.networks)
+        addr = client_address(ip)  # IPv4-mapped IPv6 as IPv4
+        return addr is not None and any(
+            addr in ipaddress.ip_network(n) for n in self.networks)
 
     def public(self) -> list[str]:
         """The networks that reach beyond private and loopback addresses."""

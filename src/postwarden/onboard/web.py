@@ -166,8 +166,15 @@ class HttpService:
                                       ) from None
         self._sock = sock
         self.port = sock.getsockname()[1]
+        certfile = keyfile = None
+        if self.key == "admin.address" and self.cfg.admin.tls_cert:
+            # HTTPS for the web admin ([admin] tls_cert / tls_key).
+            base = self.cfg.path.parent
+            certfile = str(base / self.cfg.admin.tls_cert)
+            keyfile = str(base / self.cfg.admin.tls_key)
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                                server_header=False, proxy_headers=False)
+                                server_header=False, proxy_headers=False,
+                                ssl_certfile=certfile, ssl_keyfile=keyfile)
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
@@ -189,3 +196,5 @@ class HttpService:
         if self._sock is not None:
             self._sock.close()
         self._server = None
+        for hook in getattr(self.app.state, "on_stop", []):  # the web admin's tasks
+            await hook()

@@ -307,7 +307,8 @@ class QueueRunner:
             next_attempt = schedule.next_attempt(rcpt.attempts + 1, now, self.config.retry_min,
                                                  self.config.retry_max, self.rng)
         relay = result.relay or "none"
-        log.info(event, queue_id=msg.queue_id, rcpt=f"<{rcpt.address}>", relay=relay,
+        # Postfix's delivery line: to=<...>, relay=..., delay=..., dsn=..., status=...
+        log.info(event, queue_id=msg.queue_id, to=f"<{rcpt.address}>", relay=relay,
                  delay=round(now - msg.received_at, 2), attempts=rcpt.attempts + 1,
                  dsn=result.dsn, status=status_text)
         return RecipientResult(rcpt.id, status, result.reply, next_attempt, relay=relay,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import ssl
 import time
@@ -33,21 +32,18 @@ from postwarden.delivery.dns import Resolver
 from postwarden.dkim_keys import KeyStore
 from postwarden.envelope import Address, ConnectionInfo, Envelope, RcptParams, Recipient
 from postwarden.filter.service import FilterService
-from postwarden.ids import new_queue_id, new_session_id
-from postwarden.limits import HEADER_SCAN_MAX, INLINE_BODY_MAX, READ_CHUNK
+from postwarden.ids import new_session_id
+from postwarden.limits import HEADER_SCAN_MAX, READ_CHUNK
 from postwarden.message import authresults, cleanup
-from postwarden.message.dkim_sign import DkimSignError, from_domain, sign_message_async
-from postwarden.observe import trace
 from postwarden.observe.log import get_logger
 from postwarden.observe.metrics import NULL_METRICS
 from postwarden.policy import CheckContext, Event, Policy, Stage, authentication
 from postwarden.policy import spf as spf_mod
+from postwarden.smtp import commit, proxy, sasl
 from postwarden.smtp import protocol as P
-from postwarden.smtp import proxy, sasl
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage.base import (
     BodyWriter,
-    CommitMeta,
     Directory,
     QueueStore,
     StorageError,
@@ -565,62 +561,16 @@ class Session:
                 self.m.rejected("data", decision.reply.code)
                 return decision.reply
             extra = decision.headers
-        if self.ctx.filters is not None:  # content filters (before DKIM signing)
-            filtered = await self.ctx.filters.check(
-                self.conn, self.listener.mode, tx.envelope, list(tx.expanded.values()),
-                await self._message_as_written(tx), extra, tx.body)
-            if filtered.reply is not None:
-                tx.body.abort()
-                self.m.rejected("filter", filtered.reply.code)
-                return filtered.reply
-            tx.body = filtered.body or tx.body
-            extra += filtered.headers
-        queue_id = new_queue_id()
-        params = tx.envelope.params
-        if tx.eight_bit and params.body != "8BITMIME":
-            # 8-bit content sent without BODY=8BITMIME: record what it is, so
-            # that outbound delivery declares it or converts it (RFC 6152 3).
-            params = dataclasses.replace(params, body="8BITMIME")
-        envelope = Envelope(tx.envelope.sender, params, list(tx.expanded.values()))
-        only = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
-        prepend = cleanup.received_header(
-            self.cfg.hostname, self.conn, queue_id, str(only) if only else None,
-            utf8=envelope.params.smtputf8)
-        prepend += extra
-        if self.conn.auth_user:
-            added = cleanup.submission_headers(tx.scanner, self.cfg.hostname)
-            try:
-                prepend += await self._sign(tx, added) + added
-            except DkimSignError as exc:
-                # As Postfix with a signing milter: a message we cannot sign is
-                # not sent unsigned (receivers would reject it by DMARC).
-                tx.body.abort()
-                log.error("dkim_sign_failed", session=sid, error=str(exc))
-                return R.TEMP_FAILURE
-        meta = CommitMeta(client_ip=self.conn.peer_ip, helo=self.conn.helo,
-                          auth_user=self.conn.auth_user, listener=self.listener.name,
-                          session_id=sid, queue_id=queue_id,
-                          message_id=trace.message_id_of(tx.original_head, prepend),
-                          detail=trace.received_detail(self.conn, tx.auth_log))
-        try:
-            queue_id = await self.ctx.queue.commit(tx.body, envelope, prepend, meta)
-        except StorageError as exc:
-            reply = R.STORAGE_FULL if isinstance(exc, StorageFull) else R.TEMP_FAILURE
-            log.error("commit_failed", session=sid, error=f"{type(exc).__name__}: {exc}",
-                      code=reply.code)
-            return reply
+        # Filters, headers, DKIM, the commit point (shared with the HTTP send API).
+        queued = await commit.queue_message(self.ctx, self.conn, self.listener, commit.Pending(
+            tx.envelope, list(tx.expanded.values()), tx.body, tx.scanner, tx.original_head,
+            tx.eight_bit, tx.size, tx.auth_log), extra, self.m)
+        if queued.queue_id is None:
+            return queued.reply
         self.accepted += 1
-        m = self.m
-        m.accepted.inc()
-        m.recipients.inc(len(envelope.recipients))
-        m.bytes.inc(tx.size)
-        log.info("accepted", session=sid, queue_id=queue_id, client=self.conn.peer_ip,
-                 sender=sender, user=self.conn.auth_user or None,
-                 nrcpt=len(envelope.recipients), size=tx.size,
-                 rcpts=[str(r.address) for r in envelope.recipients][:20], **tx.auth_log)
-        await self._event(Event.ACCEPTED, queue_id=queue_id,
-                          recipients=len(envelope.recipients), size=tx.size)
-        return R.Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        await self._event(Event.ACCEPTED, queue_id=queued.queue_id,
+                          recipients=len(tx.expanded), size=tx.size)
+        return queued.reply
 
     def _reject_content(self, tx: _Transaction, reply: R.Reply, long_lines: bool) -> R.Reply:
         tx.cancel()
@@ -633,13 +583,6 @@ class Session:
                                               "line too long" if long_lines else ""))
         self.m.rejected("data", reply.code)
         return reply
-
-    async def _message_as_written(self, tx: _Transaction) -> bytes:
-        assert tx.body is not None
-        body = tx.body
-        if body.size > INLINE_BODY_MAX:
-            return await asyncio.to_thread(body.read_back)
-        return body.read_back()
 
     async def _authenticate(self, tx: _Transaction) -> authentication.Decision:
         """SPF (started at MAIL), DKIM, ARC and DMARC on the message exactly
@@ -657,7 +600,8 @@ class Session:
                 helo = authresults.SpfOutcome(h.result, "", self.conn.helo, h.comment)
             except Exception:
                 helo = None
-        written = await self._message_as_written(tx)
+        assert tx.body is not None
+        written = await commit.written(tx.body)
         raw = tx.original_head + written[tx.cleaned_len:]
         try:
             outcome = await authresults.authenticate(
@@ -677,20 +621,6 @@ class Session:
                        "dmarc_policy": outcome.dmarc.policy, "auth_decision": decision.reason}
         return authentication.Decision(decision.reply, decision.reason,
                                        outcome.header + decision.headers)
-
-    async def _sign(self, tx: _Transaction, added: bytes) -> bytes:
-        """DKIM-Signature lines for mail from our users (RFC 6376), computed
-        over the message as it will leave, including added headers."""
-        keys = self.ctx.dkim_keys
-        if keys is None or not self.cfg.dkim.sign:
-            return b""
-        message = added + await self._message_as_written(tx)
-        sender = str(tx.envelope.sender or "")
-        candidates = {from_domain(message), sender.rpartition("@")[2].lower()}
-        local = {d for d in candidates if d and await self.ctx.directory.is_local_domain(d)}
-        if not local:
-            return b""
-        return await sign_message_async(message, sender, keys, local.__contains__)
 
     def _abort_transaction(self) -> None:
         tx = self.tx

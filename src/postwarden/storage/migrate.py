@@ -36,6 +36,7 @@ from postwarden.storage import (
     sqlite_schema,
 )
 from postwarden.storage.sqlite_shared import connect
+from postwarden.web import store as web_store
 
 log = get_logger("migrate")
 
@@ -48,6 +49,7 @@ STORES: dict[str, tuple[str, int]] = {
     "protection": ("protect_schema", sqlite_protect.SCHEMA_VERSION),
     "greylist": ("greylist_schema", sqlite_greylist.SCHEMA_VERSION),
     "monitor": ("monitor_schema", sqlite_monitor.SCHEMA_VERSION),
+    "webadmin": ("webadmin_schema", web_store.SCHEMA_VERSION),
 }
 
 
@@ -143,6 +145,8 @@ def _migrate_all(cfg: _config.Config, versions: list[StoreVersion]) -> None:
             sqlite_protect.SqliteProtectStore(cfg.db_path).close()
         elif v.store == "monitor":
             sqlite_monitor.SqliteMonitorStore(cfg.db_path).close()
+        elif v.store == "webadmin":
+            web_store.SqliteAdminStore(cfg.db_path).close()
         elif v.store == "greylist":
             gl = cfg.greylist
             sqlite_greylist.SqliteGreylist(cfg.db_path, delay=gl.delay, expiry=gl.expiry,
