@@ -52,6 +52,67 @@ def require_peer(name: str) -> str:
     return path
 
 
+# The PostgreSQL the tests use (trust auth on loopback); each test gets a
+# schema of its own (the pg_schema fixture), dropped afterwards.
+PG_DSN = os.environ.get("POSTWARDEN_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def require_postgres() -> str:
+    """The DSN of the test PostgreSQL; skip (fail in CI) when it does not answer."""
+    import asyncpg
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        msg = f"PostgreSQL at {PG_DSN} does not answer ({exc})"
+        if REQUIRE_ALL:
+            pytest.fail(msg + " and POSTWARDEN_REQUIRE_ALL=1")
+        pytest.skip(msg)
+    return PG_DSN
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema name for one test (postwarden creates it;
+    it is dropped with everything in it afterwards)."""
+    import secrets
+
+    import asyncpg
+
+    require_postgres()
+    name = "t_" + secrets.token_hex(6)
+    yield name
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+async def pg_pool(schema: str) -> Any:
+    """An asyncpg pool on ``schema`` (created and migrated by postwarden),
+    for the stores that share a node's pool (protection, greylisting)."""
+    import asyncpg
+
+    from postwarden.storage.pg_schema import prepare
+
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await prepare(conn, schema)
+    finally:
+        await conn.close()
+    return await asyncpg.create_pool(PG_DSN, min_size=1, max_size=4,
+                                     server_settings={"search_path": schema})
+
+
 def write_cert(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
     """A certificate from ``ca`` for ``names``: (chain file, key file 0600)."""
     issued = ca.issue_cert(*names)

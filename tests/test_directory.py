@@ -1,4 +1,8 @@
-"""SqliteDirectory: resolution, send-as, administration and freshness."""
+"""SqliteDirectory: resolution, send-as, administration and freshness.
+
+The tests taking the ``directory`` fixture run on both backends: SQLite,
+and the PostgreSQL tables (the directory is written to PostgreSQL by one
+command session and read back by another, as the CLI and the nodes do)."""
 
 from __future__ import annotations
 
@@ -28,9 +32,30 @@ def addr(text: str) -> Address:
     return Address.parse_simple(text)
 
 
-@pytest.fixture
-def directory(tmp_path: Path) -> Iterator[SqliteDirectory]:
-    d = SqliteDirectory(tmp_path / "postwarden.db", ("example.org",))
+@pytest.fixture(params=["sqlite", "postgres"])
+def directory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SqliteDirectory]:
+    if request.param == "sqlite":
+        d = SqliteDirectory(tmp_path / "postwarden.db", ("example.org",))
+        populate(d)
+        yield d
+        d.close()
+        return
+    from tests.conftest import PG_DSN
+
+    from postwarden.storage.pg_directory import DirectoryEdit
+    from postwarden.storage.settings import StorageSettings
+
+    settings = StorageSettings(backend="postgres", dsn=PG_DSN,
+                               schema=request.getfixturevalue("pg_schema"))
+    with DirectoryEdit(settings, ("example.org",)) as d:
+        populate(d)
+    # Read back from PostgreSQL by another session.
+    d = DirectoryEdit(settings, ("example.org",))
+    yield d
+    d.close()
+
+
+def populate(d: SqliteDirectory) -> None:
     d.add_domain("example.net")
     for user in ("alice@example.org", "bob@example.org", "carol@example.net"):
         d.add_user(user, HASH)
@@ -44,8 +69,6 @@ def directory(tmp_path: Path) -> Iterator[SqliteDirectory]:
     d.add_alias("loop1@example.org", ["loop2@example.org"])
     d.add_alias("loop2@example.org", ["loop1@example.org", "bob@example.org"])
     d.add_alias("dangling@example.org", ["nobody@example.org"])
-    yield d
-    d.close()
 
 
 @pytest.mark.parametrize(

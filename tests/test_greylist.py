@@ -1,28 +1,57 @@
-"""Greylisting: the store's decisions with an injected clock, the client
-network, the config section, and a real server answering RCPT."""
+"""Greylisting: the store's decisions with an injected clock (on both
+backends, SQLite and PostgreSQL, from the same tests), the client network,
+the config section, and a real server answering RCPT."""
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.conftest import PASSWORD, ServerThread
+from tests.conftest import PASSWORD, ServerThread, pg_pool
 
 from postwarden.config import ConfigError, parse
 from postwarden.policy.greylist import client_network
-from postwarden.storage.sqlite_greylist import SqliteGreylist
+from postwarden.storage.sqlite_greylist import Decision, SqliteGreylist
 
 NET = "192.0.2.0/24"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteGreylist]:
-    s = SqliteGreylist(tmp_path / "postwarden.db", delay=300, expiry=4 * 3600,
-                       allow=35 * 86400)
+class PgGreylistSync:
+    """PgGreylist (async, over a pool) with SqliteGreylist's synchronous
+    calls, so that the same tests decide on both backends."""
+
+    def __init__(self, schema: str, **kw: float) -> None:
+        from postwarden.storage.pg_protect import PgGreylist
+
+        self.loop = asyncio.new_event_loop()
+        self.pool = self.loop.run_until_complete(pg_pool(schema))
+        self.greylist = PgGreylist(self.pool, **kw)
+
+    def decide(self, *args: Any) -> Decision:
+        return self.loop.run_until_complete(self.greylist.decide(*args))
+
+    def counts(self) -> tuple[int, int]:
+        return self.loop.run_until_complete(self.greylist.counts())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.pool.close())
+        self.loop.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    kw: dict[str, float] = {"delay": 300, "expiry": 4 * 3600, "allow": 35 * 86400}
+    s: Any
+    if request.param == "postgres":
+        s = PgGreylistSync(request.getfixturevalue("pg_schema"), **kw)
+    else:
+        s = SqliteGreylist(tmp_path / "postwarden.db", **kw)
     yield s
     s.close()
 
@@ -36,7 +65,7 @@ def test_client_network(ip: str, network: str) -> None:
     assert client_network(ip) == network
 
 
-def test_first_attempt_early_retry_and_pass(store: SqliteGreylist) -> None:
+def test_first_attempt_early_retry_and_pass(store: Any) -> None:
     t = 1000.0
     d = store.decide(NET, "a@s.example", "u@example.test", t)
     assert (d.wait, d.reason) == (300, "new")
@@ -47,7 +76,7 @@ def test_first_attempt_early_retry_and_pass(store: SqliteGreylist) -> None:
     assert store.counts() == (0, 1)
 
 
-def test_passed_network_is_allow_listed_for_allow_days(store: SqliteGreylist) -> None:
+def test_passed_network_is_allow_listed_for_allow_days(store: Any) -> None:
     t = 1000.0
     store.decide(NET, "a@s.example", "u@example.test", t)
     store.decide(NET, "a@s.example", "u@example.test", t + 300)
@@ -62,14 +91,14 @@ def test_passed_network_is_allow_listed_for_allow_days(store: SqliteGreylist) ->
                         t + 300 + 35 * 86400 + 1).reason == "new"
 
 
-def test_unretried_triplet_expires(store: SqliteGreylist) -> None:
+def test_unretried_triplet_expires(store: Any) -> None:
     t = 1000.0
     store.decide(NET, "a@s.example", "u@example.test", t)
     d = store.decide(NET, "a@s.example", "u@example.test", t + 4 * 3600 + 1)
     assert (d.wait, d.reason) == (300, "expired")
 
 
-def test_triplets_are_distinct(store: SqliteGreylist) -> None:
+def test_triplets_are_distinct(store: Any) -> None:
     t = 1000.0
     store.decide(NET, "a@s.example", "u@example.test", t)
     assert store.decide(NET, "a@s.example", "w@example.test", t + 301).reason == "new"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import DOMAIN, PASSWORD, ServerThread, write_config
+from tests.conftest import DOMAIN, PASSWORD, ServerThread, pg_pool, write_config
 
 from postwarden import cli
 from postwarden import config as config_mod
@@ -159,12 +159,30 @@ def test_account_locked_for_one_ip_only(make_server: Callable[..., ServerThread]
     other.quit()
 
 
-def test_escalating_ban_durations(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """Opens the protection store of one backend (inside the test's loop);
+    the same tests run on both."""
+    schema = request.getfixturevalue("pg_schema") if request.param == "postgres" else ""
+
+    async def open_(clock: Callable[[], float] = time.time) -> Any:
+        if not schema:
+            return SqliteProtectStore(tmp_path / "db", clock=clock)
+        from postwarden.storage.pg_protect import PgProtectStore
+
+        store = PgProtectStore(await pg_pool(schema), clock=clock)
+        store.close = lambda: None  # the pool closes with the loop
+        return store
+    return open_
+
+
+def test_escalating_ban_durations(open_store: Any) -> None:
     now = [1000.0]
-    store = SqliteProtectStore(tmp_path / "db", clock=lambda: now[0])
     durations = (900.0, 3600.0, 86400.0)
 
     async def run() -> list[float]:
+        nonlocal store
+        store = await open_store(lambda: now[0])
         lengths = []
         for _ in range(4):
             ban = await store.ban("192.0.2.7", "test", durations, memory=7 * 86400)
@@ -177,10 +195,12 @@ def test_escalating_ban_durations(tmp_path: Path) -> None:
         lengths.append(ban.until - ban.created)
         return lengths
 
+    store: Any = None
     try:
         assert asyncio.run(run()) == [900.0, 3600.0, 86400.0, 86400.0, 900.0]
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
 
 def test_network_ban_and_ipv4_mapped(tmp_path: Path) -> None:
@@ -367,11 +387,13 @@ def test_rate_limit_per_ip(make_server: Callable[..., ServerThread]) -> None:
     other.quit()
 
 
-def test_sliding_window_estimate(tmp_path: Path) -> None:
+def test_sliding_window_estimate(open_store: Any) -> None:
     now = [7200.0]
-    store = SqliteProtectStore(tmp_path / "db", clock=lambda: now[0])
+    store: Any = None
 
     async def run() -> list[float]:
+        nonlocal store
+        store = await open_store(lambda: now[0])
         await store.add_rate("k", 3600, 10)
         seen = [await store.rate("k", 3600)]
         now[0] = 7200.0 + 3600 + 900  # a quarter into the next window
@@ -383,7 +405,8 @@ def test_sliding_window_estimate(tmp_path: Path) -> None:
     try:
         assert asyncio.run(run()) == [10, pytest.approx(7.5), 0]
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
 
 def test_config_validation(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
-"""The SQLite queue store: commit point, group commit, self-validating records.
+"""The queue stores: commit point, group commit, self-validating records.
 
-Real SQLite files and real spool files in tmp_path; failures are produced
-for real (truncated files, RLIMIT_FSIZE in a subprocess, SIGKILL).
+The conformance tests take the ``backend`` fixture and run against both
+backends from the same code: SQLite (real files in tmp_path) and
+PostgreSQL (a schema of its own on the test server).  The others are about
+SQLite's files: real spool files; failures are produced for real
+(truncated files, RLIMIT_FSIZE in a subprocess, SIGKILL).
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import textwrap
 import tracemalloc
 import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from tests.conftest import PG_DSN
 
 from postwarden.envelope import Address, Envelope, MailParams, RcptParams, Recipient
 from postwarden.storage.base import CommitMeta, RcptStatus, RecipientResult, StorageError
+from postwarden.storage.pg_queue import PgQueueStore
+from postwarden.storage.settings import StorageSettings
 from postwarden.storage.sqlite_queue import MessageCorrupt, SqliteQueueStore
 
 T = TypeVar("T")
@@ -49,7 +56,37 @@ async def open_store(tmp: Path, inline_max: int = 128 * 1024) -> SqliteQueueStor
     return store
 
 
-async def commit(store: SqliteQueueStore, data: bytes, env: Envelope | None = None,
+@dataclass(frozen=True)
+class Backend:
+    """Opens a queue store of one backend (the conformance tests' parameter)."""
+
+    name: str
+    schema: str = ""
+
+    @property
+    def sqlite(self) -> bool:
+        return self.name == "sqlite"
+
+    async def open(self, tmp: Path, inline_max: int = 128 * 1024) -> Any:
+        if self.sqlite:
+            return await open_store(tmp, inline_max)
+        store = PgQueueStore(pg_settings(self.schema), tmp / "data" / "spool", inline_max)
+        await store.start()
+        return store
+
+
+def pg_settings(schema: str, **kw: Any) -> StorageSettings:
+    return StorageSettings(**{"backend": "postgres", "dsn": PG_DSN, "schema": schema, **kw})
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "postgres":
+        return Backend("postgres", request.getfixturevalue("pg_schema"))
+    return Backend("sqlite")
+
+
+async def commit(store: Any, data: bytes, env: Envelope | None = None,
                  prepend: bytes = PREPEND) -> str:
     body = store.new_body()
     for start in range(0, len(data), CHUNK):
@@ -59,7 +96,7 @@ async def commit(store: SqliteQueueStore, data: bytes, env: Envelope | None = No
                                          listener="mx", session_id="S1"))
 
 
-async def read_all(store: SqliteQueueStore, queue_id: str) -> bytes:
+async def read_all(store: Any, queue_id: str) -> bytes:
     return b"".join([chunk async for chunk in store.read_message(queue_id)])
 
 
@@ -67,7 +104,7 @@ def spool_files(tmp: Path) -> list[Path]:
     return sorted((tmp / "data" / "spool").glob("*.spool"))
 
 
-def test_inline_round_trip(tmp_path: Path) -> None:
+def test_inline_round_trip(tmp_path: Path, backend: Backend) -> None:
     data = os.urandom(1024)
     env = Envelope(
         sender=Address("Alice", "example.test"),
@@ -78,7 +115,7 @@ def test_inline_round_trip(tmp_path: Path) -> None:
                     Recipient(Address("carol", "remote.example"))])
 
     async def main() -> None:
-        store = await open_store(tmp_path)
+        store = await backend.open(tmp_path)
         queue_id = await commit(store, data, env)
         assert re.fullmatch(r"[A-Z2-7]{16}", queue_id)
         assert await read_all(store, queue_id) == PREPEND + data
@@ -97,12 +134,13 @@ def test_inline_round_trip(tmp_path: Path) -> None:
         await store.close()
 
     run(main)
-    assert stat.S_IMODE((tmp_path / "data" / "postwarden.db").stat().st_mode) == 0o600
+    if backend.sqlite:
+        assert stat.S_IMODE((tmp_path / "data" / "postwarden.db").stat().st_mode) == 0o600
 
 
-def test_null_sender_round_trip(tmp_path: Path) -> None:
+def test_null_sender_round_trip(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path)
+        store = await backend.open(tmp_path)
         queue_id = await commit(store, b"bounce\r\n", envelope(sender=None), prepend=b"")
         msg = await store.get(queue_id)
         assert msg is not None and msg.sender == ""
@@ -112,9 +150,9 @@ def test_null_sender_round_trip(tmp_path: Path) -> None:
     run(main)
 
 
-def test_queue_id_chosen_by_the_session(tmp_path: Path) -> None:
+def test_queue_id_chosen_by_the_session(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path, inline_max=100)
+        store = await backend.open(tmp_path, inline_max=100)
         meta = CommitMeta(session_id="S9", queue_id="ABCDEFGHIJKLMNOP")
         body = store.new_body()
         body.write(b"q" * 500)
@@ -123,20 +161,21 @@ def test_queue_id_chosen_by_the_session(tmp_path: Path) -> None:
         again.write(b"w" * 500)
         with pytest.raises(StorageError):  # taken: nothing committed, file gone
             await store.commit(again, envelope(), b"", meta)
-        assert len(spool_files(tmp_path)) == 1
+        # SQLite keeps the body in its spool file; PostgreSQL in the row.
+        assert len(spool_files(tmp_path)) == (1 if backend.sqlite else 0)
         assert await read_all(store, "ABCDEFGHIJKLMNOP") == b"q" * 500
         await store.close()
 
     run(main)
 
 
-def test_large_body_streams_through_spool_file(tmp_path: Path) -> None:
+def test_large_body_streams_through_spool_file(tmp_path: Path, backend: Backend) -> None:
     chunk = os.urandom(CHUNK)
     n = 80  # 5 MiB
     expected_crc = zlib.crc32(PREPEND + chunk * n)
 
     async def main() -> None:
-        store = await open_store(tmp_path)
+        store = await backend.open(tmp_path)
         body = store.new_body()
         tracemalloc.start()
         try:
@@ -148,10 +187,11 @@ def test_large_body_streams_through_spool_file(tmp_path: Path) -> None:
         assert body.size == n * CHUNK
         assert body.buffered == 0  # spilled: nothing held in memory
         assert write_peak < 1024 * 1024
-        queue_id = await store.commit(body, envelope(), PREPEND, CommitMeta())
-        [spool] = spool_files(tmp_path)
+        [spool] = spool_files(tmp_path)  # streamed to a local file first
         assert stat.S_IMODE(spool.stat().st_mode) == 0o600
         assert stat.S_IMODE(spool.parent.stat().st_mode) == 0o700
+        queue_id = await store.commit(body, envelope(), PREPEND, CommitMeta())
+        assert len(spool_files(tmp_path)) == (1 if backend.sqlite else 0)
 
         tracemalloc.start()
         try:
@@ -170,9 +210,9 @@ def test_large_body_streams_through_spool_file(tmp_path: Path) -> None:
     run(main)
 
 
-def test_concurrent_commits_share_transactions(tmp_path: Path) -> None:
+def test_concurrent_commits_share_transactions(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path, inline_max=4096)
+        store = await backend.open(tmp_path, inline_max=4096)
         bodies = [f"message {i}\r\n".encode() * (1 if i % 10 else 1000) for i in range(200)]
         ids = await asyncio.gather(*(commit(store, b) for b in bodies))
         assert len(set(ids)) == 200
@@ -187,9 +227,10 @@ def test_concurrent_commits_share_transactions(tmp_path: Path) -> None:
     run(main)
 
 
-def test_a_failing_commit_does_not_sink_the_others_of_its_batch(tmp_path: Path) -> None:
+def test_a_failing_commit_does_not_sink_the_others_of_its_batch(tmp_path: Path,
+                                                                backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path)
+        store = await backend.open(tmp_path)
 
         async def with_id(n: int, queue_id: str) -> str:
             body = store.new_body()
@@ -209,9 +250,9 @@ def test_a_failing_commit_does_not_sink_the_others_of_its_batch(tmp_path: Path) 
     run(main)
 
 
-def test_abort_removes_spool_file(tmp_path: Path) -> None:
+def test_abort_removes_spool_file(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path, inline_max=1000)
+        store = await backend.open(tmp_path, inline_max=1000)
         body = store.new_body()
         body.write(b"x" * 5000)
         assert len(spool_files(tmp_path)) == 1
@@ -231,9 +272,9 @@ def test_abort_removes_spool_file(tmp_path: Path) -> None:
     run(main)
 
 
-def test_commit_after_close_fails_cleanly(tmp_path: Path) -> None:
+def test_commit_after_close_fails_cleanly(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path, inline_max=10)
+        store = await backend.open(tmp_path, inline_max=10)
         body = store.new_body()
         body.write(b"z" * 100)
         await store.close()
@@ -346,9 +387,9 @@ def test_second_instance_does_not_collect_garbage(tmp_path: Path) -> None:
 
 
 def test_due_returns_the_longest_waiting_messages_however_many_recipients(
-        tmp_path: Path) -> None:
+        tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path)
+        store = await backend.open(tmp_path)
         many = [f"r{i}@example.test" for i in range(30)]
         crowded = [await commit(store, f"crowded {i}\r\n".encode(), envelope(*many))
                    for i in range(6)]
@@ -366,9 +407,9 @@ def test_due_returns_the_longest_waiting_messages_however_many_recipients(
     run(main)
 
 
-def test_due_record_results_and_removal(tmp_path: Path) -> None:
+def test_due_record_results_and_removal(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path, inline_max=1000)
+        store = await backend.open(tmp_path, inline_max=1000)
         queue_id = await commit(store, b"r" * 5000,
                                 envelope("a@example.test", "b@example.test", "c@example.test"))
         [msg] = await store.due(100.0, 10)
@@ -397,9 +438,9 @@ def test_due_record_results_and_removal(tmp_path: Path) -> None:
     run(main)
 
 
-def test_held_messages_are_not_due(tmp_path: Path) -> None:
+def test_held_messages_are_not_due(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
-        store = await open_store(tmp_path)
+        store = await backend.open(tmp_path)
         queue_id = await commit(store, b"h")
         assert await store.set_held(queue_id, True)
         assert await store.due(1e12, 10) == []

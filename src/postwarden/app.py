@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postwarden import __version__
 from postwarden.auth import password_policy
@@ -59,12 +60,11 @@ from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
+from postwarden.storage.factory import queue_store
 from postwarden.storage.sqlite_directory import SqliteDirectory
-from postwarden.storage.sqlite_greylist import SqliteGreylist
 from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import SqliteQuarantine
-from postwarden.storage.sqlite_queue import SqliteQueueStore
 from postwarden.workers import (
     CommitNotifier,
     WorkerArgs,
@@ -73,6 +73,11 @@ from postwarden.workers import (
     die_with_parent,
     process_count,
 )
+
+if TYPE_CHECKING:
+    from postwarden.policy.bans import ProtectStore
+    from postwarden.policy.greylist import GreylistStore
+    from postwarden.storage.factory import AnyQueueStore
 
 log = get_logger("app")
 
@@ -95,12 +100,13 @@ class Server:
         self.conn_table = conn_table
         self.listeners: list[Listener] = []
         self.runner: QueueRunner | None = None
-        self.store: SqliteQueueStore | None = None
+        self.store: AnyQueueStore | None = None
         self.directory: SqliteDirectory | None = None
+        self.directory_replica: Any = None  # pg_directory.DirectoryReplica (PostgreSQL)
         self.tls = TlsContexts(config.tls)
         self.control: ControlServer | None = None
-        self.greylist: SqliteGreylist | None = None
-        self.protect: SqliteProtectStore | None = None
+        self.greylist: GreylistStore | None = None
+        self.protect: ProtectStore | None = None
         self.quarantine: SqliteQuarantine | None = None
         self.http: Any = None  # postwarden.onboard.web.HttpService when [http] enabled
         self.admin: Any = None  # the same for [admin] (postwarden.observe.admin)
@@ -123,16 +129,35 @@ class Server:
         # up, then upgraded (postwarden.storage.migrate).
         if self.worker is None:  # the main process migrated before starting workers
             await asyncio.to_thread(migrate.prepare, cfg)
-        self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
-        self.store = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
+        if cfg.storage.postgres:  # a cache of the shared directory
+            from postwarden.storage.pg_directory import cache_directory
+
+            self.directory = cache_directory(cfg.data_dir, cfg.domains)
+        else:
+            self.directory = SqliteDirectory(cfg.db_path, cfg.domains)
+        # [storage] backend: SQLite (default) or PostgreSQL shared by nodes.
+        self.store = queue_store(cfg, node=self.worker is None)
         self.store.events_keep = cfg.trace.retention
         await self.store.start()
+        if cfg.storage.postgres:
+            from postwarden.storage.pg_directory import DirectoryReplica
+            from postwarden.storage.pg_queue import PgQueueStore
+
+            assert isinstance(self.store, PgQueueStore)
+            self.directory_replica = DirectoryReplica(self.store.pool, self.directory)
+            await self.directory_replica.start()
         # Metrics: shared among the processes when there are several
         # (PROMETHEUS_MULTIPROC_DIR, set by serve()).
         metrics = self.metrics = metrics_mod.Metrics(multiprocess=self.processes > 1)
-        if self.worker is None:
+        if self.worker is None and not cfg.storage.postgres:
             metrics.collectors.append(metrics_mod.StateCollector(
                 lambda: health.state_gauges(cfg.db_path)))
+        elif self.worker is None:  # the shared queue, and this node's leases
+            from postwarden.storage.pg_queue import PgQueueStore, node_gauges
+
+            assert isinstance(self.store, PgQueueStore)
+            metrics.collectors.append(metrics_mod.StateCollector(
+                functools.partial(node_gauges, self.store, cfg.db_path)))
         resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
                             cache=DNS_CACHE_ENTRIES)
         resolver.observe = metrics.dns_lookup
@@ -147,7 +172,16 @@ class Server:
             cfg.passwords, self.directory.password_changed, used_app_password))
         # Bans (refused at connect, before any DNS lookup), brute-force and
         # harvest counters, rate limits: state shared in the database.
-        self.protect = SqliteProtectStore(cfg.db_path)
+        pg_pool = None
+        if cfg.storage.postgres:  # shared by the nodes
+            from postwarden.storage.pg_protect import PgProtectStore
+            from postwarden.storage.pg_queue import PgQueueStore
+
+            assert isinstance(self.store, PgQueueStore)
+            pg_pool = self.store.pool
+            self.protect = PgProtectStore(pg_pool)
+        else:
+            self.protect = SqliteProtectStore(cfg.db_path)
         bans.install(policy, self.protect, cfg.bans)
         ratelimit.install(policy, self.protect, cfg.ratelimit)
         # Accounts suspended by the spike detector or the administrator
@@ -156,7 +190,7 @@ class Server:
         alerts_mod.install_suspension(policy, self.monitor)
         # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
         listed = dnsbl.install(policy, cfg.dnsbl, resolver)
-        self.greylist = greylist.install(policy, cfg)
+        self.greylist = greylist.install(policy, cfg, pg_pool)
         ctx = ServerContext(config=cfg, tls=self.tls, directory=self.directory,
                             queue=self.store, policy=policy,
                             verify_password=CredentialVerifier(
@@ -307,6 +341,9 @@ class Server:
         if self.runner is not None:
             await self.runner.stop(self.config.queue.shutdown_timeout)
             self.runner = None
+        if self.directory_replica is not None:
+            await self.directory_replica.stop()
+            self.directory_replica = None
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -33,6 +33,7 @@ from postwarden import (
     cli_admin,
     cli_ban,
     cli_dns,
+    cli_nodes,
     cli_observe,
     cli_quarantine,
     cli_queue,
@@ -43,6 +44,7 @@ from postwarden.auth import password_policy, passwords
 from postwarden.observe import audit
 from postwarden.onboard import commands as onboard_commands
 from postwarden.onboard import interactive as onboard_interactive
+from postwarden.storage.factory import open_directory
 from postwarden.storage.sqlite_directory import (
     MAX_APP_PASSWORDS,
     DirectoryError,
@@ -81,7 +83,7 @@ def _directory(cfg: _config.Config) -> SqliteDirectory:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create data directory {cfg.data_dir}: {exc.strerror}") from None
-    return SqliteDirectory(cfg.db_path, cfg.domains)
+    return open_directory(cfg)  # [storage] backend
 
 
 def _read_password(stdin: TextIO) -> str:
@@ -483,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     onboard_commands.add_parsers(sub, _with_config)
     cli_observe.add_parsers(sub, _with_config)
     cli_admin.add_parsers(sub, _with_config)
+    cli_nodes.add_parser(sub, _with_config)
     return p
 
 

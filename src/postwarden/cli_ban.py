@@ -16,15 +16,22 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postwarden import config as _config
 from postwarden.storage.sqlite_protect import Ban, ProtectError, SqliteProtectStore
 
+if TYPE_CHECKING:
+    from postwarden.storage.pg_protect import PgBanAdmin
+
 Handler = Callable[[_config.Config, argparse.Namespace], int]
 
 
-def _store(cfg: _config.Config) -> SqliteProtectStore:
+def _store(cfg: _config.Config) -> SqliteProtectStore | PgBanAdmin:
+    if cfg.storage.postgres:  # the ban table every node reads
+        from postwarden.storage.pg_protect import PgBanAdmin
+
+        return PgBanAdmin(cfg.storage)
     cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return SqliteProtectStore(cfg.db_path)
 

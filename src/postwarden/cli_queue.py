@@ -18,12 +18,15 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postwarden import config as _config
 from postwarden import control
 from postwarden.storage.base import QueuedMessage
-from postwarden.storage.sqlite_queue import SqliteQueueStore
+from postwarden.storage.factory import queue_store
+
+if TYPE_CHECKING:
+    from postwarden.storage.factory import AnyQueueStore
 
 T = TypeVar("T")
 HEADER_LIMIT = 64 * 1024
@@ -33,11 +36,11 @@ class QueueCommandError(Exception):
     """A queue command failed (one line, exit status 1)."""
 
 
-def _run(cfg: _config.Config, action: Callable[[SqliteQueueStore], Awaitable[T]]) -> T:
+def _run(cfg: _config.Config, action: Callable[[AnyQueueStore], Awaitable[T]]) -> T:
     async def main() -> T:
-        if not cfg.db_path.exists():
+        if not cfg.storage.postgres and not cfg.db_path.exists():
             raise QueueCommandError(f"no queue database at {cfg.db_path} (has the server run?)")
-        store = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
+        store = queue_store(cfg, node=False)  # [storage] backend
         await store.start()
         try:
             return await action(store)
@@ -96,7 +99,7 @@ def cmd_list(cfg: _config.Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _headers(store: SqliteQueueStore, queue_id: str) -> bytes:
+async def _headers(store: AnyQueueStore, queue_id: str) -> bytes:
     buf = bytearray()
     gen = store.read_message(queue_id)
     try:
@@ -113,7 +116,7 @@ async def _headers(store: SqliteQueueStore, queue_id: str) -> bytes:
 
 
 def cmd_show(cfg: _config.Config, args: argparse.Namespace) -> int:
-    async def show(store: SqliteQueueStore) -> tuple[QueuedMessage | None, bytes, list[Any]]:
+    async def show(store: AnyQueueStore) -> tuple[QueuedMessage | None, bytes, list[Any]]:
         msg = await store.get(args.queue_id)
         history = await store.history(args.queue_id)
         headers = await _headers(store, args.queue_id) if msg is not None else b""
@@ -173,7 +176,7 @@ def cmd_flush(cfg: _config.Config, args: argparse.Namespace) -> int:
 
 
 def _one(cfg: _config.Config, args: argparse.Namespace,
-         action: Callable[[SqliteQueueStore], Awaitable[bool]], done: str,
+         action: Callable[[AnyQueueStore], Awaitable[bool]], done: str,
          wake: bool = False) -> int:
     if not _run(cfg, action):
         raise QueueCommandError(f"no message {args.queue_id} in the queue")

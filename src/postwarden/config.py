@@ -29,6 +29,7 @@ from postwarden.delivery.transport import Nexthop, NexthopError, parse_nexthop
 from postwarden.filter import settings as _filters
 from postwarden.observe.settings import AdminSettings, AlertSettings, TraceSettings
 from postwarden.onboard.settings import ClientSettings, HttpSettings, RelaySettings
+from postwarden.storage.settings import StorageSettings
 
 DEFAULT_CONFIG = "postwarden.toml"
 CONFIG_ENV = "POSTWARDEN_CONFIG"
@@ -305,6 +306,7 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     trace: TraceSettings = field(default_factory=TraceSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
     @property
     def dkim_dir(self) -> Path:
@@ -428,7 +430,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
            "delivery", "dns", "transports", "tls_policy", "checks", "dkim", "access", "connections",
            "dnsbl", "greylist",
            "passwords", "bans", "ratelimit", "processes", "filters",
-           "http", "clients", "relaying", "admin", "alerts", "trace"}
+           "http", "clients", "relaying", "admin", "alerts", "trace", "storage"}
     _unknown(data, top, "")
 
     if "hostname" not in data:
@@ -554,7 +556,8 @@ def _parse_onboard(data: Mapping[str, Any]) -> dict[str, Any]:
                                ("relaying", "relay", RelaySettings),
                                ("admin", "admin", AdminSettings),
                                ("alerts", "alerts", AlertSettings),
-                               ("trace", "trace", TraceSettings)):
+                               ("trace", "trace", TraceSettings),
+                               ("storage", "storage", StorageSettings)):
         try:
             out[name] = cls.from_table(_table(data, section))
         except ValueError as exc:

@@ -328,6 +328,10 @@ class AlertEngine:
 
     def _database_findings(self) -> list[Finding]:
         now = self.clock()
+        if self.cfg.storage.postgres:
+            # The spike, bounce and queue rules read the SQLite tables; the
+            # shared queue and counters are in PostgreSQL (not covered yet).
+            return certificate_findings(self.cfg, now)
         db = sqlite3.connect(f"file:{self.cfg.db_path}?mode=ro", uri=True, timeout=5)
         try:
             db.execute("PRAGMA busy_timeout = 5000")

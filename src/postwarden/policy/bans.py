@@ -32,11 +32,19 @@ so bans apply on every node and survive restarts.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from postwarden import reply as R
 from postwarden.config import BansConfig
 from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Event, Policy, Stage
 from postwarden.storage.sqlite_protect import Ban, SqliteProtectStore
+
+if TYPE_CHECKING:
+    from postwarden.storage.pg_protect import PgProtectStore
+
+    # The bans and counters of one node (SQLite) or of all (PostgreSQL).
+    ProtectStore = SqliteProtectStore | PgProtectStore
 
 log = get_logger("bans")
 
@@ -61,7 +69,7 @@ def _until(ban: Ban) -> str:
 class Bans:
     """The checks and event handlers; :func:`install` registers them."""
 
-    def __init__(self, store: SqliteProtectStore, config: BansConfig) -> None:
+    def __init__(self, store: ProtectStore, config: BansConfig) -> None:
         self.store = store
         self.config = config
 
@@ -158,7 +166,7 @@ class Bans:
                     session=ctx.conn.session_id)
 
 
-def install(policy: Policy, store: SqliteProtectStore, config: BansConfig) -> Bans | None:
+def install(policy: Policy, store: ProtectStore, config: BansConfig) -> Bans | None:
     """Register the ban checks and counters (nothing when ``[bans] enabled``
     is false; bans written by the CLI are then not enforced either)."""
     if not config.enabled:

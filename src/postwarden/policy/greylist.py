@@ -25,12 +25,19 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from postwarden import reply as R
 from postwarden.config import Config
 from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Policy, Stage, relay
 from postwarden.storage.sqlite_greylist import SqliteGreylist
+
+if TYPE_CHECKING:
+    from postwarden.storage.pg_protect import PgGreylist
+
+    # One node's triplets (SQLite) or every node's (PostgreSQL).
+    GreylistStore = SqliteGreylist | PgGreylist
 
 log = get_logger("greylist")
 
@@ -54,7 +61,7 @@ def greylisted_reply(wait: int) -> R.Reply:
 class Greylist:
     """The RCPT check; ``clock`` gives wall-clock seconds (injectable)."""
 
-    def __init__(self, store: SqliteGreylist, *,
+    def __init__(self, store: GreylistStore, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
@@ -82,8 +89,11 @@ class Greylist:
         assert ctx.path is not None and ctx.path.address is not None
         sender = ctx.envelope.sender.key if ctx.envelope and ctx.envelope.sender else ""
         recipient = ctx.path.address.key
-        decision = await asyncio.to_thread(self.store.decide, network, sender, recipient,
-                                           self.clock())
+        if isinstance(self.store, SqliteGreylist):
+            decision = await asyncio.to_thread(self.store.decide, network, sender, recipient,
+                                               self.clock())
+        else:
+            decision = await self.store.decide(network, sender, recipient, self.clock())
         if decision.wait == 0:
             if decision.reason == "passed":
                 log.info("greylist_passed", session=conn.session_id, client=conn.peer_ip,
@@ -96,14 +106,22 @@ class Greylist:
                          f"greylisted ({decision.reason})")
 
 
-def install(policy: Policy, config: Config) -> SqliteGreylist | None:
-    """When enabled: open the store and register the check just before the
+def install(policy: Policy, config: Config, pg_pool: object = None) -> GreylistStore | None:
+    """When enabled: open the store (in PostgreSQL over ``pg_pool`` when
+    given, an asyncpg pool) and register the check just before the
     recipient check.  Returns the store (the caller closes it)."""
     gl = config.greylist
     if not gl.enabled:
         return None
-    store = SqliteGreylist(config.db_path, delay=gl.delay, expiry=gl.expiry,
+    store: GreylistStore
+    if pg_pool is not None:
+        from postwarden.storage.pg_protect import PgGreylist
+
+        store = PgGreylist(pg_pool, delay=gl.delay, expiry=gl.expiry,
                            allow=gl.allow_days * 86400)
+    else:
+        store = SqliteGreylist(config.db_path, delay=gl.delay, expiry=gl.expiry,
+                               allow=gl.allow_days * 86400)
     checks = policy.checks[Stage.RCPT]
     greylist = Greylist(store)
     try:

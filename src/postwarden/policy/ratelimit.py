@@ -20,11 +20,19 @@ names the limit, its value and the counter.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from postwarden import reply as R
 from postwarden.config import RateLimitConfig
 from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Event, Policy, Stage
 from postwarden.storage.sqlite_protect import SqliteProtectStore
+
+if TYPE_CHECKING:
+    from postwarden.storage.pg_protect import PgProtectStore
+
+    # The bans and counters of one node (SQLite) or of all (PostgreSQL).
+    ProtectStore = SqliteProtectStore | PgProtectStore
 
 log = get_logger("ratelimit")
 
@@ -34,7 +42,7 @@ RATE_LIMITED = R.Reply(451, "4.7.1", "Rate limit exceeded, try again later")
 class RateLimits:
     """The checks and the counter; :func:`install` registers them."""
 
-    def __init__(self, store: SqliteProtectStore, config: RateLimitConfig) -> None:
+    def __init__(self, store: ProtectStore, config: RateLimitConfig) -> None:
         self.store = store
         self.config = config
         # Recipients that passed the RCPT check in the open transaction, by
@@ -116,7 +124,7 @@ class RateLimits:
         return None
 
 
-def install(policy: Policy, store: SqliteProtectStore, config: RateLimitConfig
+def install(policy: Policy, store: ProtectStore, config: RateLimitConfig
             ) -> RateLimits | None:
     """Register the limits.  The checks go first in their stage: the relay
     check accepts (a final verdict) and later checks would not run."""

@@ -47,6 +47,7 @@ from postwarden.observe.log import get_logger
 from postwarden.queue import schedule
 from postwarden.queue.bounce import Attempt, Notices, Notifier
 from postwarden.storage.base import (
+    LeasingStore,
     QueuedMessage,
     QueuedRecipient,
     QueueStore,
@@ -97,6 +98,7 @@ class QueueRunner:
         self.on_results: list[ResultHook] = []
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[bool]] = {}
+        self._releasing: set[asyncio.Future[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -158,8 +160,12 @@ class QueueRunner:
         free = self.config.workers - len(self._in_flight)
         if free <= 0:
             return 0
-        # Messages in flight are still due until their results are stored.
-        due = await self.store.due(self.clock(), self.config.workers + len(self._in_flight))
+        if isinstance(self.store, LeasingStore):
+            # A shared queue: claim (lease) no more than we start now.
+            due = await self.store.claim(self.clock(), free)
+        else:
+            # Messages in flight are still due until their results are stored.
+            due = await self.store.due(self.clock(), self.config.workers + len(self._in_flight))
         started = 0
         for msg in due:
             if started >= free or self._stopping:
@@ -179,10 +185,22 @@ class QueueRunner:
         exc = task.exception()
         if exc is not None:  # a bug: the message stays queued, retried at the next scan
             log.error("delivery_crashed", queue_id=queue_id, error=repr(exc))
-        elif task.result():
+        if (exc is not None or not task.result()) and isinstance(self.store, LeasingStore):
+            # Its lease would otherwise be renewed as long as we run.
+            release = asyncio.ensure_future(self._release(queue_id))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
+        elif exc is None and task.result():
             # Refill the freed worker now; not after a failed record, when
             # the message is still due and would be retried in a tight loop.
             self._wake.set()
+
+    async def _release(self, queue_id: str) -> None:
+        assert isinstance(self.store, LeasingStore)
+        try:
+            await self.store.release(queue_id)
+        except Exception as exc:  # the lease expires by itself
+            log.error("release_failed", queue_id=queue_id, error=str(exc) or repr(exc))
 
     async def run_until_idle(self) -> None:
         """Deliver everything due now and wait for it (tests, ``queue flush``)."""

@@ -19,7 +19,7 @@ import builtins
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from postwarden.envelope import Address, Envelope, MailParams, RcptParams
 
@@ -182,6 +182,19 @@ class QueueStore(Protocol):
         """The message's events, oldest first (also after its removal)."""
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class LeasingStore(Protocol):
+    """A queue shared by several nodes (PostgreSQL): due work is claimed
+    with a lease instead of read, so that no two nodes deliver it at once."""
+
+    async def claim(self, now: float, limit: int) -> builtins.list[QueuedMessage]:
+        """Up to ``limit`` due messages (their due recipients), leased to
+        this node until their results are recorded or :meth:`release`."""
+
+    async def release(self, queue_id: str) -> None:
+        """Give the message back without results (another node may take it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,351 @@
+"""Several postwarden nodes sharing one queue in PostgreSQL, as separate
+``postwarden serve`` processes on loopback ports.
+
+Each node has a data directory of its own; they share the queue (one
+PostgreSQL schema per test).  Mail goes through an alias to a remote
+recipient whose domain is routed to an SMTP sink, which counts what it
+receives by Message-ID: exactly once in the normal case, everything after
+a node is SIGKILLed mid-delivery, duplicates no more than the leases the
+dead node held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from tests.conftest import PG_DSN, write_config
+from tests.crashload import queue_list
+from tests.service import Service, free_ports, kill_leftovers, with_top
+
+from postwarden import config as config_mod
+from postwarden.storage.pg_directory import DirectoryEdit
+
+FORWARD = "fwd@example.test"
+REMOTE = "friend@sink.example"
+
+
+class Sink:
+    """The remote MX: an aiosmtpd server counting Message-IDs; ``delay``
+    seconds pass between the end of DATA and its 250 (a slow destination,
+    so that deliveries are in flight when a node is killed)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.port, = free_ports(1)
+        self.delay = delay
+        self.ids: Counter[str] = Counter()
+        self.started = 0  # DATA commands received (before the delay)
+        self.lock = threading.Lock()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.started += 1
+        await asyncio.sleep(self.delay)
+        mid = BytesHeaderParser().parsebytes(envelope.content)["Message-ID"]
+        with self.lock:
+            self.ids[str(mid)] += 1
+        return "250 2.0.0 Ok: sunk"
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.ids)
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    s.controller.start()
+    yield s
+    s.controller.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    yield
+    kill_leftovers()
+
+
+class Node:
+    """One ``postwarden serve`` process on the shared queue."""
+
+    def __init__(self, directory: Path, cert_files: tuple[Path, Path], dns_port: int,
+                 schema: str, sink_port: int, *, workers: int = 4, scan: float = 60.0,
+                 lease: float = 30.0, heartbeat: float = 1.0, extra: str = "",
+                 processes: int = 1) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        ports = free_ports(3)
+        self.port = ports[0]
+        extra = (f"[checks]\nverify = false\n"
+                 f"[queue]\nscan_interval = {scan}\nretry_min = 1\nretry_max = 2\n"
+                 f"workers = {workers}\n"
+                 f'[transports]\n"sink.example" = "smtp:[127.0.0.1]:{sink_port}"\n'
+                 f'[storage]\nbackend = "postgres"\ndsn = "{PG_DSN}"\nschema = "{schema}"\n'
+                 f"pool_min = 1\npool_max = 4\nlease = {lease}\nheartbeat = {heartbeat}\n"
+                 + extra)
+        self.config_path = write_config(directory, cert_files, extra,
+                                        ports=(ports[0], ports[1], ports[2]), dns_port=dns_port)
+        with_top(self.config_path, f"processes = {processes}")
+        self.cfg = config_mod.load(self.config_path)
+        # The shared directory (every node sees it): the alias to the sink.
+        with DirectoryEdit(self.cfg.storage, self.cfg.domains) as directory:
+            directory.add_alias(FORWARD, [REMOTE])
+        self.service: Service | None = None
+
+    def start(self) -> Node:
+        self.service = Service(self.config_path, self.dir / "serve.log")
+        self.service.wait_ready(self.port, timeout=60)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.service is not None
+        return self.service.stop(sig)
+
+
+def send(port: int, tag: str, count: int) -> list[str]:
+    """``count`` messages to the alias over one connection; their Message-IDs."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("sender.remote.example")
+        for i in range(count):
+            msg = EmailMessage()
+            mid = f"<{tag}.{i}.{time.monotonic_ns()}@remote.example>"
+            msg["From"], msg["To"], msg["Subject"] = "load@remote.example", FORWARD, tag
+            msg["Message-ID"] = mid
+            msg.set_content(f"message {i} from {tag}\n")
+            client.send_message(msg, "load@remote.example", [FORWARD])
+            ids.append(mid)
+    return ids
+
+
+def nodes_cli(node: Node, *args: str) -> Any:
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(node.config_path),
+                          "nodes", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if "--json" in args else out.stdout
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def pg(schema: str, sql: str) -> Any:
+    async def main() -> Any:
+        conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": schema})
+        try:
+            return await conn.fetch(sql)
+        finally:
+            await conn.close()
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any, pg_schema: str,
+          sink: Sink) -> Any:
+    def make(name: str, **kw: Any) -> Node:
+        return Node(tmp_path / name, cert_files, loopback_dns.port, pg_schema, sink.port, **kw)
+    return make
+
+
+def test_one_node_on_postgres_delivers_and_the_cli_sees_the_shared_queue(
+        nodes: Any, sink: Sink, pg_schema: str) -> None:
+    admin, = free_ports(1)
+    a = nodes("a", extra=f'[admin]\nenabled = true\naddress = "127.0.0.1:{admin}"\n').start()
+    ids = send(a.port, "solo", 5)
+    wait_for(lambda: sink.count() == 5, 30, "5 deliveries")
+    assert set(sink.ids) == set(ids) and set(sink.ids.values()) == {1}
+    wait_for(lambda: not pg(pg_schema, "SELECT 1 FROM messages"), 10, "an empty queue")
+    assert queue_list(a.config_path) == []
+    [row] = nodes_cli(a, "--json")
+    assert row["live"] and row["in_flight"] == 0 and row["heartbeat_age"] < 5
+    assert a.service is not None and row["pid"] == a.service.proc.pid
+    assert "live" in nodes_cli(a)
+    # /metrics: this node's claims, and the shared queue (empty now).
+    time.sleep(1.5)  # a heartbeat refreshes the queue figures
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    claims = [line for line in text.splitlines() if line.startswith("postwarden_node_claims{")]
+    assert len(claims) == 1 and float(claims[0].rsplit(" ", 1)[1]) >= 1
+    assert 'postwarden_queue_messages{state="active"} 0.0' in text
+    assert "alerts_failed" not in (a.dir / "serve.log").read_text()
+    assert a.stop() == 0
+    assert pg(pg_schema, "SELECT 1 FROM nodes") == []  # deregistered
+
+
+def test_mail_accepted_by_an_accept_only_node_is_delivered_by_another_at_once(
+        nodes: Any, sink: Sink) -> None:
+    # Scans every 60 s: only the NOTIFY of the commit on A can wake B in time.
+    a = nodes("a", workers=0).start()
+    b = nodes("b").start()
+    time.sleep(0.5)  # B's first scan found nothing
+    started = time.monotonic()
+    ids = send(a.port, "via-a", 3)
+    wait_for(lambda: sink.count() == 3, 20, "deliveries by node B")
+    assert time.monotonic() - started < 20
+    assert set(sink.ids) == set(ids)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_two_and_three_nodes_deliver_everything_exactly_once(nodes: Any, sink: Sink,
+                                                             pg_schema: str) -> None:
+    # Node c runs two processes (its worker accepts, its main process delivers).
+    group = [nodes("a").start(), nodes("b").start(), nodes("c", processes=2).start()]
+    sent: list[str] = []
+    lock = threading.Lock()
+
+    def sender(node: Node, tag: str) -> None:
+        ids = send(node.port, tag, 40)
+        with lock:
+            sent.extend(ids)
+
+    threads = [threading.Thread(target=sender, args=(n, f"{n.dir.name}{k}"))
+               for n in group for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(sent) == 240
+    wait_for(lambda: sink.count() == 240, 90, "240 deliveries")
+    time.sleep(1.0)  # nothing more arrives
+    assert set(sink.ids) == set(sent)
+    assert max(sink.ids.values()) == 1, "a message was delivered twice"
+    deliverers = pg(pg_schema, "SELECT relay FROM events WHERE event = 'lease_expired'")
+    assert deliverers == []
+    for n in group:
+        assert n.stop() == 0
+
+
+def test_sigkill_mid_delivery_loses_nothing_and_duplicates_stay_within_the_leases(
+        nodes: Any, sink: Sink, pg_schema: str) -> None:
+    sink.delay = 1.5  # deliveries stay in flight
+    a = nodes("a", workers=4, scan=1.0, lease=4.0, heartbeat=1.0).start()
+    ids = send(a.port, "doomed", 20)
+    wait_for(lambda: sink.started >= 2, 20, "deliveries in flight on node A")
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+    b = nodes("b", workers=4, scan=1.0, lease=4.0, heartbeat=1.0).start()
+    wait_for(lambda: sink.count() == 20, 90, "every message delivered by node B")
+    time.sleep(sink.delay + 1.0)
+    assert set(sink.ids) == set(ids), "a message was lost"
+    duplicates = sum(n - 1 for n in sink.ids.values())
+    takeovers = pg(pg_schema, "SELECT queue_id FROM events WHERE event = 'lease_expired'")
+    # Only what A held a lease on can come twice, and each takeover is counted.
+    assert 1 <= len(takeovers) <= 4
+    assert duplicates <= len(takeovers)
+    # Counted per node: B's row (A's stays behind with a stale heartbeat).
+    rows = pg(pg_schema, "SELECT takeovers, heartbeat FROM nodes ORDER BY heartbeat")
+    assert len(rows) == 2 and rows[-1]["takeovers"] == len(takeovers)
+    # `postwarden nodes`: A is gone, B live; --prune forgets A.
+    listed = {r["pid"]: r for r in nodes_cli(b, "--json")}
+    assert b.service is not None and a.service is not None
+    assert listed[b.service.proc.pid]["live"] and not listed[a.service.proc.pid]["live"]
+    assert listed[b.service.proc.pid]["takeovers"] == len(takeovers)
+    assert [r["pid"] for r in nodes_cli(b, "--json", "--prune")] == [b.service.proc.pid]
+    assert b.stop() == 0
+
+
+# ---- shared protection state ------------------------------------------------
+
+def greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        return s.recv(200)
+
+
+def rcpt_replies(port: int, *rcpts: str) -> list[int]:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    try:  # no QUIT: a ban may end the session
+        client.ehlo("prober.remote.example")
+        client.mail("prober@remote.example")
+        return [client.rcpt(r)[0] for r in rcpts]
+    finally:
+        client.close()
+
+
+def test_a_ban_on_node_a_refuses_the_client_on_node_b(nodes: Any, pg_schema: str) -> None:
+    extra = "[bans]\nharvest_rejects = 3\n"
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    assert greeting(b.port).startswith(b"220 ")
+    # A directory harvest on A: three unknown recipients, then a ban.
+    # The third reject is the ban: 421 and the session ends.
+    assert rcpt_replies(a.port, *(f"nobody{i}@example.test" for i in range(3))) == [550, 550, 421]
+    wait_for(lambda: greeting(b.port).startswith(b"421 4.7.0"), 10, "node B to refuse")
+    [ban] = pg(pg_schema, "SELECT network, reason FROM protect_bans")
+    assert ban["network"] == "127.0.0.1/32"
+    # Lifted through B's configuration: A accepts the client again.
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(b.config_path), "ban",
+                          "del", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: greeting(a.port).startswith(b"220 "), 10, "node A to accept again")
+    # An administrator's ban through A's configuration reaches B.
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(a.config_path), "ban",
+                          "add", "127.0.0.0/8", "--reason", "test"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: greeting(b.port).startswith(b"421 4.7.0"), 10, "node B to refuse")
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_rate_limits_count_what_a_client_did_on_every_node(nodes: Any) -> None:
+    extra = "[ratelimit]\nip_messages = 4\n"
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    send(a.port, "rl-a", 2)
+    send(b.port, "rl-b", 2)
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        send(a.port, "rl-over", 1)
+    assert info.value.smtp_code in (450, 451, 452, 550)
+    with pytest.raises(smtplib.SMTPSenderRefused):
+        send(b.port, "rl-over", 1)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_greylist_retry_passes_on_the_other_node(nodes: Any, sink: Sink) -> None:
+    extra = "[greylist]\nenabled = true\ndelay = 1\n"
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    assert rcpt_replies(a.port, FORWARD) == [451]  # first attempt: greylisted on A
+    time.sleep(1.2)
+    assert rcpt_replies(b.port, FORWARD) == [250]  # the retry reaches B: passed
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_an_account_added_through_one_node_is_known_to_the_others(nodes: Any) -> None:
+    extra = "[bans]\nenabled = false\n"  # the probes below would look like a harvest
+    a = nodes("a", extra=extra).start()
+    b = nodes("b", extra=extra).start()
+    assert rcpt_replies(b.port, "newcomer@example.test") == [550]
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(a.config_path), "user",
+                          "add", "newcomer@example.test", "--password-stdin"],
+                         input="a long enough password 42\n", capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: rcpt_replies(b.port, "newcomer@example.test") == [250], 10,
+             "node B to know the new account")
+    out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(b.config_path), "user",
+                          "list"], capture_output=True, text=True, timeout=60)
+    assert "newcomer@example.test" in out.stdout
+    assert a.stop() == 0 and b.stop() == 0
