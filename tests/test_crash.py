@@ -6,20 +6,32 @@ The in-suite run is short (5 kills); POSTWARDEN_CRASH_ROUNDS sets more.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import smtplib
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import add_user, maildir_messages, wait_for
-from tests.crashload import SQLITE, Backend, CrashRun, Plan, corrupt_count, verify_snapshot
+from tests.conftest import PASSWORD, PG_DSN, add_user, maildir_messages, wait_for
+from tests.crashload import (
+    FORWARD,
+    LOCAL,
+    REMOTE,
+    SQLITE,
+    Backend,
+    CrashRun,
+    Plan,
+    corrupt_count,
+    verify_snapshot,
+)
 from tests.service import ALICE, Service, kill_leftovers, log_events, setup_config
 
 ROUNDS = int(os.environ.get("POSTWARDEN_CRASH_ROUNDS", "5"))
-# PostgreSQL joins this list when its backend exists.
 BACKENDS = [SQLITE]
 
 
@@ -55,6 +67,49 @@ def test_sigkill_under_load_loses_nothing_acknowledged(
               f"the copy delivered, corrupted {len(snap.corrupted)}, "
               f"corrupt queue entries {snap.queue_corrupt}")
         assert snap.lost == [] and snap.corrupted == [] and snap.queue_corrupt == 0
+
+
+@pytest.mark.timeout(max(300, ROUNDS * 40))
+def test_sigkill_under_load_loses_nothing_acknowledged_on_postgres(
+        tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any,
+        pg_schema: str) -> None:
+    # The same rounds with the queue in PostgreSQL.  A killed node's claims
+    # expire after the lease (short here), and the restarted node delivers
+    # them.  No data-directory copy: the queue is the database server's.
+    def accounts(directory: Path) -> None:
+        # The directory lives in PostgreSQL too: made through the CLI.
+        config = str(directory / "postwarden.toml")
+        for args, stdin in ((["user", "add", LOCAL, "--password-stdin"], PASSWORD + "\n"),
+                            (["alias", "add", FORWARD, REMOTE], None)):
+            subprocess.run([sys.executable, "-m", "postwarden", "-c", config, *args],
+                           input=stdin, text=True, capture_output=True, check=True, timeout=60)
+
+    backend = Backend("postgres", config=(
+        f'[storage]\nbackend = "postgres"\ndsn = "{PG_DSN}"\nschema = "{pg_schema}"\n'
+        "lease = 3\nheartbeat = 1\n"), prepare=accounts)
+    plan = Plan(rounds=ROUNDS, seed=int(os.environ.get("POSTWARDEN_CRASH_SEED", "1")))
+    if ROUNDS <= 5:
+        plan.sizes = ((2_000, 60), (40_000, 20), (300_000, 12), (2_000_000, 4),
+                      (10_000_000, 1))
+    run = CrashRun(tmp_path, cert_files, loopback_dns.port, plan, backend)
+    report = run.run()
+    print("\ncrash test (postgres):", report.summary())
+    assert report.rounds == ROUNDS
+    assert report.acknowledged > ROUNDS, "the load did not get through"
+    assert report.lost == [], f"acknowledged but never delivered: {report.lost[:10]}"
+    assert report.corrupted == []
+
+    async def corrupt() -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            return int(await conn.fetchval(
+                f'SELECT count(*) FROM "{pg_schema}".messages WHERE state = \'corrupt\''))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(corrupt()) == 0
 
 
 def _spooled_message(tag: str) -> bytes:
