@@ -171,3 +171,23 @@ def test_trace_bans_quarantine_settings(api: ServerThread, capsys: pytest.Captur
     assert call(api, "GET", "/api/v1/settings", read)[0] == 403
     status, body = call(api, "GET", "/api/v1/settings", admin)
     assert status == 200 and body["config"]["hostname"] == api.cfg.hostname
+
+
+def test_dns_records_and_their_check(api: ServerThread, capsys: pytest.CaptureFixture[str],
+                                     loopback_dns: Any) -> None:
+    read = new_key(api, capsys, "read")
+    status, body = call(api, "GET", f"/api/v1/dns/{DOMAIN}", read)
+    assert status == 200 and "check" not in body
+    kinds = {r["kind"]: r for r in body["records"]}
+    assert kinds["MX"]["value"] == f"10 {api.cfg.hostname}." and kinds["MX"]["required"]
+    assert {"SPF", "DMARC"} <= set(kinds)
+    loopback_dns.set(DOMAIN, {"MX": [(10, api.cfg.hostname)]})
+    try:
+        status, body = call(api, "GET", f"/api/v1/dns/{DOMAIN}?check=1", read)
+    finally:
+        loopback_dns.remove(DOMAIN)
+    assert status == 200
+    checks = {c["kind"]: c["status"] for c in body["check"]}
+    assert checks["MX"] == "ok" and checks["DMARC"] == "missing"
+    assert call(api, "GET", "/api/v1/dns/elsewhere.example", read)[0] == 404
+    assert call(api, "GET", f"/api/v1/dns/{DOMAIN}")[0] == 401

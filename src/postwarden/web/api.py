@@ -370,6 +370,32 @@ class ApiV1:
         await self.audit(key, "ban del", address)
         return JSONResponse({"network": address, "deleted": True})
 
+    async def dns(self, request: Request, key: ApiKey) -> Response:
+        """The records a local domain needs and, with ``?check=1``, what the
+        configured resolver finds for each (as the DNS page and ``dns
+        check``)."""
+        from postwarden import cli_dns
+        from postwarden.dkim_keys import KeyStore
+
+        domain = request.path_params["domain"].strip().lower().rstrip(".")
+        if domain not in await asyncio.to_thread(self.server.directory.list_domains):
+            raise ApiError(404, f"{domain}: not a local domain")
+        store = KeyStore.for_data_dir(self.cfg.data_dir)
+        records = [{"kind": r.kind, "name": r.name, "type": r.rtype, "value": r.value,
+                    "required": r.required}
+                   for r in cli_dns.expected_records(self.cfg, domain, store)]
+        body: dict[str, Any] = {"domain": domain, "records": records}
+        if request.query_params.get("check") in ("1", "true", "yes"):
+            try:
+                results = await cli_dns.check_domain(self.cfg, domain, store,
+                                                     cli_dns._Lookup(self.cfg))
+            except cli_dns.DnsCommandError as exc:
+                raise ApiError(503, str(exc)) from None
+            body["check"] = [{"kind": c.kind, "name": c.name, "status": c.status,
+                              "required": c.required, "expected": c.expected,
+                              "found": c.found, "detail": c.detail} for c in results]
+        return JSONResponse(body)
+
     async def settings(self, request: Request, key: ApiKey) -> Response:
         from postwarden.web.operations import masked
 
@@ -443,6 +469,7 @@ class ApiV1:
             Route(f"{v1}/bans", o(self.ban_add, "admin"), methods=["POST"]),
             Route(f"{v1}/bans/{{address:path}}", o(self.ban_del, "admin"), methods=["DELETE"]),
             Route(f"{v1}/settings", o(self.settings, "admin")),
+            Route(f"{v1}/dns/{{domain:str}}", o(self.dns, "read")),
             Route(f"{v1}/webhooks", o(self.webhooks, "read"), methods=["GET"]),
             Route(f"{v1}/webhooks", o(self.webhook_set, "admin"), methods=["POST"]),
             Route(f"{v1}/webhooks/{{account:str}}", o(self.webhook_del, "admin"),

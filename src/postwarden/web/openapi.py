@@ -213,6 +213,13 @@ def document() -> dict[str, Any]:
                 "summary": "Lift a ban (admin)",
                 "parameters": [_path_param("address")],
                 "responses": _responses(200, _DELETED, 404, 422)}},
+            "/api/v1/dns/{domain}": {"get": {
+                "summary": "The DNS records a local domain needs; with check=1 also what the "
+                           "resolver finds for each (read)",
+                "parameters": [_path_param("domain"),
+                               {"name": "check", "in": "query", "required": False,
+                                "schema": {"type": "string", "enum": ["0", "1"]}}],
+                "responses": _responses(200, _OBJ, 404, 503)}},
             "/api/v1/settings": {"get": {
                 "summary": "The active config file, secrets masked (admin)",
                 "responses": _responses(200, _OBJ)}},
