@@ -143,4 +143,8 @@ def test_soak_stays_flat(tmp_path: Path, cert_files: tuple[Path, Path],
     assert len(mx.received) >= forwarded[0]
     assert rss_late < rss_warm * 1.25 + 10 * 1024, (rss_warm, rss_late)
     assert fd_late <= fd_warm + 40, (fd_warm, fd_late)
-    assert q_max < RATE * 60  # the queue does not pile up
+    # The queue does not pile up: it holds at most what comes in during one
+    # refusal spell of the remote MX and the time to drain it afterwards
+    # (twice the spell), plus a minute; it is drained to 0 at the end.
+    spell = max(5.0, SECONDS / 10)
+    assert q_max < RATE * (2 * spell + 60), (q_max, spell)
