@@ -253,7 +253,7 @@ def test_sigkill_mid_delivery_loses_nothing_and_duplicates_stay_within_the_lease
     duplicates = sum(n - 1 for n in sink.ids.values())
     takeovers = pg(pg_schema, "SELECT queue_id FROM events WHERE event = 'lease_expired'")
     # Only what A held a lease on can come twice, and each takeover is counted.
-    assert 1 <= len(takeovers) <= 4
+    assert 0 < len(takeovers) <= 4
     assert duplicates <= len(takeovers)
     # Counted per node: B's row (A's stays behind with a stale heartbeat).
     rows = pg(pg_schema, "SELECT takeovers, heartbeat FROM nodes ORDER BY heartbeat")
