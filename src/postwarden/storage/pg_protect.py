@@ -26,7 +26,6 @@ Networks are validated with :mod:`ipaddress` before they are stored.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import math
 import time
 from collections.abc import Callable, Coroutine
@@ -45,6 +44,8 @@ from postwarden.storage.sqlite_protect import (
     Ban,
     Network,
     ProtectError,
+    active_bans,
+    ban_from_row,
     parse_network,
 )
 
@@ -53,12 +54,6 @@ _BAN_COLS = "network, reason, level, until, created"
 _UPSERT_BAN = (f"INSERT INTO protect_bans ({_BAN_COLS}) VALUES ($1, $2, $3, $4, $5) "
                "ON CONFLICT (network) DO UPDATE SET reason = EXCLUDED.reason, "
                "level = EXCLUDED.level, until = EXCLUDED.until, created = EXCLUDED.created")
-
-
-def _ban(row: Any) -> Ban:
-    network, reason, level, until, created = row
-    return Ban(str(network), str(reason), int(level),
-               None if until is None else float(until), float(created))
 
 
 async def _add_ban(conn: Any, network: str, reason: str, seconds: float | None, level: int,
@@ -88,14 +83,7 @@ class PgProtectStore:
     async def _reload(self) -> None:
         rows = await self.pool.fetch(f"SELECT {_BAN_COLS} FROM protect_bans "
                                      "WHERE until IS NULL OR until > $1", self.clock())
-        bans: list[tuple[Network, Ban]] = []
-        for row in rows:
-            ban = _ban(row)
-            try:
-                bans.append((ipaddress.ip_network(ban.network), ban))
-            except ValueError:  # written by hand into the table: ignore it
-                continue
-        self._bans = bans
+        self._bans = active_bans(rows)
         self._loaded = time.monotonic()
 
     async def banned(self, ip: str) -> Ban | None:
@@ -123,7 +111,7 @@ class PgProtectStore:
                                       "WHERE network = $1 FOR UPDATE", str(net))
             if row is not None:
                 if row["until"] is None:  # a permanent ban stays permanent
-                    return _ban(row)
+                    return ban_from_row(row)
                 if float(row["until"]) > now - memory:
                     level = int(row["level"]) + 1
             seconds = durations[min(level, len(durations) - 1)]
@@ -322,7 +310,7 @@ class PgBanAdmin:
     def list_bans(self, *, include_expired: bool = False) -> list[Ban]:
         async def action(conn: Any) -> list[Ban]:
             rows = await conn.fetch(f"SELECT {_BAN_COLS} FROM protect_bans ORDER BY created")
-            return [_ban(r) for r in rows]
+            return [ban_from_row(r) for r in rows]
         now = self.clock()
         bans = self._run(action)
         return bans if include_expired else [b for b in bans if b.active(now)]
@@ -356,5 +344,5 @@ class PgBanAdmin:
         async def action(conn: Any) -> Ban | None:
             row = await conn.fetchrow(f"SELECT {_BAN_COLS} FROM protect_bans "
                                       "WHERE network = $1", str(net))
-            return None if row is None else _ban(row)
+            return None if row is None else ban_from_row(row)
         return self._run(action)

@@ -32,9 +32,10 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from postwarden.netaddr import client_address
 from postwarden.storage.sqlite_shared import SharedTables
@@ -142,7 +143,7 @@ class SqliteProtectStore(SharedTables):
         now = self.clock()
         rows = self._query("SELECT network, reason, level, until, created FROM protect_bans"
                            " ORDER BY created")
-        bans = [_ban(r) for r in rows]
+        bans = [ban_from_row(r) for r in rows]
         return bans if include_expired else [b for b in bans if b.active(now)]
 
     def add_ban(self, network: str, reason: str, seconds: float | None, level: int = 0) -> Ban:
@@ -178,7 +179,7 @@ class SqliteProtectStore(SharedTables):
         net = parse_network(network)
         rows = self._query("SELECT network, reason, level, until, created FROM protect_bans"
                            " WHERE network = ?", (str(net),))
-        return _ban(rows[0]) if rows else None
+        return ban_from_row(rows[0]) if rows else None
 
     def _cache_put(self, net: Network, ban: Ban) -> None:
         self._bans = [(n, b) for n, b in self._bans if n != net] + [(net, ban)]
@@ -187,14 +188,7 @@ class SqliteProtectStore(SharedTables):
         now = self.clock()
         rows = self._query("SELECT network, reason, level, until, created FROM protect_bans"
                            " WHERE until IS NULL OR until > ?", (now,))
-        bans: list[tuple[Network, Ban]] = []
-        for row in rows:
-            ban = _ban(row)
-            try:
-                bans.append((ipaddress.ip_network(ban.network), ban))
-            except ValueError:  # written by hand into the table: ignore it
-                continue
-        self._bans = bans
+        self._bans = active_bans(rows)
         self._loaded = time.monotonic()
 
     def banned_sync(self, ip: str) -> Ban | None:
@@ -229,7 +223,7 @@ class SqliteProtectStore(SharedTables):
             if row is not None:
                 until = row[1]
                 if until is None:  # a permanent ban stays permanent
-                    return _ban(db.execute(
+                    return ban_from_row(db.execute(
                         "SELECT network, reason, level, until, created FROM protect_bans"
                         " WHERE network = ?", (str(net),)).fetchone())
                 if float(until) > now - memory:
@@ -320,7 +314,20 @@ class SqliteProtectStore(SharedTables):
         db.execute("DELETE FROM protect_rates WHERE window_start < ?", (now - 2 * 86400,))
 
 
-def _ban(row: tuple[object, ...]) -> Ban:
+def active_bans(rows: Iterable[Any]) -> list[tuple[Network, Ban]]:
+    """Ban rows with their parsed networks, for the in-memory check (shared
+    with the PostgreSQL store)."""
+    bans: list[tuple[Network, Ban]] = []
+    for row in rows:
+        ban = ban_from_row(row)
+        try:
+            bans.append((ipaddress.ip_network(ban.network), ban))
+        except ValueError:  # written by hand into the table: ignore it
+            continue
+    return bans
+
+
+def ban_from_row(row: Any) -> Ban:
     network, reason, level, until, created = row
     return Ban(str(network), str(reason), int(str(level)),
                None if until is None else float(str(until)), float(str(created)))

@@ -368,27 +368,27 @@ class WebAdmin:
         return passwords.generate_password(), True
 
     async def account_add(self, request: Request, session: Session) -> Response:
-        form: FormData = request.state.form
-        address = str(form.get("address", "")).strip()
         d = self.server.directory
-        try:
-            password, generated = self._password(form)
-        except password_policy.PasswordRejected as exc:
-            self.flash(session, "error", str(exc))
-            return self.back(request, "/accounts")
-        hashed = await asyncio.to_thread(passwords.hash_password, password)
-        response = await self._directory_change(
-            request, session, "user add", address, lambda: d.add_user(address, hashed),
-            f"Created account {address.lower()}.", "/accounts")
-        if generated and any(k == "ok" for k, _ in self._flash.get(session.csrf, [])):
-            self.flash(session, "secret", f"Password for {address.lower()} (shown only this "
-                                          f"once): {password}")
-        return response
+        return await self._with_password(
+            request, session, "user add",
+            lambda address, hashed: d.add_user(address, hashed),
+            "Created account {}.", "Password for {}", lower=True)
 
     async def account_passwd(self, request: Request, session: Session) -> Response:
+        d = self.server.directory
+        return await self._with_password(
+            request, session, "user passwd",
+            lambda address, hashed: d.set_password(address, hashed),
+            "Password changed for {}.", "New password for {}")
+
+    async def _with_password(self, request: Request, session: Session, action: str,
+                             change: Callable[[str, str], object], done: str, shown: str,
+                             lower: bool = False) -> Response:
+        """Create an account or set its password: the one given (checked
+        against the password policy) or a generated one, shown once."""
         form: FormData = request.state.form
         address = str(form.get("address", "")).strip()
-        d = self.server.directory
+        named = address.lower() if lower else address
         try:
             password, generated = self._password(form)
         except password_policy.PasswordRejected as exc:
@@ -396,11 +396,11 @@ class WebAdmin:
             return self.back(request, "/accounts")
         hashed = await asyncio.to_thread(passwords.hash_password, password)
         response = await self._directory_change(
-            request, session, "user passwd", address, lambda: d.set_password(address, hashed),
-            f"Password changed for {address}.", "/accounts")
+            request, session, action, address, lambda: change(address, hashed),
+            done.format(named), "/accounts")
         if generated and any(k == "ok" for k, _ in self._flash.get(session.csrf, [])):
-            self.flash(session, "secret", f"New password for {address} (shown only this "
-                                          f"once): {password}")
+            self.flash(session, "secret",
+                       f"{shown.format(named)} (shown only this once): {password}")
         return response
 
     async def account_del(self, request: Request, session: Session) -> Response:
