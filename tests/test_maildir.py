@@ -177,3 +177,67 @@ def test_os_errors_map_to_temporary_codes(err: int, dsn: str) -> None:
     result = temporary_result(OSError(err, os.strerror(err)))
     assert result.status is DeliveryStatus.DEFERRED
     assert result.dsn == dsn
+
+
+def test_concurrent_deliveries_to_one_mailbox_all_land(tmp_path: Path) -> None:
+    """Deliveries in parallel share the new/ directory's fsync; each still
+    returns only once its message is in new/, and none is lost."""
+    mail = tmp_path / "mail"
+    delivery = MaildirDelivery(mail, threads=8)
+
+    async def many() -> list[DeliveryResult]:
+        return await asyncio.gather(*(
+            delivery.deliver("bob@example.test", "alice@example.test",
+                             chunks(b"Subject: %d\r\n\r\nbody\r\n" % i))
+            for i in range(100)))
+
+    results = asyncio.run(many())
+    assert {r.status for r in results} == {DeliveryStatus.DELIVERED}
+    new = mail / "example.test" / "bob" / "Maildir" / "new"
+    subjects = sorted(int(p.read_bytes().split(b"Subject: ")[1].split(b"\n")[0])
+                      for p in new.iterdir())
+    assert subjects == list(range(100))
+
+
+def test_a_mailbox_removed_while_running_is_created_again(tmp_path: Path) -> None:
+    mail = tmp_path / "mail"
+    delivery = MaildirDelivery(mail)
+
+    async def once() -> DeliveryResult:
+        return await delivery.deliver("bob@example.test", "", chunks(MESSAGE))
+
+    assert asyncio.run(once()).status is DeliveryStatus.DELIVERED
+    maildir = mail / "example.test" / "bob" / "Maildir"
+    for p in files(maildir):
+        p.unlink()
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).rmdir()
+    assert asyncio.run(once()).status is DeliveryStatus.DELIVERED
+    assert len(list((maildir / "new").iterdir())) == 1
+
+
+def test_shared_directory_sync_reports_errors_to_every_caller(tmp_path: Path) -> None:
+    """A failing directory fsync raises in each thread that needed it,
+    instead of leaving any of them waiting."""
+    import threading
+
+    from postwarden.storage.spool import DirSyncer
+
+    syncer = DirSyncer()
+    errors: list[BaseException] = []
+
+    def call(path: Path) -> None:
+        try:
+            syncer.sync(path)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(tmp_path / "gone",)) for _ in range(20)]
+    threads += [threading.Thread(target=call, args=(tmp_path,)) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(errors) == 20
+    assert all(isinstance(e, FileNotFoundError) for e in errors)

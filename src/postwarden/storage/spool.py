@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import zlib
 from pathlib import Path
 
@@ -72,6 +73,52 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirSyncer:
+    """:func:`fsync_dir` shared by the threads that changed one directory.
+
+    A directory fsync makes durable every entry change made in it before
+    the fsync began.  Threads that rename files into the same directory at
+    once (concurrent Maildir deliveries to one mailbox) therefore need not
+    each pay for one: a caller takes a ticket after its change, and returns
+    once an fsync that *started* after its ticket has completed.  While one
+    runs, the callers that arrive meanwhile wait for it to end and then
+    share the next one (group commit, as for the queue's WAL).  A failed
+    fsync raises in the thread that ran it; the waiters then try again
+    themselves, so an error is never hidden from the caller that needs it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        # directory -> [tickets taken, tickets covered, fsync running]
+        self._dirs: dict[Path, list[int]] = {}
+
+    def sync(self, path: Path) -> None:
+        """Return once ``path``'s entries changed before the call are durable."""
+        with self._cond:
+            state = self._dirs.setdefault(path, [0, 0, 0])
+            state[0] += 1
+            ticket = state[0]
+            while state[1] < ticket:
+                if state[2]:
+                    self._cond.wait()
+                    continue
+                state[2] = 1
+                covers = state[0]  # every change before this moment
+                self._cond.release()
+                try:
+                    fsync_dir(path)
+                except BaseException:
+                    self._cond.acquire()
+                    state[2] = 0
+                    self._cond.notify_all()
+                    raise
+                self._cond.acquire()
+                state[1], state[2] = covers, 0
+                self._cond.notify_all()
+            if state[0] == state[1] and not state[2] and self._dirs.get(path) is state:
+                del self._dirs[path]  # nobody waits: forget the directory
 
 
 class SpoolBodyWriter:
