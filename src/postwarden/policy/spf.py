@@ -31,6 +31,7 @@ ASCII and shortened before it can reach an SMTP reply or a log line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import time
@@ -323,9 +324,12 @@ def _cidr(digits: str | None, maximum: int, default: int) -> int:
     return int(digits)
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_record(text: str) -> _Record:
     """Check the whole record (RFC 7208 4.6: syntax errors anywhere are a
-    permerror, before anything is evaluated).  ``text`` starts "v=spf1"."""
+    permerror, before anything is evaluated).  ``text`` starts "v=spf1".
+    Records are immutable once parsed, so the parse of a record seen again
+    (the same senders keep coming) is reused; a bad record raises again."""
     directives: list[_Directive] = []
     modifiers: dict[str, _MacroString] = {}
     # RFC 7208 4.6.1: terms are separated by one or more spaces, nothing else.
@@ -414,6 +418,10 @@ def _valid_name(name: str) -> bool:
             and all(0 < len(label) <= 63 for label in labels))
 
 
+_NOT_DOMAIN_CHAR = re.compile(r"[^!-~]|\\")  # visible ASCII but the backslash
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
+
+
 def _initial_domain(domain: str) -> str | None:
     """RFC 7208 4.3: the <domain> of check_host, or None when it is
     malformed, not multi-label, or an address literal."""
@@ -424,7 +432,7 @@ def _initial_domain(domain: str) -> str | None:
         except (dns.exception.DNSException, ValueError):
             return None
     if (name.startswith("[") or "." not in name or not _valid_name(name)
-            or any(not "!" <= ch <= "~" or ch == "\\" for ch in name)):
+            or _NOT_DOMAIN_CHAR.search(name)):
         return None
     return name
 
@@ -452,7 +460,7 @@ def _in_subdomain(name: str, domain: str) -> bool:
 
 
 def _printable(text: str, limit: int = MAX_COMMENT) -> str:
-    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    clean = _NOT_PRINTABLE.sub("?", text)
     return clean if len(clean) <= limit else clean[:limit - 3] + "..."
 
 
