@@ -20,6 +20,7 @@ from postwarden.policy.dmarc import (
     DmarcResult,
     FromError,
     RecordError,
+    _lexed_address_domains,
     address_domains,
     aligned,
     check_message,
@@ -374,3 +375,38 @@ def test_address_parser_fuzz(value: str) -> None:
     except FromError:
         return
     assert all(d and d == d.lower() for d in domains)
+
+
+def _outcome(fn: Any, value: str) -> object:
+    try:
+        return fn(value)
+    except FromError as exc:
+        return ("error", str(exc))
+
+
+_FROM_PIECES = st.sampled_from([
+    "", "bob", "Bob", "a.b", "a..b", "x+y", "@", "<", ">", " ", "\t", ",", ";", ":", ".",
+    "-", "(c)", '"q"', "[1.2.3.4]", "é", "b\\c", "'", "\u00a0", "a" * 64, "@a,@b:"])
+_FROM_DOMAINS = st.sampled_from([
+    "example.com", "EXAMPLE.org", "ex-ample.net", "-bad.com", "a..b", "xn--bcher-kva.de",
+    "b\u00fccher.de", "com", "[1.2.3.4]", "a.b.", ""])
+
+
+def _pieces(n: int) -> st.SearchStrategy[str]:
+    return st.lists(_FROM_PIECES, max_size=n).map("".join)
+
+
+@settings(max_examples=4000, deadline=None)
+@given(st.tuples(_pieces(4), _pieces(3), _FROM_DOMAINS, _pieces(3)).map(
+    lambda t: f"{t[0]}{t[1]}@{t[2]}{t[3]}"))
+def test_the_quick_from_path_agrees_with_the_full_parser(value: str) -> None:
+    """The regular expression for the common From forms gives exactly the
+    answer (domain or refusal) of the full RFC 5322 lexer."""
+    assert _outcome(address_domains, value) == _outcome(_lexed_address_domains, value)
+
+
+@pytest.mark.parametrize("value", [
+    "bob@example.com", " Bob Smith <bob@Example.COM> ", "<a@b.c>", "a@b.c>", "<a@b.c",
+    "x <a@b..c>", "Bob <a@b.c> (c)", "a@b.c, d@e.f", '"Bob" <bob@example.com>'])
+def test_from_forms_agree(value: str) -> None:
+    assert _outcome(address_domains, value) == _outcome(_lexed_address_domains, value)
