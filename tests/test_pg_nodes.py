@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,11 +32,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from tests.conftest import PG_DSN, write_config
+from tests.conftest import PASSWORD, PG_DSN, write_config
 from tests.crashload import queue_list
 from tests.service import Service, free_ports, kill_leftovers, with_top
 
 from postwarden import config as config_mod
+from postwarden.auth.passwords import hash_password
 from postwarden.storage.pg_directory import DirectoryEdit
 
 FORWARD = "fwd@example.test"
@@ -52,6 +55,7 @@ class Sink:
         self.port, = free_ports(1)
         self.delay = delay
         self.ids: Counter[str] = Counter()
+        self.messages: dict[str, bytes] = {}  # the last copy of each, by Message-ID
         self.started = 0  # DATA commands received (before the delay)
         self.lock = threading.Lock()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
@@ -63,6 +67,7 @@ class Sink:
         mid = BytesHeaderParser().parsebytes(envelope.content)["Message-ID"]
         with self.lock:
             self.ids[str(mid)] += 1
+            self.messages[str(mid)] = envelope.content
         return "250 2.0.0 Ok: sunk"
 
     def count(self) -> int:
@@ -95,6 +100,7 @@ class Node:
         self.dir = directory
         ports = free_ports(3)
         self.port = ports[0]
+        self.submission = ports[1]
         extra = (f"[checks]\nverify = false\n"
                  f"[queue]\nscan_interval = {scan}\nretry_min = 1\nretry_max = 2\n"
                  f"workers = {workers}\n"
@@ -348,4 +354,105 @@ def test_an_account_added_through_one_node_is_known_to_the_others(nodes: Any) ->
     out = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(b.config_path), "user",
                           "list"], capture_output=True, text=True, timeout=60)
     assert "newcomer@example.test" in out.stdout
+    assert a.stop() == 0 and b.stop() == 0
+
+
+# ---- quarantine and DKIM keys shared --------------------------------------
+
+ALICE = "alice@example.test"
+
+
+def add_alice(node: Node) -> None:
+    with DirectoryEdit(node.cfg.storage, node.cfg.domains) as directory:
+        directory.add_user(ALICE, hash_password(PASSWORD))
+
+
+def submit(node: Node, tls: ssl.SSLContext, body: str, tag: str) -> tuple[str, int, bytes]:
+    """Alice submits ``body`` to the remote friend; (Message-ID, code, text)."""
+    mid = f"<{tag}.{time.monotonic_ns()}@example.test>"
+    with smtplib.SMTP("127.0.0.1", node.submission, timeout=30) as client:
+        client.starttls(context=tls)
+        client.login(ALICE, PASSWORD)
+        client.mail(ALICE)
+        client.rcpt(REMOTE)
+        code, text = client.data(
+            f"From: Alice <{ALICE}>\r\nTo: {REMOTE}\r\nSubject: {tag}\r\n"
+            f"Message-ID: {mid}\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n"
+            f"{body}\r\n".encode())
+    return mid, code, text
+
+
+def cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "postwarden", "-c", str(node.config_path),
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_message_held_on_node_a_is_released_from_node_b_and_delivered(
+        nodes: Any, sink: Sink, client_tls: ssl.SSLContext, pg_schema: str) -> None:
+    a = nodes("a", workers=0)  # accepts only: B delivers
+    add_alice(a)
+    a.start()
+    b = nodes("b").start()
+    # Outgoing review (the default DLP filter) holds a card number.
+    mid, code, text = submit(a, client_tls, "my card is 4111 1111 1111 1111", "held")
+    assert code == 250 and b"queued as Q" in text
+    held_id = text.decode().rsplit(" ", 1)[1]
+    listing = cli(b, "quarantine", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    [held] = json.loads(listing.stdout)
+    assert held["id"] == held_id and held["filters"] == ["dlp"]
+    assert held["recipients"] == [REMOTE] and held["auth_user"] == ALICE
+    shown = cli(b, "quarantine", "show", held_id)
+    assert shown.returncode == 0 and "Subject: held" in shown.stdout
+    time.sleep(1.0)
+    assert mid not in sink.ids  # held: not delivered
+    released = cli(b, "quarantine", "release", held_id)
+    assert released.returncode == 0, released.stderr
+    assert f"{held_id}: released as " in released.stdout and "shared queue" in released.stdout
+    wait_for(lambda: mid in sink.ids, 20, "the released message at the sink")
+    assert b"4111 1111 1111 1111" in sink.messages[mid]
+    # Gone from the quarantine of every node; a second release says so.
+    assert json.loads(cli(a, "quarantine", "list", "--json").stdout) == []
+    again = cli(a, "quarantine", "release", held_id)
+    assert again.returncode == 1 and f"no message {held_id}" in again.stderr
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_dkim_key_generated_through_node_a_signs_on_node_b(
+        nodes: Any, sink: Sink, client_tls: ssl.SSLContext) -> None:
+    import dkim  # type: ignore[import-untyped]
+
+    a = nodes("a")
+    add_alice(a)
+    a.start()
+    b = nodes("b").start()
+    out = cli(a, "dkim", "keygen", "example.test", "--selector", "shared", "--activate")
+    assert out.returncode == 0, out.stderr
+    assert "in PostgreSQL, for every node" in out.stdout
+    # The record to publish, as node B prints it.
+    records = cli(b, "dns", "records", "example.test")
+    assert records.returncode == 0, records.stderr
+    [line] = [ln for ln in records.stdout.splitlines()
+              if ln.startswith("shared._domainkey.example.test. TXT")]
+    txt = "".join(re.findall(r'"([^"]*)"', line)).encode()  # the character-strings
+    assert txt.startswith(b"v=DKIM1; k=rsa; p=")
+    listed = cli(b, "dkim", "list")
+    assert "shared" in listed.stdout and "active" in listed.stdout
+    time.sleep(1.5)  # node B's copy of the keys is refreshed every second
+    mid, code, _ = submit(b, client_tls, "signed on B", "signed")
+    assert code == 250
+    wait_for(lambda: mid in sink.ids, 20, "the signed message at the sink")
+    message = sink.messages[mid]
+    assert b"DKIM-Signature:" in message and b"s=shared" in message
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return txt if name == b"shared._domainkey.example.test." else b""
+    assert dkim.verify(message, dnsfunc=dnsfunc)
+    # Deactivated through B: A stops signing (its copy follows).
+    out = cli(b, "dkim", "deactivate", "example.test", "shared")
+    assert out.returncode == 0, out.stderr
+    time.sleep(1.5)
+    mid, code, _ = submit(a, client_tls, "unsigned on A", "unsigned")
+    wait_for(lambda: mid in sink.ids, 20, "the unsigned message at the sink")
+    assert b"DKIM-Signature:" not in sink.messages[mid]
     assert a.stop() == 0 and b.stop() == 0

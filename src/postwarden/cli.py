@@ -51,6 +51,7 @@ from postwarden.storage.sqlite_directory import (
     SqliteDirectory,
     check_domain,
 )
+from postwarden.storage.sqlite_quarantine import QuarantineError
 from postwarden.web.store import AdminError
 
 PROG = "postwarden"
@@ -514,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _config.ConfigError as exc:
         _err(f"config error: {exc}")
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
-            cli_quarantine.QuarantineCommandError, sendtest.SendTestError,
+            cli_quarantine.QuarantineCommandError, QuarantineError, sendtest.SendTestError,
             cli_observe.ObserveCommandError,
             onboard_interactive.InitCancelled, AdminError) as exc:
         _err(str(exc))
