@@ -456,3 +456,35 @@ def test_a_dkim_key_generated_through_node_a_signs_on_node_b(
     wait_for(lambda: mid in sink.ids, 20, "the unsigned message at the sink")
     assert b"DKIM-Signature:" not in sink.messages[mid]
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_two_nodes_sharing_a_spool_directory_deliver_large_bodies_byte_exact(
+        nodes: Any, sink: Sink, tmp_path: Path, pg_schema: str) -> None:
+    import base64
+    import os
+
+    shared = tmp_path / "nfs"  # stands in for a file system both nodes mount
+    shared.mkdir(mode=0o700)
+    extra = f'shared_spool_dir = "{shared}"\n'  # appended to [storage]
+    a = nodes("a", workers=0, extra=extra).start()  # accepts only
+    raw = []
+    for i in range(3):
+        mid = f"<big.{i}.{time.monotonic_ns()}@remote.example>"
+        lines = base64.encodebytes(os.urandom(400_000)).replace(b"\n", b"\r\n")
+        raw.append((mid, (f"From: load@remote.example\r\nTo: {FORWARD}\r\nSubject: big\r\n"
+                          f"Message-ID: {mid}\r\n\r\n").encode() + lines))
+    with smtplib.SMTP("127.0.0.1", a.port, timeout=30) as client:
+        for _mid, message in raw:
+            client.sendmail("load@remote.example", [FORWARD], message)
+    # Accepted on A: the bodies are files in the shared directory, named by the rows.
+    files = {p.name for p in shared.glob("*.spool")}
+    named = {r["spool_name"] for r in pg(pg_schema, "SELECT spool_name FROM messages")}
+    assert len(files) == 3 and named == files
+    assert not list(a.cfg.spool_dir.glob("*.spool"))
+    b = nodes("b", extra=extra).start()  # delivers what A accepted
+    wait_for(lambda: sink.count() == 3, 60, "3 deliveries by node B")
+    for mid, message in raw:
+        assert sink.messages[mid].endswith(message)  # byte for byte, after the trace
+    wait_for(lambda: not pg(pg_schema, "SELECT 1 FROM messages"), 10, "an empty queue")
+    assert list(shared.glob("*.spool")) == []  # removed with their messages
+    assert a.stop() == 0 and b.stop() == 0
