@@ -367,10 +367,13 @@ def add_alice(node: Node) -> None:
         directory.add_user(ALICE, hash_password(PASSWORD))
 
 
-def submit(node: Node, tls: ssl.SSLContext, body: str, tag: str) -> tuple[str, int, bytes]:
-    """Alice submits ``body`` to the remote friend; (Message-ID, code, text)."""
+def submit(node: Node | int, tls: ssl.SSLContext, body: str, tag: str
+           ) -> tuple[str, int, bytes]:
+    """Alice submits ``body`` to the remote friend through a node (or a
+    submission port); (Message-ID, code, text)."""
     mid = f"<{tag}.{time.monotonic_ns()}@example.test>"
-    with smtplib.SMTP("127.0.0.1", node.submission, timeout=30) as client:
+    port = node if isinstance(node, int) else node.submission
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.starttls(context=tls)
         client.login(ALICE, PASSWORD)
         client.mail(ALICE)
@@ -382,9 +385,11 @@ def submit(node: Node, tls: ssl.SSLContext, body: str, tag: str) -> tuple[str, i
     return mid, code, text
 
 
-def cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "postwarden", "-c", str(node.config_path),
-                           *args], capture_output=True, text=True, timeout=60)
+def cli(node: Node | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``postwarden`` with a node's config (or the config file ``node``)."""
+    path = node if isinstance(node, Path) else node.config_path
+    return subprocess.run([sys.executable, "-m", "postwarden", "-c", str(path), *args],
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_a_message_held_on_node_a_is_released_from_node_b_and_delivered(
@@ -488,3 +493,70 @@ def test_two_nodes_sharing_a_spool_directory_deliver_large_bodies_byte_exact(
     wait_for(lambda: not pg(pg_schema, "SELECT 1 FROM messages"), 10, "an empty queue")
     assert list(shared.glob("*.spool")) == []  # removed with their messages
     assert a.stop() == 0 and b.stop() == 0
+
+
+
+# ---- from one SQLite node to PostgreSQL ---------------------------------------
+
+def test_a_sqlite_node_copied_to_postgres_serves_its_users_and_delivers_its_queue(
+        nodes: Any, sink: Sink, tmp_path: Path, cert_files: tuple[Path, Path],
+        loopback_dns: Any, client_tls: ssl.SSLContext, pg_schema: str) -> None:
+    from tests.conftest import ServerThread, add_user
+
+    old = tmp_path / "sqlite-node"
+    old.mkdir()
+    ports = free_ports(3)
+    extra = ("[checks]\nverify = false\n[queue]\nworkers = 0\n"  # accepts only: mail waits
+             f'[transports]\n"sink.example" = "smtp:[127.0.0.1]:{sink.port}"\n')
+    path = write_config(old, cert_files, extra, ports=(ports[0], ports[1], ports[2]),
+                        dns_port=loopback_dns.port)
+    cfg = config_mod.load(path)
+    add_user(cfg, ALICE)
+    st = ServerThread(cfg).start()
+    try:
+        assert cli(path, "dkim", "keygen", "example.test", "--selector", "moved",
+                   "--activate").returncode == 0
+        queued = [submit(ports[1], client_tls, f"queued {i}", f"queued{i}") for i in range(3)]
+        assert all(code == 250 for _m, code, _t in queued)
+        held_mid, _, text = queued[2]
+        held_qid = text.decode().rsplit(" ", 1)[1]
+        assert cli(path, "queue", "hold", held_qid).returncode == 0
+        _, code, text = submit(ports[1], client_tls, "card 4111 1111 1111 1111", "review")
+        quarantined = text.decode().rsplit(" ", 1)[1]
+        assert code == 250 and quarantined.startswith("Q")
+        assert cli(path, "ban", "add", "192.0.2.0/24", "--reason", "moved too").returncode == 0
+        running = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema",
+                      pg_schema)
+        assert running.returncode == 1 and "is running" in running.stderr
+    finally:
+        st.stop()
+
+    out = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema", pg_schema)
+    assert out.returncode == 0, out.stderr
+    counts = {" ".join(line.split()[1:]): int(line.split()[0])
+              for line in out.stdout.splitlines()[1:] if line[:1] == " "}
+    assert counts["accounts"] == 1 and counts["queued messages"] == 3
+    assert counts["recipients"] == 3 and counts["DKIM keys"] == 1
+    assert counts["quarantined messages"] == 1 and counts["bans"] == 1
+    assert "secret" not in out.stdout and PG_DSN not in out.stdout
+    again = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema", pg_schema)
+    assert again.returncode == 1 and "not empty" in again.stderr and "--force" in again.stderr
+    assert "Traceback" not in again.stderr
+
+    # A node on PostgreSQL takes over: the queued mail goes, the held waits.
+    node = nodes("pg").start()
+    wait_for(lambda: sink.count() == 2, 30, "the two queued messages")
+    assert set(sink.ids) == {queued[0][0], queued[1][0]}
+    assert cli(node, "queue", "release", held_qid).returncode == 0
+    wait_for(lambda: held_mid in sink.ids, 30, "the released message")
+    # The account authenticates, the copied key signs, the quarantine and
+    # the ban came along.
+    mid, code, _ = submit(node, client_tls, "after the move", "after")
+    assert code == 250
+    wait_for(lambda: mid in sink.ids, 30, "mail submitted after the move")
+    assert b"s=moved" in sink.messages[mid]
+    listing = json.loads(cli(node, "quarantine", "list", "--json").stdout)
+    assert [h["id"] for h in listing] == [quarantined]
+    assert "192.0.2.0/24" in cli(node, "ban", "list").stdout
+    assert max(sink.ids.values()) == 1
+    assert node.stop() == 0

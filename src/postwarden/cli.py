@@ -37,6 +37,7 @@ from postwarden import (
     cli_observe,
     cli_quarantine,
     cli_queue,
+    cli_storage,
     sendtest,
 )
 from postwarden import config as _config
@@ -487,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_observe.add_parsers(sub, _with_config)
     cli_admin.add_parsers(sub, _with_config)
     cli_nodes.add_parser(sub, _with_config)
+    cli_storage.add_parser(sub, _with_config)
     return p
 
 
