@@ -560,3 +560,21 @@ def test_a_sqlite_node_copied_to_postgres_serves_its_users_and_delivers_its_queu
     assert "192.0.2.0/24" in cli(node, "ban", "list").stdout
     assert max(sink.ids.values()) == 1
     assert node.stop() == 0
+
+
+def test_client_config_and_dns_records_read_the_shared_directory(nodes: Any) -> None:
+    a, b = nodes("a"), nodes("b")  # two configs on one schema (not started)
+    assert cli(a, "domain", "add", "second.test").returncode == 0
+    out = cli(b, "dns", "records", "second.test")
+    assert out.returncode == 0, out.stderr
+    assert "second.test. MX 10 mail.example.test." in out.stdout
+    unknown = cli(b, "client-config", "carol@second.test")
+    assert unknown.returncode == 0 and "carol@second.test is not an account" in unknown.stderr
+    add = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(a.config_path), "user",
+                          "add", "carol@second.test", "--password-stdin"],
+                         input="a long enough password 42\n", capture_output=True, text=True,
+                         timeout=60)
+    assert add.returncode == 0, add.stderr
+    known = cli(b, "client-config", "carol@second.test")
+    assert known.returncode == 0 and "not an account" not in known.stderr
+    assert "carol@second.test" in known.stdout
