@@ -146,7 +146,7 @@ async def _sign(cfg: _config.Config, h: HeldMessage, message: bytes) -> bytes:
     # ones), read in a thread: they are synchronous.
     domains = set(await asyncio.to_thread(local_domains, cfg))
     candidates = {from_domain(full) or "", h.sender.rpartition("@")[2].lower()}
-    local = {d for d in candidates if d and d in domains}
+    local = {d for d in candidates if d and d.lower().removesuffix(".") in domains}
     if not local:
         return added
 
