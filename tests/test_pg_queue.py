@@ -133,6 +133,35 @@ def test_two_nodes_starting_at_once_create_the_schema_once(tmp_path: Path,
     run(main)
 
 
+def test_a_schema_of_version_3_is_migrated_and_keeps_its_queue(tmp_path: Path,
+                                                               pg_schema: str) -> None:
+    from postwarden.storage import pg_schema as schema_mod
+
+    async def main() -> None:
+        conn = await asyncpg.connect(PG_DSN)
+        try:  # what a postwarden of schema 3 created, with a message queued
+            await conn.execute(f'CREATE SCHEMA "{pg_schema}"')
+            await conn.execute(f'SET search_path TO "{pg_schema}"')
+            await conn.execute("CREATE TABLE pw_schema (version INTEGER NOT NULL)")
+            await conn.execute("INSERT INTO pw_schema VALUES (3)")
+            for version in range(3):
+                for stmt in schema_mod._statements(schema_mod.MIGRATIONS[version]):
+                    await conn.execute(stmt)
+            await conn.execute(
+                "INSERT INTO messages (queue_id, sender, params, received_at, size, prepend, "
+                "body, body_size, checksum) VALUES ('OLDMESSAGE234567', '', '{}', 1, 5, '', "
+                "$1, 5, 0)", b"old\r\n")
+            assert await schema_mod.prepare(conn, pg_schema) == 3
+            assert await conn.fetchval("SELECT version FROM pw_schema") == 5
+            assert await conn.fetchval("SELECT spool_name FROM messages") == ""
+            assert await conn.fetchval("SELECT count(*) FROM quarantine") == 0
+            assert await conn.fetchval("SELECT version FROM dkim_version") == 0
+        finally:
+            await conn.close()
+
+    run(main)
+
+
 def test_a_newer_schema_is_refused(tmp_path: Path, pg_schema: str) -> None:
     async def main() -> None:
         store = await open_pg(tmp_path, pg_schema)
