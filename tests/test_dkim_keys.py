@@ -18,7 +18,9 @@ from postwarden.dkim_keys import (
     DkimKeyError,
     KeyStore,
     default_selector,
+    mirror,
     public_record,
+    snapshot,
 )
 
 DOMAIN = "example.test"
@@ -196,3 +198,38 @@ def test_init_dkim(data_dir: Path) -> None:
     again = bootstrap.init_dkim(data_dir, DOMAIN)
     assert again == keys
     assert len(KeyStore.for_data_dir(data_dir).list_keys(DOMAIN)) == 1
+
+
+# ---- copies of the shared keys (PostgreSQL backend) -------------------------
+
+def test_a_mirror_holds_exactly_the_rows_private_and_signing_as_they_say(
+        store: KeyStore, tmp_path: Path) -> None:
+    store.generate(DOMAIN, "a", "rsa", activate=True)
+    store.generate(DOMAIN, "b", "ed25519")
+    store.generate("other.test", "c", "ed25519", activate=True)
+    rows = snapshot(store)
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        (DOMAIN, "a", "rsa", True), (DOMAIN, "b", "ed25519", False),
+        ("other.test", "c", "ed25519", True)]
+    copy = KeyStore(tmp_path / "copy" / "dkim")
+    mirror(copy, rows)
+    assert snapshot(copy) == rows
+    assert [k.selector for k in copy.active(DOMAIN)] == ["a"]
+    for key in copy.list_keys(DOMAIN):
+        assert mode(key.path) == 0o600 and mode(key.path.parent) == 0o700
+    # A key gone from the rows is removed; activation follows the rows.
+    mirror(copy, [(DOMAIN, "b", "ed25519", rows[1][3], True)])
+    assert [k.selector for k in copy.list_keys(DOMAIN)] == ["b"]
+    assert [k.selector for k in copy.active(DOMAIN)] == ["b"]
+    assert copy.list_keys("other.test") == []
+
+
+@pytest.mark.parametrize(("domain", "selector", "algorithm"), [
+    ("../etc", "a", "rsa"), (DOMAIN, "a/b", "rsa"), (DOMAIN, "..", "rsa"),
+    (DOMAIN, "a", "dsa")])
+def test_a_mirror_refuses_rows_whose_names_are_not_safe_paths(
+        tmp_path: Path, domain: str, selector: str, algorithm: str) -> None:
+    copy = KeyStore(tmp_path / "dkim")
+    with pytest.raises(DkimKeyError):
+        mirror(copy, [(domain, selector, algorithm, b"pem", True)])
+    assert not (tmp_path / "etc").exists()

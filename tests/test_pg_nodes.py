@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,11 +32,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from tests.conftest import PG_DSN, write_config
+from tests.conftest import PASSWORD, PG_DSN, write_config
 from tests.crashload import queue_list
 from tests.service import Service, free_ports, kill_leftovers, with_top
 
 from postwarden import config as config_mod
+from postwarden.auth.passwords import hash_password
 from postwarden.storage.pg_directory import DirectoryEdit
 
 FORWARD = "fwd@example.test"
@@ -52,6 +55,7 @@ class Sink:
         self.port, = free_ports(1)
         self.delay = delay
         self.ids: Counter[str] = Counter()
+        self.messages: dict[str, bytes] = {}  # the last copy of each, by Message-ID
         self.started = 0  # DATA commands received (before the delay)
         self.lock = threading.Lock()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
@@ -63,6 +67,7 @@ class Sink:
         mid = BytesHeaderParser().parsebytes(envelope.content)["Message-ID"]
         with self.lock:
             self.ids[str(mid)] += 1
+            self.messages[str(mid)] = envelope.content
         return "250 2.0.0 Ok: sunk"
 
     def count(self) -> int:
@@ -95,6 +100,7 @@ class Node:
         self.dir = directory
         ports = free_ports(3)
         self.port = ports[0]
+        self.submission = ports[1]
         extra = (f"[checks]\nverify = false\n"
                  f"[queue]\nscan_interval = {scan}\nretry_min = 1\nretry_max = 2\n"
                  f"workers = {workers}\n"
@@ -349,3 +355,226 @@ def test_an_account_added_through_one_node_is_known_to_the_others(nodes: Any) ->
                           "list"], capture_output=True, text=True, timeout=60)
     assert "newcomer@example.test" in out.stdout
     assert a.stop() == 0 and b.stop() == 0
+
+
+# ---- quarantine and DKIM keys shared --------------------------------------
+
+ALICE = "alice@example.test"
+
+
+def add_alice(node: Node) -> None:
+    with DirectoryEdit(node.cfg.storage, node.cfg.domains) as directory:
+        directory.add_user(ALICE, hash_password(PASSWORD))
+
+
+def submit(node: Node | int, tls: ssl.SSLContext, body: str, tag: str
+           ) -> tuple[str, int, bytes]:
+    """Alice submits ``body`` to the remote friend through a node (or a
+    submission port); (Message-ID, code, text)."""
+    mid = f"<{tag}.{time.monotonic_ns()}@example.test>"
+    port = node if isinstance(node, int) else node.submission
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=tls)
+        client.login(ALICE, PASSWORD)
+        client.mail(ALICE)
+        client.rcpt(REMOTE)
+        code, text = client.data(
+            f"From: Alice <{ALICE}>\r\nTo: {REMOTE}\r\nSubject: {tag}\r\n"
+            f"Message-ID: {mid}\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n"
+            f"{body}\r\n".encode())
+    return mid, code, text
+
+
+def cli(node: Node | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``postwarden`` with a node's config (or the config file ``node``)."""
+    path = node if isinstance(node, Path) else node.config_path
+    return subprocess.run([sys.executable, "-m", "postwarden", "-c", str(path), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_message_held_on_node_a_is_released_from_node_b_and_delivered(
+        nodes: Any, sink: Sink, client_tls: ssl.SSLContext, pg_schema: str) -> None:
+    a = nodes("a", workers=0)  # accepts only: B delivers
+    add_alice(a)
+    a.start()
+    b = nodes("b").start()
+    # Outgoing review (the default DLP filter) holds a card number.
+    mid, code, text = submit(a, client_tls, "my card is 4111 1111 1111 1111", "held")
+    assert code == 250 and b"queued as Q" in text
+    held_id = text.decode().rsplit(" ", 1)[1]
+    listing = cli(b, "quarantine", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    [held] = json.loads(listing.stdout)
+    assert held["id"] == held_id and held["filters"] == ["dlp"]
+    assert held["recipients"] == [REMOTE] and held["auth_user"] == ALICE
+    shown = cli(b, "quarantine", "show", held_id)
+    assert shown.returncode == 0 and "Subject: held" in shown.stdout
+    time.sleep(1.0)
+    assert mid not in sink.ids  # held: not delivered
+    released = cli(b, "quarantine", "release", held_id)
+    assert released.returncode == 0, released.stderr
+    assert f"{held_id}: released as " in released.stdout and "shared queue" in released.stdout
+    wait_for(lambda: mid in sink.ids, 20, "the released message at the sink")
+    assert b"4111 1111 1111 1111" in sink.messages[mid]
+    # Gone from the quarantine of every node; a second release says so.
+    assert json.loads(cli(a, "quarantine", "list", "--json").stdout) == []
+    again = cli(a, "quarantine", "release", held_id)
+    assert again.returncode == 1 and f"no message {held_id}" in again.stderr
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_dkim_key_generated_through_node_a_signs_on_node_b(
+        nodes: Any, sink: Sink, client_tls: ssl.SSLContext) -> None:
+    import dkim  # type: ignore[import-untyped]
+
+    a = nodes("a")
+    add_alice(a)
+    a.start()
+    b = nodes("b").start()
+    out = cli(a, "dkim", "keygen", "example.test", "--selector", "shared", "--activate")
+    assert out.returncode == 0, out.stderr
+    assert "in PostgreSQL, for every node" in out.stdout
+    # The record to publish, as node B prints it.
+    records = cli(b, "dns", "records", "example.test")
+    assert records.returncode == 0, records.stderr
+    [line] = [ln for ln in records.stdout.splitlines()
+              if ln.startswith("shared._domainkey.example.test. TXT")]
+    txt = "".join(re.findall(r'"([^"]*)"', line)).encode()  # the character-strings
+    assert txt.startswith(b"v=DKIM1; k=rsa; p=")
+    listed = cli(b, "dkim", "list")
+    assert "shared" in listed.stdout and "active" in listed.stdout
+    time.sleep(1.5)  # node B's copy of the keys is refreshed every second
+    mid, code, _ = submit(b, client_tls, "signed on B", "signed")
+    assert code == 250
+    wait_for(lambda: mid in sink.ids, 20, "the signed message at the sink")
+    message = sink.messages[mid]
+    assert b"DKIM-Signature:" in message and b"s=shared" in message
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return txt if name == b"shared._domainkey.example.test." else b""
+    assert dkim.verify(message, dnsfunc=dnsfunc)
+    # Deactivated through B: A stops signing (its copy follows).
+    out = cli(b, "dkim", "deactivate", "example.test", "shared")
+    assert out.returncode == 0, out.stderr
+    time.sleep(1.5)
+    mid, code, _ = submit(a, client_tls, "unsigned on A", "unsigned")
+    wait_for(lambda: mid in sink.ids, 20, "the unsigned message at the sink")
+    assert b"DKIM-Signature:" not in sink.messages[mid]
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_two_nodes_sharing_a_spool_directory_deliver_large_bodies_byte_exact(
+        nodes: Any, sink: Sink, tmp_path: Path, pg_schema: str) -> None:
+    import base64
+    import os
+
+    shared = tmp_path / "nfs"  # stands in for a file system both nodes mount
+    shared.mkdir(mode=0o700)
+    extra = f'shared_spool_dir = "{shared}"\n'  # appended to [storage]
+    a = nodes("a", workers=0, extra=extra).start()  # accepts only
+    raw = []
+    for i in range(3):
+        mid = f"<big.{i}.{time.monotonic_ns()}@remote.example>"
+        lines = base64.encodebytes(os.urandom(400_000)).replace(b"\n", b"\r\n")
+        raw.append((mid, (f"From: load@remote.example\r\nTo: {FORWARD}\r\nSubject: big\r\n"
+                          f"Message-ID: {mid}\r\n\r\n").encode() + lines))
+    with smtplib.SMTP("127.0.0.1", a.port, timeout=30) as client:
+        for _mid, message in raw:
+            client.sendmail("load@remote.example", [FORWARD], message)
+    # Accepted on A: the bodies are files in the shared directory, named by the rows.
+    files = {p.name for p in shared.glob("*.spool")}
+    named = {r["spool_name"] for r in pg(pg_schema, "SELECT spool_name FROM messages")}
+    assert len(files) == 3 and named == files
+    assert not list(a.cfg.spool_dir.glob("*.spool"))
+    b = nodes("b", extra=extra).start()  # delivers what A accepted
+    wait_for(lambda: sink.count() == 3, 60, "3 deliveries by node B")
+    for mid, message in raw:
+        assert sink.messages[mid].endswith(message)  # byte for byte, after the trace
+    wait_for(lambda: not pg(pg_schema, "SELECT 1 FROM messages"), 10, "an empty queue")
+    assert list(shared.glob("*.spool")) == []  # removed with their messages
+    assert a.stop() == 0 and b.stop() == 0
+
+
+
+# ---- from one SQLite node to PostgreSQL ---------------------------------------
+
+def test_a_sqlite_node_copied_to_postgres_serves_its_users_and_delivers_its_queue(
+        nodes: Any, sink: Sink, tmp_path: Path, cert_files: tuple[Path, Path],
+        loopback_dns: Any, client_tls: ssl.SSLContext, pg_schema: str) -> None:
+    from tests.conftest import ServerThread, add_user
+
+    old = tmp_path / "sqlite-node"
+    old.mkdir()
+    ports = free_ports(3)
+    extra = ("[checks]\nverify = false\n[queue]\nworkers = 0\n"  # accepts only: mail waits
+             f'[transports]\n"sink.example" = "smtp:[127.0.0.1]:{sink.port}"\n')
+    path = write_config(old, cert_files, extra, ports=(ports[0], ports[1], ports[2]),
+                        dns_port=loopback_dns.port)
+    cfg = config_mod.load(path)
+    add_user(cfg, ALICE)
+    st = ServerThread(cfg).start()
+    try:
+        assert cli(path, "dkim", "keygen", "example.test", "--selector", "moved",
+                   "--activate").returncode == 0
+        queued = [submit(ports[1], client_tls, f"queued {i}", f"queued{i}") for i in range(3)]
+        assert all(code == 250 for _m, code, _t in queued)
+        held_mid, _, text = queued[2]
+        held_qid = text.decode().rsplit(" ", 1)[1]
+        assert cli(path, "queue", "hold", held_qid).returncode == 0
+        _, code, text = submit(ports[1], client_tls, "card 4111 1111 1111 1111", "review")
+        quarantined = text.decode().rsplit(" ", 1)[1]
+        assert code == 250 and quarantined.startswith("Q")
+        assert cli(path, "ban", "add", "192.0.2.0/24", "--reason", "moved too").returncode == 0
+        running = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema",
+                      pg_schema)
+        assert running.returncode == 1 and "is running" in running.stderr
+    finally:
+        st.stop()
+
+    out = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema", pg_schema)
+    assert out.returncode == 0, out.stderr
+    counts = {" ".join(line.split()[1:]): int(line.split()[0])
+              for line in out.stdout.splitlines()[1:] if line[:1] == " "}
+    assert counts["accounts"] == 1 and counts["queued messages"] == 3
+    assert counts["recipients"] == 3 and counts["DKIM keys"] == 1
+    assert counts["quarantined messages"] == 1 and counts["bans"] == 1
+    assert "secret" not in out.stdout and PG_DSN not in out.stdout
+    again = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema", pg_schema)
+    assert again.returncode == 1 and "not empty" in again.stderr and "--force" in again.stderr
+    assert "Traceback" not in again.stderr
+
+    # A node on PostgreSQL takes over: the queued mail goes, the held waits.
+    node = nodes("pg").start()
+    wait_for(lambda: sink.count() == 2, 30, "the two queued messages")
+    assert set(sink.ids) == {queued[0][0], queued[1][0]}
+    assert cli(node, "queue", "release", held_qid).returncode == 0
+    wait_for(lambda: held_mid in sink.ids, 30, "the released message")
+    # The account authenticates, the copied key signs, the quarantine and
+    # the ban came along.
+    mid, code, _ = submit(node, client_tls, "after the move", "after")
+    assert code == 250
+    wait_for(lambda: mid in sink.ids, 30, "mail submitted after the move")
+    assert b"s=moved" in sink.messages[mid]
+    listing = json.loads(cli(node, "quarantine", "list", "--json").stdout)
+    assert [h["id"] for h in listing] == [quarantined]
+    assert "192.0.2.0/24" in cli(node, "ban", "list").stdout
+    assert max(sink.ids.values()) == 1
+    assert node.stop() == 0
+
+
+def test_client_config_and_dns_records_read_the_shared_directory(nodes: Any) -> None:
+    a, b = nodes("a"), nodes("b")  # two configs on one schema (not started)
+    assert cli(a, "domain", "add", "second.test").returncode == 0
+    out = cli(b, "dns", "records", "second.test")
+    assert out.returncode == 0, out.stderr
+    assert "second.test. MX 10 mail.example.test." in out.stdout
+    unknown = cli(b, "client-config", "carol@second.test")
+    assert unknown.returncode == 0 and "carol@second.test is not an account" in unknown.stderr
+    add = subprocess.run([sys.executable, "-m", "postwarden", "-c", str(a.config_path), "user",
+                          "add", "carol@second.test", "--password-stdin"],
+                         input="a long enough password 42\n", capture_output=True, text=True,
+                         timeout=60)
+    assert add.returncode == 0, add.stderr
+    known = cli(b, "client-config", "carol@second.test")
+    assert known.returncode == 0 and "not an account" not in known.stderr
+    assert "carol@second.test" in known.stdout

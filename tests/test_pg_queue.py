@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +71,36 @@ def test_storage_postgres_settings() -> None:
     ({"backend": "postgres", "dsn": "postgresql://x/y", "lease": "1m"}, "storage.lease",
      "number of seconds"),
     ({"host": "db"}, "storage.host", "unknown key"),
+    ({"shared_spool_dir": "/srv/spool"}, "storage.shared_spool_dir", "only used with backend"),
+    ({"backend": "postgres", "dsn": "postgresql://x/y", "shared_spool_dir": "spool"},
+     "storage.shared_spool_dir", "must be an absolute path, not 'spool'"),
+    ({"backend": "postgres", "dsn": "postgresql://x/y", "shared_spool_dir": "/srv/../etc"},
+     "storage.shared_spool_dir", "must not contain '..'"),
+    ({"backend": "postgres", "dsn": "postgresql://x/y", "shared_spool_dir": 7},
+     "storage.shared_spool_dir", "must be a string"),
 ])
 def test_storage_errors_name_the_key(table: dict[str, Any], key: str, problem: str) -> None:
     with pytest.raises(config.ConfigError) as info:
         parse_storage(table)
     assert info.value.key == key
     assert problem in info.value.problem
+
+
+def test_the_shared_spool_directory_must_be_there(tmp_path: Path) -> None:
+    table = {"backend": "postgres", "dsn": "postgresql://x/y",
+             "shared_spool_dir": str(tmp_path / "nfs")}
+    cfg = parse_storage(table)
+    assert cfg.storage.shared_spool_dir == str(tmp_path / "nfs")
+    with pytest.raises(config.ConfigError) as info:
+        config.check_shared_spool(cfg)
+    assert info.value.key == "storage.shared_spool_dir"
+    assert "does not exist (is the shared file system mounted?)" in info.value.problem
+    (tmp_path / "nfs").write_text("")
+    with pytest.raises(config.ConfigError, match="is not a directory"):
+        config.check_shared_spool(cfg)
+    (tmp_path / "nfs").unlink()
+    (tmp_path / "nfs").mkdir()
+    config.check_shared_spool(cfg)
 
 
 async def open_pg(tmp: Path, schema: str, name: str = "", **kw: Any) -> PgQueueStore:
@@ -102,6 +129,35 @@ def test_two_nodes_starting_at_once_create_the_schema_once(tmp_path: Path,
         again = await open_pg(tmp_path, pg_schema, "n9")
         assert [n["node_id"] for n in await again.nodes()] == ["n9"]
         await again.close()
+
+    run(main)
+
+
+def test_a_schema_of_version_3_is_migrated_and_keeps_its_queue(tmp_path: Path,
+                                                               pg_schema: str) -> None:
+    from postwarden.storage import pg_schema as schema_mod
+
+    async def main() -> None:
+        conn = await asyncpg.connect(PG_DSN)
+        try:  # what a postwarden of schema 3 created, with a message queued
+            await conn.execute(f'CREATE SCHEMA "{pg_schema}"')
+            await conn.execute(f'SET search_path TO "{pg_schema}"')
+            await conn.execute("CREATE TABLE pw_schema (version INTEGER NOT NULL)")
+            await conn.execute("INSERT INTO pw_schema VALUES (3)")
+            for version in range(3):
+                for stmt in schema_mod._statements(schema_mod.MIGRATIONS[version]):
+                    await conn.execute(stmt)
+            await conn.execute(
+                "INSERT INTO messages (queue_id, sender, params, received_at, size, prepend, "
+                "body, body_size, checksum) VALUES ('OLDMESSAGE234567', '', '{}', 1, 5, '', "
+                "$1, 5, 0)", b"old\r\n")
+            assert await schema_mod.prepare(conn, pg_schema) == 3
+            assert await conn.fetchval("SELECT version FROM pw_schema") == 5
+            assert await conn.fetchval("SELECT spool_name FROM messages") == ""
+            assert await conn.fetchval("SELECT count(*) FROM quarantine") == 0
+            assert await conn.fetchval("SELECT version FROM dkim_version") == 0
+        finally:
+            await conn.close()
 
     run(main)
 
@@ -359,6 +415,103 @@ def test_heartbeats_and_results_at_once_never_deadlock(tmp_path: Path, pg_schema
             stop.set()
             await asyncio.gather(*beats)
             assert await store.list() == []
+        await store.close()
+
+    run(main)
+
+
+# ---- the shared spool -------------------------------------------------------
+
+def shared_files(root: Path) -> list[Path]:
+    return sorted(root.glob("*.spool"))
+
+
+def test_a_shared_spool_body_is_read_by_another_node_and_removed_with_the_message(
+        tmp_path: Path, pg_schema: str) -> None:
+    shared = tmp_path / "nfs"
+    shared.mkdir()
+    body = os.urandom(300_000)  # beyond the inline limit: a file
+
+    async def main() -> None:
+        a = await open_pg(tmp_path, pg_schema, "a", shared_spool_dir=str(shared))
+        b = await open_pg(tmp_path, pg_schema, "b", shared_spool_dir=str(shared))
+        queue_id = await put(a, body)
+        [file] = shared_files(shared)
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+        assert file.read_bytes() == body
+        [row] = await b.pool.fetch("SELECT octet_length(body), spool_name FROM messages")
+        assert row[0] == 0 and row[1] == file.name  # the row names the file
+        small = await put(a, b"small\r\n")  # inline: in the row
+        assert len(shared_files(shared)) == 1
+        claimed = {m.queue_id: m for m in await b.claim(1e12, 10)}
+        assert await read_all(b, queue_id) == body
+        assert await read_all(b, small) == b"small\r\n"
+        for qid, msg in claimed.items():
+            await b.record_results(qid, [RecipientResult(r.id, RcptStatus.DELIVERED, "2.0.0 ok")
+                                         for r in msg.recipients])
+        assert shared_files(shared) == []  # removed after the message
+        # A body deleted by `queue delete` goes too.
+        doomed = await put(a, body)
+        assert len(shared_files(shared)) == 1
+        assert await b.delete(doomed) is True
+        assert shared_files(shared) == []
+        await a.close()
+        await b.close()
+
+    run(main)
+
+
+def test_a_missing_or_altered_shared_spool_file_marks_the_message_corrupt(
+        tmp_path: Path, pg_schema: str) -> None:
+    shared = tmp_path / "nfs"
+    shared.mkdir()
+
+    async def main() -> None:
+        store = await open_pg(tmp_path, pg_schema, shared_spool_dir=str(shared))
+        altered = await put(store, b"a" * 200_000)
+        [file] = shared_files(shared)
+        file.write_bytes(b"a" * 199_999 + b"b")
+        missing = await put(store, b"c" * 200_000)
+        [other] = [f for f in shared_files(shared) if f != file]
+        other.unlink()
+        for queue_id in (altered, missing):
+            with pytest.raises(MessageCorrupt):
+                await read_all(store, queue_id)
+            assert await store.state(queue_id) == "corrupt"
+        await store.close()
+
+    run(main)
+
+
+def test_a_commit_that_fails_leaves_no_file_and_old_garbage_is_swept(
+        tmp_path: Path, pg_schema: str) -> None:
+    shared = tmp_path / "nfs"
+    shared.mkdir()
+
+    async def main() -> None:
+        store = await open_pg(tmp_path, pg_schema, shared_spool_dir=str(shared))
+        meta = CommitMeta(queue_id="ABCDEFGHIJKLMNOP")
+        for expect_error in (False, True):
+            body = store.new_body()
+            body.write(b"q" * 200_000)
+            if expect_error:
+                with pytest.raises(StorageError):  # the id is taken
+                    await store.commit(body, envelope(), b"", meta)
+            else:
+                await store.commit(body, envelope(), b"", meta)
+        [kept] = shared_files(shared)
+        # Files no row names: an old one is garbage, a young one may be a
+        # body still arriving on some node.
+        old, young = shared / ("0" * 32 + ".spool"), shared / ("1" * 32 + ".spool")
+        for f in (old, young):
+            f.write_bytes(b"x")
+        day_ago = time.time() - 2 * 86400
+        for f in (old, kept):
+            os.utime(f, (day_ago, day_ago))
+        (shared / "notes.txt").write_text("not ours")
+        assert await store.sweep_shared_spool() == 1
+        assert sorted(p.name for p in shared.iterdir()) == sorted(
+            [kept.name, young.name, "notes.txt"])
         await store.close()
 
     run(main)

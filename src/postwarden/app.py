@@ -35,7 +35,6 @@ from postwarden.delivery.remote import LmtpTransport, SmtpTransport
 from postwarden.delivery.router import Router
 from postwarden.delivery.smtp_client import client_tls_context
 from postwarden.delivery.transport import Transport
-from postwarden.dkim_keys import KeyStore
 from postwarden.filter.service import filter_service
 from postwarden.message.convert import downgrade_to_7bit
 from postwarden.observe import alerts as alerts_mod
@@ -60,11 +59,11 @@ from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
-from postwarden.storage.factory import queue_store
+from postwarden.storage.factory import open_quarantine, queue_store, signing_keys
 from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_protect import SqliteProtectStore
-from postwarden.storage.sqlite_quarantine import SqliteQuarantine
+from postwarden.storage.sqlite_quarantine import QuarantineStore
 from postwarden.workers import (
     CommitNotifier,
     WorkerArgs,
@@ -103,11 +102,12 @@ class Server:
         self.store: AnyQueueStore | None = None
         self.directory: SqliteDirectory | None = None
         self.directory_replica: Any = None  # pg_directory.DirectoryReplica (PostgreSQL)
+        self.dkim_replica: Any = None  # pg_dkim.DkimReplica (PostgreSQL)
         self.tls = TlsContexts(config.tls)
         self.control: ControlServer | None = None
         self.greylist: GreylistStore | None = None
         self.protect: ProtectStore | None = None
-        self.quarantine: SqliteQuarantine | None = None
+        self.quarantine: QuarantineStore | None = None
         self.http: Any = None  # postwarden.onboard.web.HttpService when [http] enabled
         self.admin: Any = None  # the same for [admin] (postwarden.observe.admin)
         self.metrics: Any = metrics_mod.NULL_METRICS
@@ -146,6 +146,11 @@ class Server:
             assert isinstance(self.store, PgQueueStore)
             self.directory_replica = DirectoryReplica(self.store.pool, self.directory)
             await self.directory_replica.start()
+            if cfg.dkim.sign and self.worker is None:  # the node's copy of the shared keys
+                from postwarden.storage.pg_dkim import DkimReplica
+
+                self.dkim_replica = DkimReplica(self.store.pool, signing_keys(cfg))
+                await self.dkim_replica.start()
         # Metrics: shared among the processes when there are several
         # (PROMETHEUS_MULTIPROC_DIR, set by serve()).
         metrics = self.metrics = metrics_mod.Metrics(multiprocess=self.processes > 1)
@@ -196,11 +201,10 @@ class Server:
                             verify_password=CredentialVerifier(
                                 self.directory.app_password_hashes),
                             resolver=resolver,
-                            dkim_keys=KeyStore.for_data_dir(cfg.data_dir)
-                            if cfg.dkim.sign else None,
+                            dkim_keys=signing_keys(cfg) if cfg.dkim.sign else None,
                             dummy_hash=await asyncio.to_thread(hash_password, os.urandom(16).hex()),
                             metrics=metrics)
-        self.quarantine = SqliteQuarantine(cfg.db_path)
+        self.quarantine = open_quarantine(cfg)  # [storage] backend
         ctx.filters = filter_service(cfg, self.store, self.quarantine, listed)
         if ctx.filters is not None:
             ctx.filters.on_verdict = metrics.filter_verdict
@@ -344,6 +348,9 @@ class Server:
         if self.directory_replica is not None:
             await self.directory_replica.stop()
             self.directory_replica = None
+        if self.dkim_replica is not None:
+            await self.dkim_replica.stop()
+            self.dkim_replica = None
         if self.store is not None:
             await self.store.close()
             self.store = None

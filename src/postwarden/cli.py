@@ -37,6 +37,7 @@ from postwarden import (
     cli_observe,
     cli_quarantine,
     cli_queue,
+    cli_storage,
     sendtest,
 )
 from postwarden import config as _config
@@ -51,6 +52,7 @@ from postwarden.storage.sqlite_directory import (
     SqliteDirectory,
     check_domain,
 )
+from postwarden.storage.sqlite_quarantine import QuarantineError
 from postwarden.web.store import AdminError
 
 PROG = "postwarden"
@@ -486,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_observe.add_parsers(sub, _with_config)
     cli_admin.add_parsers(sub, _with_config)
     cli_nodes.add_parser(sub, _with_config)
+    cli_storage.add_parser(sub, _with_config)
     return p
 
 
@@ -514,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _config.ConfigError as exc:
         _err(f"config error: {exc}")
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
-            cli_quarantine.QuarantineCommandError, sendtest.SendTestError,
+            cli_quarantine.QuarantineCommandError, QuarantineError, sendtest.SendTestError,
             cli_observe.ObserveCommandError,
             onboard_interactive.InitCancelled, AdminError) as exc:
         _err(str(exc))

@@ -28,6 +28,7 @@ import datetime
 import ipaddress
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from postwarden import config as _config
 from postwarden import dkim_keys
 from postwarden.delivery.dns import DnsError, DnsPermanent, Resolver
 from postwarden.dkim_keys import DkimKeyError, Key, KeyStore
-from postwarden.storage.sqlite_directory import SqliteDirectory
+from postwarden.storage import factory
 
 Handler = Callable[[_config.Config, argparse.Namespace], int]
 
@@ -70,11 +71,11 @@ class Record:
 
 
 def local_domains(cfg: _config.Config) -> list[str]:
-    """The config's ``domains`` plus the directory's, read without creating
-    the database."""
-    if not cfg.db_path.exists():
+    """The config's ``domains`` plus the directory's (on PostgreSQL the
+    shared one), read without creating the SQLite database."""
+    if not cfg.storage.postgres and not cfg.db_path.exists():
         return sorted(set(cfg.domains))
-    with SqliteDirectory(cfg.db_path, cfg.domains) as directory:
+    with factory.open_directory(cfg) as directory:
         return directory.list_domains()
 
 
@@ -82,8 +83,8 @@ def _report_address(cfg: _config.Config, local: str, domain: str) -> str:
     """``local@domain`` when it is a mailbox or alias here, else postmaster
     (which RFC 5321 4.5.1 requires anyway)."""
     address = f"{local}@{domain}"
-    if cfg.db_path.exists():
-        with SqliteDirectory(cfg.db_path, cfg.domains) as directory:
+    if cfg.storage.postgres or cfg.db_path.exists():
+        with factory.open_directory(cfg) as directory:
             if directory.resolve_sync(address):
                 return address
     return f"postmaster@{domain}"
@@ -460,8 +461,9 @@ def render_check(domain: str, results: Sequence[CheckResult]) -> str:
 # --- commands --------------------------------------------------------------
 
 
-def _store(cfg: _config.Config) -> KeyStore:
-    return KeyStore.for_data_dir(cfg.data_dir)
+def _store(cfg: _config.Config, *, edit: bool = False) -> AbstractContextManager[KeyStore]:
+    """The keys: ``data_dir/dkim``, or the shared keys on PostgreSQL."""
+    return factory.dkim_keys(cfg, edit=edit)
 
 
 def _domains_arg(cfg: _config.Config, domain: str | None) -> list[str]:
@@ -481,11 +483,14 @@ def cmd_dkim_keygen(cfg: _config.Config, args: argparse.Namespace) -> int:
     domain = dkim_keys.check_domain(args.domain)
     if domain not in local_domains(cfg):
         print(f"postwarden: warning: {domain} is not a local domain", file=sys.stderr)
-    key = _store(cfg).generate(domain, args.selector, args.algorithm, activate=args.activate)
+    with _store(cfg, edit=True) as store:
+        key = store.generate(domain, args.selector, args.algorithm, activate=args.activate)
+        record = Record("DKIM", key.dns_name, "TXT", dkim_keys.public_record(key), True)
     state = "active: it signs outgoing mail now" if key.active else "inactive"
-    print(f"generated {key.algorithm} key {key.selector} for {domain} ({state}): {key.path}")
+    where = ("in PostgreSQL, for every node" if cfg.storage.postgres else str(key.path))
+    print(f"generated {key.algorithm} key {key.selector} for {domain} ({state}): {where}")
     print("publish this record:")
-    print(f"  {zone_line(Record('DKIM', key.dns_name, 'TXT', dkim_keys.public_record(key), True))}")
+    print(f"  {zone_line(record)}")
     if not key.active:
         print(f"then, once 'postwarden dns check {domain}' sees it: "
               f"postwarden dkim activate {domain} {key.selector}")
@@ -493,54 +498,57 @@ def cmd_dkim_keygen(cfg: _config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_dkim_list(cfg: _config.Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
-    domains = [dkim_keys.check_domain(args.domain)] if args.domain else store.domains()
-    print(f"{'DOMAIN':<30} {'SELECTOR':<16} {'ALGORITHM':<9} {'STATE':<8} DNS NAME")
-    for domain in domains:
-        for key in store.list_keys(domain):
-            state = "active" if key.active else "inactive"
-            print(f"{domain:<30} {key.selector:<16} {key.algorithm:<9} {state:<8} "
-                  f"{key.dns_name}")
-            if args.records:
-                print(f"  {dkim_keys.public_record(key)}")
+    with _store(cfg) as store:
+        domains = [dkim_keys.check_domain(args.domain)] if args.domain else store.domains()
+        print(f"{'DOMAIN':<30} {'SELECTOR':<16} {'ALGORITHM':<9} {'STATE':<8} DNS NAME")
+        for domain in domains:
+            for key in store.list_keys(domain):
+                state = "active" if key.active else "inactive"
+                print(f"{domain:<30} {key.selector:<16} {key.algorithm:<9} {state:<8} "
+                      f"{key.dns_name}")
+                if args.records:
+                    print(f"  {dkim_keys.public_record(key)}")
     return 0
 
 
 def cmd_dkim_activate(cfg: _config.Config, args: argparse.Namespace) -> int:
-    key = _store(cfg).activate(args.domain, args.selector)
+    with _store(cfg, edit=True) as store:
+        key = store.activate(args.domain, args.selector)
     print(f"{key.domain}: {key.selector} ({key.algorithm}) is active")
     return 0
 
 
 def cmd_dkim_deactivate(cfg: _config.Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
-    key = store.deactivate(args.domain, args.selector)
+    with _store(cfg, edit=True) as store:
+        key = store.deactivate(args.domain, args.selector)
+        signing = bool(store.active(key.domain))
     print(f"{key.domain}: {key.selector} ({key.algorithm}) is inactive; keep its DNS record "
           "published a few days more for mail still in transit")
-    if not store.active(key.domain):
+    if not signing:
         print(f"postwarden: warning: {key.domain} has no active DKIM key: its mail goes out "
               "unsigned", file=sys.stderr)
     return 0
 
 
 def cmd_dns_records(cfg: _config.Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
-    out = [render_records(cfg, d, expected_records(cfg, d, store))
-           for d in _domains_arg(cfg, args.domain)]
+    domains = _domains_arg(cfg, args.domain)
+    with _store(cfg) as store:
+        out = [render_records(cfg, d, expected_records(cfg, d, store)) for d in domains]
     print("\n".join(out), end="")
     return 0
 
 
 def cmd_dns_check(cfg: _config.Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
     domains = _domains_arg(cfg, args.domain)
     look = _Lookup(cfg)
 
-    async def run() -> list[list[CheckResult]]:
+    async def run(store: KeyStore) -> list[list[CheckResult]]:
         return [await check_domain(cfg, d, store, look) for d in domains]
 
+    with _store(cfg) as store:
+        checked = asyncio.run(run(store))
     failed: list[str] = []
-    for domain, results in zip(domains, asyncio.run(run()), strict=True):
+    for domain, results in zip(domains, checked, strict=True):
         print(render_check(domain, results), end="")
         failed += [f"{r.kind} {r.name} ({r.status})" for r in results
                    if r.required and r.status != OK]

@@ -1,10 +1,12 @@
 """``postwarden quarantine list|show|release|delete``: review held messages.
 
 Messages held by a content filter (see :mod:`postwarden.filter`) wait in
-the quarantine table of the shared database.  ``release`` re-injects one
-into the delivery queue as it was held (no filter sees it again), adding
-the Message-ID/Date and DKIM signature a submitted message would have got,
-and wakes the running server; ``delete`` drops it.
+the quarantine table of the database (on PostgreSQL the one every node
+shares: a message held by any node is reviewed from any node).
+``release`` re-injects one into the delivery queue as it was held (no
+filter sees it again), adding the Message-ID/Date and DKIM signature a
+submitted message would have got, and wakes the running server (on
+PostgreSQL the commit wakes every node); ``delete`` drops it.
 
 Security exposure: administrator only (the data directory is 0700).
 ``show`` prints envelope, reasons and header fields, never the body.
@@ -24,8 +26,9 @@ from postwarden import config as _config
 from postwarden import control
 from postwarden.envelope import Address, Envelope, MailParams, RcptParams, Recipient
 from postwarden.message import cleanup, rawheaders
+from postwarden.storage import factory
 from postwarden.storage.base import CommitMeta, QueueStore
-from postwarden.storage.sqlite_quarantine import HeldMessage, SqliteQuarantine
+from postwarden.storage.sqlite_quarantine import HeldMessage, QuarantineError, QuarantineStore
 
 Handler = Callable[[_config.Config, argparse.Namespace], int]
 
@@ -34,14 +37,17 @@ class QuarantineCommandError(Exception):
     """A quarantine command failed (one line, exit status 1)."""
 
 
-def _store(cfg: _config.Config) -> SqliteQuarantine:
-    if not cfg.db_path.exists():
+def _store(cfg: _config.Config) -> QuarantineStore:
+    if not cfg.storage.postgres and not cfg.db_path.exists():
         raise QuarantineCommandError(f"no database at {cfg.db_path} (has the server run?)")
-    return SqliteQuarantine(cfg.db_path)
+    return factory.open_quarantine(cfg)
 
 
-def _get(store: SqliteQuarantine, held_id: str) -> tuple[HeldMessage, bytes]:
-    found = store.get(held_id)
+def _get(store: QuarantineStore, held_id: str) -> tuple[HeldMessage, bytes]:
+    try:
+        found = store.get(held_id)
+    except QuarantineError as exc:
+        raise QuarantineCommandError(str(exc)) from None
     if found is None:
         raise QuarantineCommandError(f"no message {held_id} in the quarantine")
     return found
@@ -126,9 +132,8 @@ async def _sign(cfg: _config.Config, h: HeldMessage, message: bytes) -> bytes:
     Message-ID/Date (RFC 6409 8) and the DKIM signature."""
     if not h.auth_user:
         return b""
-    from postwarden.dkim_keys import KeyStore
+    from postwarden.cli_dns import local_domains
     from postwarden.message.dkim_sign import from_domain, sign_message
-    from postwarden.storage.sqlite_directory import SqliteDirectory
 
     scanner = cleanup.HeaderScanner()
     scanner.feed(message)
@@ -137,19 +142,21 @@ async def _sign(cfg: _config.Config, h: HeldMessage, message: bytes) -> bytes:
     if not cfg.dkim.sign:
         return added
     full = added + message
-    directory = SqliteDirectory(cfg.db_path, cfg.domains)
-    try:
-        candidates = {from_domain(full) or "", h.sender.rpartition("@")[2].lower()}
-        local = {d for d in candidates if d and await directory.is_local_domain(d)}
-    finally:
-        directory.close()
+    # The directory and the keys of this backend (on PostgreSQL the shared
+    # ones), read in a thread: they are synchronous.
+    domains = set(await asyncio.to_thread(local_domains, cfg))
+    candidates = {from_domain(full) or "", h.sender.rpartition("@")[2].lower()}
+    local = {d for d in candidates if d and d.lower().removesuffix(".") in domains}
     if not local:
         return added
-    keys = KeyStore.for_data_dir(cfg.data_dir)
-    return sign_message(full, h.sender, keys, local.__contains__) + added
+
+    def sign() -> bytes:
+        with factory.dkim_keys(cfg) as keys:
+            return sign_message(full, h.sender, keys, local.__contains__)
+    return await asyncio.to_thread(sign) + added
 
 
-async def release(cfg: _config.Config, store: SqliteQuarantine, queue: QueueStore,
+async def release(cfg: _config.Config, store: QuarantineStore, queue: QueueStore,
                   held_id: str) -> str:
     """Re-inject a held message into ``queue`` as it was held, then drop it
     from the quarantine; the queue id (used by the CLI and the web admin)."""
@@ -166,11 +173,9 @@ async def release(cfg: _config.Config, store: SqliteQuarantine, queue: QueueStor
 
 
 def cmd_release(cfg: _config.Config, args: argparse.Namespace) -> int:
-    from postwarden.storage.sqlite_queue import SqliteQueueStore
-
     with _store(cfg) as store:
         async def inject() -> str:
-            queue = SqliteQueueStore(cfg.db_path, cfg.spool_dir)
+            queue = factory.queue_store(cfg, node=False)
             await queue.start()
             try:
                 return await release(cfg, store, queue, args.id)
@@ -178,6 +183,9 @@ def cmd_release(cfg: _config.Config, args: argparse.Namespace) -> int:
                 await queue.close()
 
         queue_id = asyncio.run(inject())
+    if cfg.storage.postgres:  # the commit woke every node
+        print(f"{args.id}: released as {queue_id} into the shared queue")
+        return 0
     woke = control.request(cfg.data_dir, "wake")
     print(f"{args.id}: released as {queue_id}; " + (
         "the server is delivering now" if woke

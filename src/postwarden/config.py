@@ -847,7 +847,24 @@ def load(path: Path | None = None, *, check_files: bool = True) -> Config:
     cfg = parse(data, path)
     if check_files:
         check_tls_files(cfg)
+        check_shared_spool(cfg)
     return cfg
+
+
+def check_shared_spool(cfg: Config) -> None:
+    """``[storage] shared_spool_dir`` is a directory this user can write
+    (the shared file system is mounted)."""
+    spool = cfg.storage.shared_spool_dir
+    if not spool:
+        return
+    p = Path(spool)
+    if not p.exists():
+        raise ConfigError("storage.shared_spool_dir",
+                          f"{p} does not exist (is the shared file system mounted?)")
+    if not p.is_dir():
+        raise ConfigError("storage.shared_spool_dir", f"{p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError("storage.shared_spool_dir", f"{p} is not writable by this user")
 
 
 def check_tls_files(cfg: Config) -> None:

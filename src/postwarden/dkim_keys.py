@@ -350,3 +350,50 @@ class KeyStore:
             self._write_state(key.domain,
                               [s for s in self._read_state(key.domain) if s != key.selector])
         return Key(key.domain, key.selector, key.algorithm, key.path, False)
+
+
+# One key as the PostgreSQL backend stores it: (domain, selector,
+# algorithm, private key PEM, active).
+KeyRow = tuple[str, str, str, bytes, bool]
+
+
+def snapshot(store: KeyStore) -> list[KeyRow]:
+    """Every key of ``store`` with its PEM, sorted (what
+    :mod:`postwarden.storage.pg_dkim` writes to the shared table)."""
+    rows: list[KeyRow] = []
+    for domain in store.domains():
+        for key in store.list_keys(domain):
+            try:
+                pem = key.path.read_bytes()
+            except OSError as exc:
+                raise DkimKeyError(f"cannot read DKIM key {key.path}: {exc.strerror}") from None
+            rows.append((domain, key.selector, key.algorithm, pem, key.active))
+    return sorted(rows)
+
+
+def mirror(store: KeyStore, rows: Iterable[KeyRow]) -> None:
+    """Make the files of ``store`` hold exactly ``rows``: missing or changed
+    key files written (0600, atomically), the others removed, each domain's
+    active selectors set.  Names are checked as everywhere here before they
+    become paths; a row with a bad name or algorithm is refused."""
+    wanted: dict[str, dict[str, tuple[str, bytes, bool]]] = {}
+    for domain, selector, algorithm, pem, active in rows:
+        if algorithm not in ALGORITHMS:
+            raise DkimKeyError(f"DKIM key {selector} of {domain}: unknown algorithm "
+                               f"{algorithm!r}")
+        wanted.setdefault(check_domain(domain), {})[check_selector(selector)] = (
+            algorithm, bytes(pem), bool(active))
+    for domain in sorted(set(store.domains()) | set(wanted)):
+        keys = wanted.get(domain, {})
+        directory = store._ensure_dir(domain)
+        names = {f"{sel}.{alg}{KEY_SUFFIX}": pem for sel, (alg, pem, _a) in keys.items()}
+        for key in store.list_keys(domain):
+            if key.path.name not in names:
+                key.path.unlink(missing_ok=True)
+        for name, pem in names.items():
+            path = directory / name
+            if not path.exists() or path.read_bytes() != pem:
+                _write_atomic(path, pem, KEY_MODE)
+        signing = sorted(sel for sel, (_alg, _pem, on) in keys.items() if on)
+        if sorted(set(store._read_state(domain))) != signing:
+            store._write_state(domain, signing)

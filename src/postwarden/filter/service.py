@@ -35,7 +35,7 @@ from postwarden.message import cleanup
 from postwarden.observe.log import get_logger
 from postwarden.policy.dnsbl import Dnsbl
 from postwarden.storage.base import BodyWriter, CommitMeta, QueueStore, StorageError
-from postwarden.storage.sqlite_quarantine import HeldMessage, SqliteQuarantine, new_id
+from postwarden.storage.sqlite_quarantine import HeldMessage, QuarantineStore, new_id
 
 log = get_logger("filter")
 
@@ -88,7 +88,7 @@ def envelope_record(envelope: Envelope, recipients: Iterable[Recipient]) -> dict
 
 class FilterService:
     def __init__(self, settings: FilterSettings, *, hostname: str, queue: QueueStore,
-                 quarantine: SqliteQuarantine, postmaster: str,
+                 quarantine: QuarantineStore, postmaster: str,
                  dnsbl_score: Callable[[str], Awaitable[int]] | None = None) -> None:
         self.settings = settings
         self.hostname = hostname
@@ -257,7 +257,7 @@ def _one_line(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")[:900]
 
 
-def filter_service(cfg: Config, queue: QueueStore, quarantine: SqliteQuarantine,
+def filter_service(cfg: Config, queue: QueueStore, quarantine: QuarantineStore,
                    dnsbl: Dnsbl | None = None) -> FilterService | None:
     """The server's filter service; None when no chain has a filter."""
     settings = cfg.filters

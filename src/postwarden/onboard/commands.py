@@ -31,11 +31,11 @@ def cmd_client_config(cfg: _config.Config, args: argparse.Namespace) -> int:
 
 
 def _warn_unknown(cfg: _config.Config, address: str) -> None:
-    from postwarden.storage.sqlite_directory import SqliteDirectory
+    from postwarden.storage.factory import open_directory
 
-    if not cfg.db_path.exists():
+    if not cfg.storage.postgres and not cfg.db_path.exists():
         return
-    with SqliteDirectory(cfg.db_path, cfg.domains) as directory:
+    with open_directory(cfg) as directory:  # on PostgreSQL the shared one
         if directory.find_account(address) is None:
             print(f"postwarden: warning: {address} is not an account here "
                   f"(postwarden user add {address})", file=sys.stderr)

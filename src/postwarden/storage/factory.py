@@ -9,13 +9,17 @@ Security exposure: none of its own.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from postwarden.storage.sqlite_directory import SqliteDirectory
+from postwarden.storage.sqlite_quarantine import QuarantineStore, SqliteQuarantine
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 
 if TYPE_CHECKING:
     from postwarden.config import Config
+    from postwarden.dkim_keys import KeyStore
     from postwarden.storage.pg_queue import PgQueueStore
 
     AnyQueueStore = SqliteQueueStore | PgQueueStore
@@ -42,3 +46,42 @@ def open_directory(cfg: Config) -> SqliteDirectory:
 
         return DirectoryEdit(cfg.storage, cfg.domains)
     return SqliteDirectory(cfg.db_path, cfg.domains)
+
+
+def open_quarantine(cfg: Config) -> QuarantineStore:
+    """The quarantine: the table in the SQLite file, or, on PostgreSQL, the
+    shared one (a message held by any node, reviewed from any node)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_quarantine import PgQuarantine
+
+        return PgQuarantine(cfg.storage)
+    return SqliteQuarantine(cfg.db_path)
+
+
+@contextlib.contextmanager
+def dkim_keys(cfg: Config, *, edit: bool = False) -> Iterator[KeyStore]:
+    """The DKIM keys for a command: ``data_dir/dkim``, or, on PostgreSQL, a
+    copy of the shared keys (written back at the end with ``edit``; see
+    :mod:`postwarden.storage.pg_dkim`)."""
+    from postwarden.dkim_keys import KeyStore  # cryptography: imported when needed
+
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_dkim import key_copy
+
+        with key_copy(cfg.storage, edit=edit) as store:
+            yield store
+    else:
+        yield KeyStore.for_data_dir(cfg.data_dir)
+
+
+def signing_keys(cfg: Config) -> KeyStore:
+    """The keys a server signs with: ``data_dir/dkim``, or on PostgreSQL
+    the node's copy of the shared keys (kept current by
+    :class:`~postwarden.storage.pg_dkim.DkimReplica`)."""
+    from postwarden.dkim_keys import KeyStore
+
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_dkim import cache_root
+
+        return KeyStore(cache_root(cfg.data_dir))
+    return KeyStore.for_data_dir(cfg.data_dir)

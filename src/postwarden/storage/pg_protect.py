@@ -34,7 +34,7 @@ from typing import Any, Self, TypeVar
 import asyncpg
 
 from postwarden.netaddr import client_address
-from postwarden.storage.pg_schema import prepare
+from postwarden.storage.pg_schema import connect
 from postwarden.storage.settings import StorageSettings
 from postwarden.storage.sqlite_greylist import Decision
 from postwarden.storage.sqlite_protect import (
@@ -293,10 +293,8 @@ class PgBanAdmin:
 
     def _run(self, action: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         async def main() -> T:
-            conn = await asyncpg.connect(self.settings.dsn)
+            conn = await connect(self.settings)
             try:
-                await prepare(conn, self.settings.schema)
-                await conn.execute(f"SET search_path TO \"{self.settings.schema}\"")
                 async with conn.transaction():
                     return await action(conn)
             finally:

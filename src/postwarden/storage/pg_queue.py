@@ -8,6 +8,13 @@ The same :class:`~postwarden.storage.base.QueueStore` as
   the ``queued`` events has committed.  The session streams the body to a
   local spool file first (:class:`~postwarden.storage.spool.SpoolBodyWriter`,
   memory stays bounded); the file is removed once the row holds it.
+* **Shared spool** (``[storage] shared_spool_dir``).  A body larger than
+  the inline limit stays a file in a directory every node mounts; the
+  session writes it there, the commit fdatasyncs it and its directory
+  entry *before* the transaction that names it (``spool_name``) commits,
+  and the file is removed after the transaction that removes the message.
+  A crash between the two leaves an unreferenced file, which a node
+  removes at start once it is a day old (:data:`SWEEP_AGE`).
 * **Group commit.**  Commits that arrive while a transaction is in flight
   are batched into the next one (one WAL flush for many messages); up to
   :data:`COMMIT_LANES` batches run at once on different connections.  A
@@ -37,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -46,7 +54,7 @@ import zlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 
@@ -67,7 +75,13 @@ from postwarden.storage.base import (
 from postwarden.storage.group_commit import StoreStats
 from postwarden.storage.pg_schema import PENDING, prepare
 from postwarden.storage.settings import StorageSettings
-from postwarden.storage.spool import SpoolBodyWriter, storage_error
+from postwarden.storage.spool import (
+    SpoolBodyWriter,
+    fsync_dir,
+    is_spool_name,
+    read_spool_file,
+    storage_error,
+)
 from postwarden.storage.sqlite_queue import MessageCorrupt
 from postwarden.storage.sqlite_schema import (
     event_from_row,
@@ -88,6 +102,10 @@ COMMIT_LANES = 4  # batches committing at once (each on its own connection)
 BATCH_MAX = 256  # commits in one transaction at most
 RECORD_RETRIES = 3  # a message's results after a deadlock
 EVENTS_KEEP = 30 * 86400.0
+# An unreferenced file in the shared spool older than this is garbage (a
+# commit that failed, or a crash between a removal and its unlink); a
+# younger one may be a body still being received by some node.
+SWEEP_AGE = 86400.0
 _FINAL = (RcptStatus.DELIVERED, RcptStatus.FAILED)
 _MAIL_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(MailParams))
 
@@ -126,6 +144,7 @@ class _Record:
     events: list[DeliveryEvent]
     now: float
     future: asyncio.Future[bool]
+    spool_name: str = ""  # the shared spool file to unlink once removed
 
 
 @dataclass
@@ -152,6 +171,9 @@ class PgQueueStore:
                  register: bool = True) -> None:
         self.settings = settings
         self.spool_dir = Path(spool_dir)
+        # Bodies beyond inline_max: files in the shared spool, or in the row.
+        self.shared_spool = (Path(settings.shared_spool_dir) if settings.shared_spool_dir
+                             else None)
         self.inline_max = inline_max
         self.stats = StoreStats()
         self.on_commit: list[Callable[[str], None]] = []
@@ -195,6 +217,9 @@ class PgQueueStore:
         if self._pool is not None:
             return
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.shared_spool is not None and not self.shared_spool.is_dir():
+            raise StorageError(f"[storage] shared_spool_dir {self.shared_spool} is not a "
+                               "directory (is the shared file system mounted?)")
         s = self.settings
         try:
             conn = await asyncpg.connect(s.dsn)
@@ -213,6 +238,8 @@ class PgQueueStore:
                     "VALUES ($1, $2, $3, $4, $4) ON CONFLICT (node_id) DO UPDATE "
                     "SET heartbeat = $4", self.node_id, socket.gethostname(), os.getpid(), now)
                 self._heartbeat = asyncio.create_task(self._beat(), name="pg-heartbeat")
+                if self.shared_spool is not None:
+                    await self.sweep_shared_spool()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             await self.close()
             raise StorageError(f"PostgreSQL at [storage] dsn: {_describe(exc)}") from exc
@@ -344,7 +371,42 @@ class PgQueueStore:
     # -- the commit point ---------------------------------------------------
 
     def new_body(self) -> BodyWriter:
-        return SpoolBodyWriter(self.spool_dir, self.inline_max, owner=self)
+        return SpoolBodyWriter(self.shared_spool or self.spool_dir, self.inline_max,
+                               owner=self)
+
+    async def sweep_shared_spool(self, older_than: float = SWEEP_AGE) -> int:
+        """Remove files of the shared spool that no message names and that
+        are older than ``older_than`` seconds; how many."""
+        assert self.shared_spool is not None
+        root = self.shared_spool
+        cutoff = time.time() - older_than
+
+        def old_names() -> list[str]:
+            out = []
+            for entry in os.scandir(root):
+                with contextlib.suppress(OSError):
+                    if is_spool_name(entry.name) and entry.stat().st_mtime < cutoff:
+                        out.append(entry.name)
+            return out
+        names = await asyncio.to_thread(old_names)
+        if not names:
+            return 0
+        async with self._acquire() as conn:
+            used = {r[0] for r in await conn.fetch(
+                "SELECT spool_name FROM messages WHERE spool_name = ANY($1::text[])", names)}
+        garbage = [n for n in names if n not in used]
+        await asyncio.to_thread(_unlink_all, root, garbage)
+        if garbage:
+            log.info("shared_spool_swept", files=len(garbage))
+        return len(garbage)
+
+    def _shared_body(self, body: SpoolBodyWriter) -> str:
+        """fdatasync the body's file and its directory entry (blocking); its
+        name.  Done before the transaction naming it commits."""
+        assert self.shared_spool is not None and body.spool_name is not None
+        body.sync()
+        fsync_dir(self.shared_spool)
+        return body.spool_name
 
     async def commit(self, body: BodyWriter, envelope: Envelope, prepend: bytes,
                      meta: CommitMeta) -> str:
@@ -357,20 +419,27 @@ class PgQueueStore:
             rcpts = [(str(r.address), rcpt_params_json(r.params)) for r in envelope.recipients]
             if not rcpts:
                 raise StorageError("a message needs at least one recipient")
+            spool_name = ""
             try:
-                data = await asyncio.to_thread(body.read_back)
+                if self.shared_spool is not None and body.spool_name is not None:
+                    spool_name = await asyncio.to_thread(self._shared_body, body)
+                    data = b""
+                else:
+                    data = await asyncio.to_thread(body.read_back)
             except OSError as exc:
-                raise storage_error(exc, "spool read") from exc
+                raise storage_error(exc, "spool write" if spool_name else "spool read") from exc
+            body_size, checksum = ((body.size, body.checksum) if spool_name
+                                   else (len(data), zlib.crc32(data)))
             received_at = self._clock()
             sender = str(envelope.sender) if envelope.sender is not None else ""
-            size = len(prepend) + len(data)
+            size = len(prepend) + body_size
             params = envelope.params
             queue_id = meta.queue_id or new_queue_id()
             message = (queue_id, sender,
                        json.dumps({f: getattr(params, f) for f in _MAIL_PARAM_FIELDS}),
                        received_at, size, meta.client_ip, meta.helo, meta.auth_user,
-                       meta.listener, meta.session_id, bytes(prepend), data, len(data),
-                       zlib.crc32(data))
+                       meta.listener, meta.session_id, bytes(prepend), data, body_size,
+                       checksum, spool_name)
             queued_text = (f"from=<{sender}>, size={size}, nrcpt={len(rcpts)}"
                            + (f", client={meta.client_ip}" if meta.client_ip else ""))
             events = [(received_at, queue_id, "queued", addr, "", "", queued_text if i == 0
@@ -385,8 +454,14 @@ class PgQueueStore:
                 self._lane_tasks.add(task)
                 task.add_done_callback(self._lane_tasks.discard)
             queue_id = await job.future
+            if spool_name:
+                body.committed()  # the row names the file: it stays
         finally:
-            body.discard()  # the row holds the body now (or nothing was committed)
+            # The row holds the body now (or nothing was committed).  A commit
+            # whose outcome is unknown (the connection lost during COMMIT) may
+            # leave a row naming a removed file: the client was not told 250
+            # and sends again; that row is marked corrupt when read.
+            body.discard()
         log.debug("queued", queue_id=queue_id, session=meta.session_id or None,
                   sender=f"<{sender}>", size=size, nrcpt=len(rcpts))
         self._run_hooks(queue_id)
@@ -454,8 +529,9 @@ class PgQueueStore:
     async def _insert(conn: asyncpg.Connection, batch: Sequence[_Commit]) -> None:
         await conn.executemany(
             "INSERT INTO messages (queue_id, sender, params, received_at, size, client_ip, "
-            "helo, auth_user, listener, session_id, prepend, body, body_size, checksum) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "helo, auth_user, listener, session_id, prepend, body, body_size, checksum, "
+            "spool_name) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
             [j.message for j in batch])
         await conn.executemany(
             "INSERT INTO recipients (queue_id, address, params) VALUES ($1, $2, $3)",
@@ -554,6 +630,9 @@ class PgQueueStore:
                     if not isinstance(exc, Exception):
                         raise
                     continue
+                # Committed: the bodies of removed messages can go.
+                await self._unlink_shared([j.spool_name for i, j in enumerate(batch)
+                                           if outcome[i] is True])
                 for i, job in enumerate(batch):
                     value = outcome[i]
                     if job.future.done():
@@ -572,8 +651,7 @@ class PgQueueStore:
         for attempt in range(RECORD_RETRIES):
             try:
                 async with conn.transaction():  # a savepoint
-                    return await self._record(conn, job.queue_id, job.results, job.events,
-                                              job.now)
+                    return await self._record(conn, job)
             except (asyncpg.DeadlockDetectedError,
                     asyncpg.SerializationError) as exc:
                 if attempt + 1 == RECORD_RETRIES:
@@ -583,9 +661,8 @@ class PgQueueStore:
                 return StorageError(f"queue write failed: {_describe(exc)}")
         raise AssertionError("unreachable")
 
-    async def _record(self, conn: asyncpg.Connection, queue_id: str,
-                      results: list[RecipientResult], events: list[DeliveryEvent],
-                      now: float) -> bool:
+    async def _record(self, conn: asyncpg.Connection, job: _Record) -> bool:
+        queue_id, results, events, now = job.queue_id, job.results, job.events, job.now
         if await conn.fetchval("SELECT 1 FROM messages WHERE queue_id = $1 FOR UPDATE",
                                queue_id) is None:
             return False  # deleted meanwhile: nothing is written
@@ -614,7 +691,8 @@ class PgQueueStore:
                 "WHERE queue_id = $1", queue_id, due_at, self.node_id)
             return False
         await _insert_events(conn, [DeliveryEvent(now, queue_id, "removed")])
-        await conn.execute("DELETE FROM messages WHERE queue_id = $1", queue_id)
+        job.spool_name = await conn.fetchval(
+            "DELETE FROM messages WHERE queue_id = $1 RETURNING spool_name", queue_id) or ""
         return True
 
     async def _write(self, sql: str, *args: Any, event: DeliveryEvent | None = None,
@@ -632,12 +710,27 @@ class PgQueueStore:
         return status
 
     async def delete(self, queue_id: str) -> bool:
-        status = await self._write("DELETE FROM messages WHERE queue_id = $1", queue_id,
-                                   event=DeliveryEvent(self._clock(), queue_id, "deleted"))
-        found = not status.endswith(" 0")
-        if found:
-            log.info("removed", queue_id=queue_id, reason="deleted")
-        return found
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                found = await conn.fetchrow("DELETE FROM messages WHERE queue_id = $1 "
+                                            "RETURNING spool_name", queue_id)
+                if found is not None:
+                    await _insert_events(conn, [DeliveryEvent(self._clock(), queue_id,
+                                                              "deleted")])
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"queue write failed: {_describe(exc)}") from exc
+        if found is None:
+            return False
+        await self._unlink_shared([found[0]])
+        log.info("removed", queue_id=queue_id, reason="deleted")
+        return True
+
+    async def _unlink_shared(self, names: Sequence[str]) -> None:
+        """Remove the shared spool files of removed messages (after the
+        commit; one left behind by a crash is swept later)."""
+        names = [n for n in names if n]
+        if names and self.shared_spool is not None:
+            await asyncio.to_thread(_unlink_all, self.shared_spool, names)
 
     async def set_held(self, queue_id: str, held: bool) -> bool:
         status = await self._write(
@@ -743,13 +836,22 @@ class PgQueueStore:
         async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT prepend, body_size, checksum, state, octet_length(body), "
-                "CASE WHEN body_size <= $2 THEN body END "
+                "CASE WHEN body_size <= $2 THEN body END, spool_name "
                 "FROM messages WHERE queue_id = $1", queue_id, WHOLE_READ)
         if row is None:
             raise StorageError(f"no message {queue_id}")
-        prepend, size, checksum, state, actual, whole = row
+        prepend, size, checksum, state, actual, whole, spool_name = row
         if state != STATE_ACTIVE:
             raise MessageCorrupt(f"message {queue_id} is {state}")
+        if spool_name:
+            if self.shared_spool is None:
+                raise StorageError(f"message {queue_id}: its body is in the shared spool "
+                                   "and [storage] shared_spool_dir is not set on this node")
+            async for chunk in read_spool_file(
+                    self.shared_spool / spool_name, bytes(prepend), size, checksum,
+                    functools.partial(self._corrupt, queue_id)):
+                yield chunk
+            return
         if actual != size:
             await self._corrupt(queue_id, f"body size {actual} != {size}")
         if prepend:
@@ -774,7 +876,7 @@ class PgQueueStore:
         if crc != checksum:
             await self._corrupt(queue_id, "body does not match its checksum")
 
-    async def _corrupt(self, queue_id: str, reason: str) -> None:
+    async def _corrupt(self, queue_id: str, reason: str) -> NoReturn:
         found = await self._write("UPDATE messages SET state = $2 WHERE queue_id = $1",
                                   queue_id, STATE_CORRUPT,
                                   event=DeliveryEvent(self._clock(), queue_id, "corrupt",
@@ -857,6 +959,13 @@ async def _insert_events(conn: asyncpg.Connection, events: Sequence[DeliveryEven
         await conn.executemany(_INSERT_EVENT, [
             (e.ts, e.queue_id, e.event, e.rcpt, e.relay, e.dsn, e.reply, e.sender,
              e.message_id, e.detail) for e in events])
+
+
+def _unlink_all(root: Path, names: Sequence[str]) -> None:
+    for name in names:
+        if is_spool_name(name):  # never a path from elsewhere
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(root / name)
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,6 +21,13 @@ Version history:
    ``dir_app_passwords`` (the columns of SQLite's directory tables) and
    ``dir_version``, bumped by every change (nodes reload on a new version;
    see :mod:`postwarden.storage.pg_directory`).
+4. (The monitoring tables.)
+5. ``quarantine`` (held messages, SQLite's columns), ``dkim_keys`` (the
+   signing keys: private key PEM, selector, active flag) with
+   ``dkim_version``, bumped by every change (see
+   :mod:`postwarden.storage.pg_dkim`), and ``messages.spool_name``: the
+   body's file in a shared spool directory (``[storage] spool_dir``),
+   empty when the body is in the row.
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -28,11 +35,19 @@ by :mod:`postwarden.storage.settings` and quoted).
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postwarden.storage.base import StorageError
 
-SCHEMA_VERSION = 3
+if TYPE_CHECKING:
+    from postwarden.storage.settings import StorageSettings
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 5
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -177,8 +192,43 @@ CREATE TABLE dir_version (version BIGINT NOT NULL);
 INSERT INTO dir_version (version) VALUES (0)
 """
 
+# Version 4 (the monitoring tables) is written on another branch.
+_V4 = ""
+
+_V5 = """
+CREATE TABLE quarantine (
+    id TEXT PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    direction TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    filters TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    rules TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    client_ip TEXT NOT NULL DEFAULT '',
+    helo TEXT NOT NULL DEFAULT '',
+    auth_user TEXT NOT NULL DEFAULT '',
+    listener TEXT NOT NULL DEFAULT '',
+    envelope TEXT NOT NULL DEFAULT '{}',
+    message BYTEA NOT NULL
+);
+CREATE INDEX quarantine_ts ON quarantine (ts);
+CREATE TABLE dkim_keys (
+    domain TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    pem BYTEA NOT NULL,
+    active BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (domain, selector)
+);
+CREATE TABLE dkim_version (version BIGINT NOT NULL);
+INSERT INTO dkim_version (version) VALUES (0);
+ALTER TABLE messages ADD COLUMN spool_name TEXT NOT NULL DEFAULT ''
+"""
+
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5}
 
 
 def _statements(script: str) -> list[str]:
@@ -212,3 +262,30 @@ async def prepare(conn: Any, schema: str) -> int:
             version += 1
         await conn.execute("UPDATE pw_schema SET version = $1", SCHEMA_VERSION)
     return int(found)
+
+
+async def connect(settings: StorageSettings) -> Any:
+    """One connection for a short task (a CLI command): the schema prepared
+    (created or migrated), ``search_path`` set to it."""
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await prepare(conn, settings.schema)
+        await conn.execute(f"SET search_path TO {quote_ident(settings.schema)}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+def run_blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work()`` to the end from synchronous code: on a new event loop,
+    or, when this thread already runs one (a synchronous store called from
+    a coroutine), on a new loop in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(work())).result()

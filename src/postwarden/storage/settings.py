@@ -10,7 +10,10 @@ queue (and, later, the rest of the shared state).
   size the connection pool of each process; ``lease`` is how long a claimed
   delivery stays reserved for its node without a renewal (a node that dies
   leaves its deliveries to others after at most this long);
-  ``heartbeat`` is how often a node renews its leases and says it is alive.
+  ``heartbeat`` is how often a node renews its leases and says it is alive;
+  ``shared_spool_dir`` (optional, an absolute path) is a directory every
+  node mounts (NFS, CephFS...) where message bodies larger than the inline
+  limit are kept as files instead of in the database.
 
 :mod:`postwarden.config` reads the file; ``from_table`` raises
 ``ValueError("KEY: reason")``, which becomes a ``ConfigError`` naming
@@ -40,6 +43,7 @@ class StorageSettings:
     pool_max: int = 10
     lease: float = 60.0
     heartbeat: float = 5.0
+    shared_spool_dir: str = ""
 
     @property
     def postgres(self) -> bool:
@@ -50,7 +54,7 @@ class StorageSettings:
         d = cls()
         for k in table:
             if k not in {"backend", "dsn", "schema", "pool_min", "pool_max", "lease",
-                         "heartbeat"}:
+                         "heartbeat", "shared_spool_dir"}:
                 raise ValueError(f"{k}: unknown key")
         backend = table.get("backend", d.backend)
         if backend not in BACKENDS:
@@ -82,8 +86,20 @@ class StorageSettings:
         if heartbeat * 2 > lease:
             raise ValueError(f"heartbeat: must be at most half the lease ({lease:g}s): "
                              "a lease is renewed at each heartbeat")
+        spool = table.get("shared_spool_dir", "")
+        if not isinstance(spool, str):
+            raise ValueError("shared_spool_dir: must be a string (an absolute path)")
+        if spool:
+            if backend != "postgres":
+                raise ValueError('shared_spool_dir: only used with backend = "postgres" '
+                                 "(one node keeps its spool in data_dir)")
+            if not spool.startswith("/") or "\0" in spool:
+                raise ValueError(f"shared_spool_dir: must be an absolute path, not {spool!r}")
+            if any(part == ".." for part in spool.split("/")):
+                raise ValueError("shared_spool_dir: must not contain '..'")
         return cls(backend=str(backend), dsn=dsn, schema=schema, pool_min=pool_min,
-                   pool_max=pool_max, lease=lease, heartbeat=heartbeat)
+                   pool_max=pool_max, lease=lease, heartbeat=heartbeat,
+                   shared_spool_dir=spool.rstrip("/") or spool)
 
 
 def _whole(table: Mapping[str, Any], key: str, default: int, minimum: int) -> int:

@@ -17,6 +17,7 @@ durable happens at commit, off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -25,7 +26,9 @@ import secrets
 import sqlite3
 import threading
 import zlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
+from typing import NoReturn
 
 from postwarden.storage.base import StorageError, StorageFull
 
@@ -241,3 +244,52 @@ class SpoolBodyWriter:
         """Remove the body after a failed commit (store only)."""
         if self._state != "committed":
             self._discard()
+
+
+READ_CHUNK = 64 * 1024
+
+
+def _open_for_read(path: Path) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return fd, os.fstat(fd).st_size
+    except OSError:
+        os.close(fd)
+        raise
+
+
+async def read_spool_file(path: Path, prepend: bytes, size: int, checksum: int,
+                          corrupt: Callable[[str], Awaitable[NoReturn]]
+                          ) -> AsyncGenerator[bytes, None]:
+    """``prepend``, then the committed body in spool file ``path``, in chunks
+    of at most 64 KiB, checked against the ``size`` and CRC-32 of its row;
+    a missing, short, long or altered file calls ``corrupt(reason)``, which
+    marks the message and raises (possibly after chunks were yielded)."""
+    try:
+        fd, actual = await asyncio.to_thread(_open_for_read, path)
+    except FileNotFoundError:
+        await corrupt("spool file missing")
+    except OSError as exc:
+        raise storage_error(exc, "spool read") from exc
+    try:
+        if actual != size:
+            await corrupt(f"spool file size {actual} != {size}")
+        if prepend:
+            yield bytes(prepend)
+        crc = total = 0
+        while True:
+            try:
+                chunk = await asyncio.to_thread(os.read, fd, READ_CHUNK)
+            except OSError as exc:
+                raise storage_error(exc, "spool read") from exc
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > size:
+                break
+            crc = zlib.crc32(chunk, crc)
+            yield chunk
+        if total != size or crc != checksum:
+            await corrupt("spool file does not match its checksum")
+    finally:
+        os.close(fd)

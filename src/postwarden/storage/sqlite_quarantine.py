@@ -19,6 +19,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, Self
 
 from postwarden.storage.sqlite_shared import SharedTables
 
@@ -51,6 +52,22 @@ def new_id() -> str:
     return "Q" + secrets.token_hex(6).upper()
 
 
+class QuarantineStore(Protocol):
+    """What the filter service, the CLI and the web admin use of a
+    quarantine: :class:`SqliteQuarantine`, or
+    :class:`~postwarden.storage.pg_quarantine.PgQuarantine` shared by the
+    nodes (chosen by :func:`postwarden.storage.factory.open_quarantine`)."""
+
+    def add(self, held: HeldMessage, message: bytes) -> None: ...
+    def list(self, limit: int = 1000) -> list[HeldMessage]: ...
+    def get(self, held_id: str) -> tuple[HeldMessage, bytes] | None: ...
+    def delete(self, held_id: str) -> bool: ...
+    def expire(self, older_than: float, now: float | None = None) -> int: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class SqliteQuarantine(SharedTables):
     schema = """
         CREATE TABLE IF NOT EXISTS quarantine_schema (version INTEGER NOT NULL);
@@ -78,33 +95,30 @@ class SqliteQuarantine(SharedTables):
     schema_error = QuarantineError
     storage_error_label = "quarantine"
 
-    _COLUMNS = ("id, ts, direction, sender, recipients, filters, reasons, rules, size, "
+    COLUMNS = ("id, ts, direction, sender, recipients, filters, reasons, rules, size, "
                 "client_ip, helo, auth_user, listener, envelope")
 
     def add(self, held: HeldMessage, message: bytes) -> None:
         with self._write() as db:
             db.execute(
-                f"INSERT INTO quarantine ({self._COLUMNS}, message) "
+                f"INSERT INTO quarantine ({self.COLUMNS}, message) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (held.id, held.ts, held.direction, held.sender, json.dumps(held.recipients),
-                 json.dumps(held.filters), json.dumps(held.reasons), json.dumps(held.rules),
-                 held.size, held.client_ip, held.helo, held.auth_user, held.listener,
-                 json.dumps(held.envelope), message))
+                (*self.row(held), message))
 
     def list(self, limit: int = 1000) -> list[HeldMessage]:
-        rows = self._query(f"SELECT {self._COLUMNS} FROM quarantine ORDER BY ts, id LIMIT ?",
+        rows = self._query(f"SELECT {self.COLUMNS} FROM quarantine ORDER BY ts, id LIMIT ?",
                            (limit,))
-        return [self._held(row) for row in rows]
+        return [self.held(row) for row in rows]
 
     def get(self, held_id: str) -> tuple[HeldMessage, bytes] | None:
-        rows = self._query(f"SELECT {self._COLUMNS}, message FROM quarantine WHERE id = ?",
+        rows = self._query(f"SELECT {self.COLUMNS}, message FROM quarantine WHERE id = ?",
                            (held_id,))
         if not rows:
             return None
         row = rows[0]
         message = row[-1]
         assert isinstance(message, bytes)
-        return self._held(row[:-1]), message
+        return self.held(row[:-1]), message
 
     def delete(self, held_id: str) -> bool:
         with self._write() as db:
@@ -117,7 +131,15 @@ class SqliteQuarantine(SharedTables):
             return db.execute("DELETE FROM quarantine WHERE ts < ?", (cutoff,)).rowcount
 
     @staticmethod
-    def _held(row: tuple[object, ...]) -> HeldMessage:
+    def row(held: HeldMessage) -> tuple[object, ...]:
+        """The values of :attr:`COLUMNS` for ``held`` (both backends)."""
+        return (held.id, held.ts, held.direction, held.sender, json.dumps(held.recipients),
+                json.dumps(held.filters), json.dumps(held.reasons), json.dumps(held.rules),
+                held.size, held.client_ip, held.helo, held.auth_user, held.listener,
+                json.dumps(held.envelope))
+
+    @staticmethod
+    def held(row: tuple[object, ...]) -> HeldMessage:
         (hid, ts, direction, sender, rcpts, filters, reasons, rules, size, ip, helo, user,
          listener, envelope) = row
         try:

@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -77,7 +78,13 @@ from postwarden.storage.base import (
     StorageError,
 )
 from postwarden.storage.group_commit import GroupCommitWriter, Job, StoreStats, connect
-from postwarden.storage.spool import SpoolBodyWriter, fsync_dir, is_spool_name, storage_error
+from postwarden.storage.spool import (
+    SpoolBodyWriter,
+    fsync_dir,
+    is_spool_name,
+    read_spool_file,
+    storage_error,
+)
 from postwarden.storage.sqlite_ops import STATE_ACTIVE
 from postwarden.storage.sqlite_schema import (
     EVENT_COLS,
@@ -591,35 +598,9 @@ class SqliteQueueStore:
 
     async def _read_spool(self, queue_id: str, prepend: bytes, name: str, size: int,
                           checksum: int) -> AsyncGenerator[bytes, None]:
-        path = self.spool_dir / name
-        try:
-            fd, actual = await asyncio.to_thread(_open_for_read, path)
-        except FileNotFoundError:
-            await self._corrupt(queue_id, "spool file missing")
-        except OSError as exc:
-            raise storage_error(exc, "spool read") from exc
-        try:
-            if actual != size:
-                await self._corrupt(queue_id, f"spool file size {actual} != {size}")
-            if prepend:
-                yield bytes(prepend)
-            crc = total = 0
-            while True:
-                try:
-                    chunk = await asyncio.to_thread(os.read, fd, READ_CHUNK)
-                except OSError as exc:
-                    raise storage_error(exc, "spool read") from exc
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > size:
-                    break
-                crc = zlib.crc32(chunk, crc)
-                yield chunk
-            if total != size or crc != checksum:
-                await self._corrupt(queue_id, "spool file does not match its checksum")
-        finally:
-            os.close(fd)
+        async for chunk in read_spool_file(self.spool_dir / name, prepend, size, checksum,
+                                           functools.partial(self._corrupt, queue_id)):
+            yield chunk
 
     async def _corrupt(self, queue_id: str, reason: str) -> NoReturn:
         """Quarantine the message and raise :class:`MessageCorrupt`."""
@@ -636,12 +617,3 @@ class SqliteQueueStore:
     async def list(self, limit: int = 1000) -> list[QueuedMessage]:
         """Every message (with all its recipients), oldest first."""
         return await self._select("ORDER BY received_at, queue_id LIMIT ?", (limit,))
-
-
-def _open_for_read(path: Path) -> tuple[int, int]:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return fd, os.fstat(fd).st_size
-    except OSError:
-        os.close(fd)
-        raise

@@ -30,9 +30,9 @@ from postwarden import cli_dns, cli_quarantine
 from postwarden import config as _config
 from postwarden.cli_access import KINDS as ACCESS_KINDS
 from postwarden.dkim_keys import KeyStore
+from postwarden.storage.factory import open_quarantine
 from postwarden.storage.sqlite_access import AccessStore
 from postwarden.storage.sqlite_protect import ProtectError
-from postwarden.storage.sqlite_quarantine import SqliteQuarantine
 from postwarden.web.store import Session
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class OperationsPages:
 
     async def quarantine(self, request: Request, session: Session) -> Response:
         def read() -> list[Any]:
-            with SqliteQuarantine(self.cfg.db_path) as q:
+            with open_quarantine(self.cfg) as q:
                 q.expire(self.cfg.filters.quarantine_retention)
                 return q.list(limit=500)
 
@@ -85,7 +85,7 @@ class OperationsPages:
         form: FormData = request.state.form
         held_id = str(form.get("id", ""))
         release = request.url.path.endswith("/release")
-        with SqliteQuarantine(self.cfg.db_path) as q:
+        with open_quarantine(self.cfg) as q:
             try:
                 if release:
                     queue_id = await cli_quarantine.release(self.cfg, q, self.server.store,
