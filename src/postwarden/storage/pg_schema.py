@@ -21,6 +21,8 @@ Version history:
    ``dir_app_passwords`` (the columns of SQLite's directory tables) and
    ``dir_version``, bumped by every change (nodes reload on a new version;
    see :mod:`postwarden.storage.pg_directory`).
+4. ``events_message_id``: the history by Message-ID (feedback reports are
+   matched to the mail they report by it, :mod:`postwarden.web.complaints`).
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -32,7 +34,7 @@ from typing import Any
 
 from postwarden.storage.base import StorageError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -177,8 +179,12 @@ CREATE TABLE dir_version (version BIGINT NOT NULL);
 INSERT INTO dir_version (version) VALUES (0)
 """
 
+_V4 = """
+CREATE INDEX events_message_id ON events(message_id) WHERE message_id <> ''
+"""
+
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4}
 
 
 def _statements(script: str) -> list[str]:
