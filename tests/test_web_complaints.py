@@ -190,3 +190,28 @@ def test_forged_and_malformed_reports_change_nothing(
     time.sleep(1.5)  # the webhook sender looks at its outbox every second
     assert receiver.requests == []
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("detail", "ours"), [
+    ("listener=submission client=127.0.0.1 helo=[127.0.0.1] tls=TLSv1.3/TLS_AES_256_GCM_SHA384"
+     " user=alice@example.test session=a95955f93c", True),
+    ("listener=http-api client=127.0.0.1 helo=http-api tls=no user=alice@example.test "
+     "session=1", True),
+    # Mail that came in, whatever its client put in the values after the prefix.
+    ("listener=mx client=127.0.0.1 helo=[127.0.0.1] tls=no spf=none dkim=None "
+     "filters=rules:accept(1) session=ec6dbf84b9", False),
+    ("listener=mx client=127.0.0.1 helo=x\tuser=alice@example.test tls=no session=1", False),
+    ("listener=mx client=127.0.0.1 helo=x tls=no dkim=d user=alice@example.test session=1",
+     False),
+])
+def test_only_mail_an_account_sent_is_ours(detail: str, ours: bool) -> None:
+    from postwarden.storage.base import DeliveryEvent
+    from postwarden.web.complaints import sent_message
+
+    events = [DeliveryEvent(1.0, "Q", "queued", rcpt=CAROL, sender=ALICE,
+                            message_id="<m@x>", detail=detail)]
+    sent = sent_message("Q", events, "<m@x>")
+    assert (sent is not None) == ours
+    if sent is not None:
+        assert sent.account == ALICE and sent.recipients == (CAROL,)
+        assert sent_message("Q", events, "<other@x>") is None

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from postwarden.message import feedback
+from postwarden.observe import trace
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import DeliveryEvent, QueueStore
 from postwarden.web.store import SqliteAdminStore
@@ -59,7 +59,6 @@ log = get_logger("feedback")
 
 # Reports examined at once per process; more are logged and skipped.
 CONCURRENT_MAX = 20
-_USER = re.compile(r"(?:^| )user=(\S+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +80,12 @@ def sent_message(queue_id: str, events: list[DeliveryEvent], message_id: str) ->
     if not queued:
         return None
     first = queued[0]
-    user = _USER.search(first.detail)
-    if user is None:
+    user = trace.user_of(first.detail)
+    if not user:
         return None  # mail that came in, not mail we sent
     if message_id and first.message_id and first.message_id != message_id:
         return None
-    return Sent(queue_id, user.group(1), first.sender, first.message_id,
+    return Sent(queue_id, user, first.sender, first.message_id,
                 tuple(e.rcpt for e in queued if e.rcpt))
 
 
