@@ -119,7 +119,7 @@ async def queue_message(ctx: Any, conn: ConnectionInfo, listener: ListenerConfig
             return Queued(R.TEMP_FAILURE)
     # A feedback report (RFC 5965) reaching our domains is examined after
     # its commit (postwarden.web.complaints); read it while it is at hand.
-    report = await written(p.body) if (
+    report = (await written(p.body))[:feedback.REPORT_MAX] if (
         ctx.complaints is not None and listener.mode == MODE_MX and not conn.auth_user
         and feedback.is_report(p.original_head)) else None
     meta = CommitMeta(client_ip=conn.peer_ip, helo=conn.helo,
