@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from tests.test_web_admin import (
     browser,
     login,
     page,
+    screenshot,
     web,
 )
 from tests.test_web_api import call, new_key
@@ -47,7 +49,8 @@ def flash(page: Any, kind: str) -> str:
     return str(page.locator(f".flash.{kind}").inner_text())
 
 
-def test_admin_accounts_page(web: ServerThread, page: Any, other_page: Any) -> None:
+def test_admin_accounts_page(web: ServerThread, page: Any, other_page: Any,
+                             tmp_path: Path) -> None:
     login(page, web)
     page.goto(base(web) + "/admins")
     assert "root (you)" in page.locator("#admin-root").inner_text()
@@ -65,6 +68,7 @@ def test_admin_accounts_page(web: ServerThread, page: Any, other_page: Any) -> N
     page.reload()
     assert page.locator(".flash.secret").count() == 0
     assert page.locator("#admin-ops .role").inner_text() == "read-only"
+    screenshot(page, "admins", tmp_path)
 
     # ops logs in elsewhere: sees the list, no form; a post is refused.
     login(other_page, web, "ops", generated)
