@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,9 @@ def test_retries_back_off_doubling_until_delivered_or_given_up(
         def flush_at(t: float) -> int:
             now[0] = 1_000_000.0 + t
             before = len(receiver.requests)
-            asyncio.run(sender.flush())
+            # (In a thread: Playwright's loop may be running in this one.)
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, sender.flush()).result(30)
             return len(receiver.requests) - before
 
         receiver.statuses = [500, 503]
