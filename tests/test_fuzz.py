@@ -26,6 +26,7 @@ from tests.test_protocol import Driver
 
 from postwarden.delivery.smtp_stream import PeerClosed, PeerProtocolError, PeerTimeout, read_reply
 from postwarden.filter import mime
+from postwarden.message import feedback
 from postwarden.smtp import proxy, sasl
 from postwarden.smtp.address import PathError, parse_mail_params, parse_path, parse_rcpt_params
 
@@ -102,9 +103,19 @@ def fuzz_reply(data: bytes) -> None:
     asyncio.run(go())
 
 
+def fuzz_feedback(data: bytes) -> None:
+    """Feedback reports (ARF): a report with bounded fields, or None."""
+    feedback.is_report(data)
+    report = feedback.parse(data)
+    if report is not None:
+        assert report.feedback_type and len(report.feedback_type) < 33
+        assert len(report.queue_ids) < 6 and len(report.recipient) <= feedback.VALUE_MAX
+        assert all(a.isprintable() for a in (report.recipient, report.message_id))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "smtp": fuzz_smtp, "sasl": fuzz_sasl, "address": fuzz_address, "proxy": fuzz_proxy,
-    "mime": fuzz_mime, "dsn": fuzz_dsn, "reply": fuzz_reply,
+    "mime": fuzz_mime, "dsn": fuzz_dsn, "reply": fuzz_reply, "feedback": fuzz_feedback,
 }
 
 

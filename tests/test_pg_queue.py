@@ -152,7 +152,7 @@ def test_a_schema_of_version_3_is_migrated_and_keeps_its_queue(tmp_path: Path,
                 "body, body_size, checksum) VALUES ('OLDMESSAGE234567', '', '{}', 1, 5, '', "
                 "$1, 5, 0)", b"old\r\n")
             assert await schema_mod.prepare(conn, pg_schema) == 3
-            assert await conn.fetchval("SELECT version FROM pw_schema") == 5
+            assert await conn.fetchval("SELECT version FROM pw_schema") == schema_mod.SCHEMA_VERSION
             assert await conn.fetchval("SELECT spool_name FROM messages") == ""
             assert await conn.fetchval("SELECT count(*) FROM quarantine") == 0
             assert await conn.fetchval("SELECT version FROM dkim_version") == 0

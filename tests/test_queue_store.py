@@ -28,7 +28,13 @@ import pytest
 from tests.conftest import PG_DSN
 
 from postwarden.envelope import Address, Envelope, MailParams, RcptParams, Recipient
-from postwarden.storage.base import CommitMeta, RcptStatus, RecipientResult, StorageError
+from postwarden.storage.base import (
+    CommitMeta,
+    DeliveryEvent,
+    RcptStatus,
+    RecipientResult,
+    StorageError,
+)
 from postwarden.storage.pg_queue import PgQueueStore
 from postwarden.storage.settings import StorageSettings
 from postwarden.storage.sqlite_queue import MessageCorrupt, SqliteQueueStore
@@ -433,6 +439,32 @@ def test_due_record_results_and_removal(tmp_path: Path, backend: Backend) -> Non
             RecipientResult(b.id, RcptStatus.DELIVERED, "2.0.0 delivered to maildir")])
         assert await store.get(queue_id) is None
         assert spool_files(tmp_path) == []
+        await store.close()
+
+    run(main)
+
+
+def test_a_delivered_message_is_found_by_message_id_and_its_history_grows(
+        tmp_path: Path, backend: Backend) -> None:
+    async def main() -> None:
+        store = await backend.open(tmp_path)
+        body = store.new_body()
+        body.write(b"Subject: x\r\n\r\nx\r\n")
+        queue_id = await store.commit(body, envelope("b@example.test"),
+                                      PREPEND, CommitMeta(message_id="<m.1@example.test>",
+                                                          detail="user=a@example.test"))
+        [msg] = await store.due(100.0, 10)
+        await store.record_results(queue_id, [
+            RecipientResult(msg.recipients[0].id, RcptStatus.DELIVERED, "2.0.0 ok")])
+        assert await store.get(queue_id) is None
+        assert await store.find_message_id("<m.1@example.test>") == [queue_id]
+        assert await store.find_message_id("<other@example.test>") == []
+        # A line added after the message is gone (a complaint, days later).
+        await store.add_events([DeliveryEvent(200.0, queue_id, "complained",
+                                              rcpt="b@example.test", detail="abuse")])
+        events = await store.history(queue_id)
+        assert [e.event for e in events][-1] == "complained"
+        assert events[-1].rcpt == "b@example.test" and events[-1].detail == "abuse"
         await store.close()
 
     run(main)

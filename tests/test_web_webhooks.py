@@ -1,10 +1,11 @@
 """Delivery webhooks against a real HTTPS endpoint on loopback: an account's
 delivered and deferred mail is reported as signed JSON (HMAC-SHA256), set
 through the API and the web admin's accounts page, and a failing endpoint
-is retried with backoff."""
+is retried with backoff, doubling, until delivered or given up."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -13,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from tests.test_web_admin import add_admin, base, browser, login, page
 from tests.test_web_api import call, new_key
 
 from postwarden.web.store import SqliteAdminStore
+from postwarden.web.webhooks import MAX_ATTEMPTS, RETRY_FIRST, RETRY_MAX, WebhookSender
 
 __all__ = ["browser", "page"]  # fixtures
 ALICE = f"alice@{DOMAIN}"
@@ -145,3 +148,53 @@ def test_failing_endpoint_is_retried_with_backoff(hooked: ServerThread, receiver
         assert store.outbox_due(now + 5, 10) == []
         ((_, url, _, payload, attempts),) = store.outbox_due(now + 3600, 10)
         assert url == receiver.url and attempts == 1 and json.loads(payload)["recipient"] == BOB
+
+
+def test_retries_back_off_doubling_until_delivered_or_given_up(
+        tmp_path: Path, receiver: Receiver, ca_file: Path) -> None:
+    """The sender's schedule against the real endpoint, on a clock of its
+    own: 30 s after the first failure, 60 s after the second, ... and
+    dropped after MAX_ATTEMPTS."""
+    now = [1_000_000.0]
+    with SqliteAdminStore(tmp_path / "p.db", clock=lambda: now[0]) as store:
+        store.set_webhook(ALICE, receiver.url, "whsec_x")
+        sender = WebhookSender(store, ca_file, clock=lambda: now[0])
+
+        def flush_at(t: float) -> int:
+            now[0] = 1_000_000.0 + t
+            before = len(receiver.requests)
+            # (In a thread: Playwright's loop may be running in this one.)
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, sender.flush()).result(30)
+            return len(receiver.requests) - before
+
+        receiver.statuses = [500, 503]
+        store.outbox_add([(ALICE, json.dumps({"event": "delivered", "n": 1}))])
+        assert flush_at(0) == 1  # fails
+        assert flush_at(RETRY_FIRST - 1) == 0
+        assert flush_at(RETRY_FIRST) == 1  # fails again
+        assert flush_at(RETRY_FIRST * 3 - 1) == 0
+        assert flush_at(RETRY_FIRST * 3) == 1  # delivered
+        assert store.outbox_due(now[0] + RETRY_MAX * 2, 10) == []
+        assert [json.loads(b) for _, b in receiver.requests] == [{"event": "delivered",
+                                                                  "n": 1}] * 3
+
+        # An endpoint that always fails: the waits double up to RETRY_MAX,
+        # and the event is dropped after MAX_ATTEMPTS.
+        receiver.statuses = [500] * MAX_ATTEMPTS
+        store.outbox_add([(ALICE, json.dumps({"event": "deferred", "n": 2}))])
+        t, waits = RETRY_FIRST * 10, []
+        for attempt in range(MAX_ATTEMPTS):
+            assert flush_at(t) == 1
+            due = store.outbox_due(now[0] + 2 * RETRY_MAX, 10)
+            if attempt == MAX_ATTEMPTS - 1:
+                assert due == []
+                break
+            ((_, _, _, _, attempts),) = due
+            assert attempts == attempt + 1
+            wait = (store._query("SELECT next_try FROM webadmin_webhook_outbox")[0][0]
+                    - now[0])
+            waits.append(wait)
+            t += float(wait)  # type: ignore[arg-type]
+        assert waits[:4] == [30.0, 60.0, 120.0, 240.0] and waits[-1] == RETRY_MAX
+        assert receiver.statuses == []

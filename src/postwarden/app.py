@@ -208,6 +208,11 @@ class Server:
         ctx.filters = filter_service(cfg, self.store, self.quarantine, listed)
         if ctx.filters is not None:
             ctx.filters.on_verdict = metrics.filter_verdict
+        if cfg.admin.enabled and cfg.admin.web:
+            # Feedback reports become complaints on the accounts' webhooks.
+            from postwarden.web.complaints import Complaints
+
+            ctx.complaints = Complaints(self.store, cfg.db_path, metrics)
         self.context = ctx
         if cfg.checks.verify:
             # DMARC's organisational domains: read the Public Suffix List now,
@@ -345,6 +350,9 @@ class Server:
         if self.runner is not None:
             await self.runner.stop(self.config.queue.shutdown_timeout)
             self.runner = None
+        if hasattr(self, "context") and self.context.complaints is not None:
+            await self.context.complaints.close()
+            self.context.complaints = None
         if self.directory_replica is not None:
             await self.directory_replica.stop()
             self.directory_replica = None

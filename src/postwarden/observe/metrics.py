@@ -184,6 +184,10 @@ class Metrics:
         self.alerts_sent = Counter("postwarden_alert_notifications",
                                    "Alert notifications sent (firing or resolved)",
                                    ["channel", "state"], registry=reg)
+        self.feedback_reports = Counter(
+            "postwarden_feedback_reports", "Feedback reports (ARF) received, by result "
+            "(matched: about mail this server sent; unmatched; malformed)", ["result"],
+            registry=reg)
         self._listeners: dict[str, ListenerMetrics] = {}
         self._deliveries: dict[tuple[str, str], Any] = {}
         self._delivery_seconds: dict[str, Any] = {}
@@ -219,6 +223,10 @@ class Metrics:
         if child is None:
             child = self._residence[result] = self.residence.labels(result)
         child.observe(max(0.0, seconds))
+
+    def feedback(self, result: str) -> None:
+        """A feedback report examined: matched, unmatched or malformed."""
+        self.feedback_reports.labels(result).inc()
 
     def dns_lookup(self, rdtype: str, outcome: str, seconds: float) -> None:
         """Called by the resolver after each lookup it sent."""
@@ -289,6 +297,9 @@ class NullMetrics:
 
     def listener(self, name: str) -> ListenerMetrics:
         return NULL_LISTENER
+
+    def feedback(self, result: str) -> None:
+        pass
 
 
 NULL_METRICS: Any = NullMetrics()

@@ -63,6 +63,19 @@ def received_detail(conn: ConnectionInfo, auth_log: Mapping[str, object]) -> str
     return " ".join(parts)
 
 
+# received_detail's own prefix, up to the authenticated user: anchored, so
+# that a value from the client further on (a checker's verdict, a HELO
+# name with a tab) cannot pass for it.
+_DETAIL_USER = re.compile(r"listener=\S+ client=\S* (?:helo=\S+ )?tls=\S+ user=(\S+) ")
+
+
+def user_of(detail: str) -> str:
+    """The authenticated user a ``queued`` event's detail names ("" for
+    mail that came in unauthenticated)."""
+    m = _DETAIL_USER.match(detail)
+    return m.group(1) if m is not None else ""
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     """What ``postwarden trace`` looks for; empty fields match anything."""

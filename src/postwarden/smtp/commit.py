@@ -9,6 +9,8 @@ give: 250 with the queue id only once the message is durable.
 Security exposure: the content is the client's; filters run before
 signing, so that nothing they reject is signed, and a message that cannot
 be signed is not queued unsigned (receivers would reject it by DMARC).
+A feedback report arriving from outside is handed, once committed, to
+:mod:`postwarden.web.complaints`; nothing it says changes the reply.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from postwarden import reply as R
-from postwarden.config import ListenerConfig
+from postwarden.config import MODE_MX, ListenerConfig
 from postwarden.envelope import ConnectionInfo, Envelope, Recipient
 from postwarden.ids import new_queue_id
 from postwarden.limits import INLINE_BODY_MAX
-from postwarden.message import cleanup
+from postwarden.message import cleanup, feedback
 from postwarden.message.dkim_sign import DkimSignError, from_domain, sign_message_async
 from postwarden.observe import trace
 from postwarden.observe.log import get_logger
@@ -115,6 +117,11 @@ async def queue_message(ctx: Any, conn: ConnectionInfo, listener: ListenerConfig
             p.body.abort()
             log.error("dkim_sign_failed", session=sid, error=str(exc))
             return Queued(R.TEMP_FAILURE)
+    # A feedback report (RFC 5965) reaching our domains is examined after
+    # its commit (postwarden.web.complaints); read it while it is at hand.
+    report = (await written(p.body))[:feedback.REPORT_MAX] if (
+        ctx.complaints is not None and listener.mode == MODE_MX and not conn.auth_user
+        and feedback.is_report(p.original_head)) else None
     meta = CommitMeta(client_ip=conn.peer_ip, helo=conn.helo,
                       auth_user=conn.auth_user, listener=listener.name,
                       session_id=sid, queue_id=queue_id,
@@ -127,6 +134,8 @@ async def queue_message(ctx: Any, conn: ConnectionInfo, listener: ListenerConfig
         log.error("commit_failed", session=sid, error=f"{type(exc).__name__}: {exc}",
                   code=reply.code)
         return Queued(reply)
+    if report is not None:
+        ctx.complaints.received(queue_id, report)
     m.accepted.inc()
     m.recipients.inc(len(envelope.recipients))
     m.bytes.inc(p.size)

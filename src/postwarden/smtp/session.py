@@ -79,6 +79,7 @@ class ServerContext:
     shutting_down: bool = False
     stats: dict[str, int] = field(default_factory=dict)
     metrics: Any = NULL_METRICS  # postwarden.observe.metrics.Metrics
+    complaints: Any = None  # postwarden.web.complaints.Complaints (feedback reports)
 
 
 class _Transaction:

@@ -181,6 +181,14 @@ class QueueStore(Protocol):
     async def history(self, queue_id: str) -> builtins.list[DeliveryEvent]:
         """The message's events, oldest first (also after its removal)."""
 
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> None:
+        """Add lines to messages' histories, whether or not they are still
+        queued (a complaint about a message delivered long ago)."""
+
+    async def find_message_id(self, message_id: str,
+                              limit: int = 10) -> builtins.list[str]:
+        """The queue ids of the messages queued with this Message-ID, newest first."""
+
     async def close(self) -> None: ...
 
 

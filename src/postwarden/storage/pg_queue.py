@@ -782,6 +782,24 @@ class PgQueueStore:
                 f"SELECT {EVENT_COLS} FROM events WHERE queue_id = $1 ORDER BY id", queue_id)
         return [event_from_row(tuple(r)) for r in rows]
 
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> None:
+        """Add lines to messages' histories, queued or not (a complaint)."""
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                await _insert_events(conn, events)
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"queue write failed: {_describe(exc)}") from exc
+
+    async def find_message_id(self, message_id: str, limit: int = 10) -> list[str]:
+        """The queue ids of the messages queued with this Message-ID,
+        newest first (by the ``events_message_id`` index)."""
+        async with self._acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT queue_id FROM events WHERE message_id = $1 AND message_id <> '' "
+                "AND event = 'queued' GROUP BY queue_id ORDER BY max(id) DESC LIMIT $2",
+                message_id, limit)
+        return [str(r[0]) for r in rows]
+
     # -- reading ------------------------------------------------------------
 
     async def _load(self, conn: asyncpg.Connection, ids: list[str],

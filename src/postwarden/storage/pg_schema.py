@@ -28,6 +28,8 @@ Version history:
    :mod:`postwarden.storage.pg_dkim`), and ``messages.spool_name``: the
    body's file in a shared spool directory (``[storage] spool_dir``),
    empty when the body is in the row.
+6. ``events_message_id``: the history by Message-ID (feedback reports are
+   matched to the mail they report by it, :mod:`postwarden.web.complaints`).
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -227,8 +229,12 @@ INSERT INTO dkim_version (version) VALUES (0);
 ALTER TABLE messages ADD COLUMN spool_name TEXT NOT NULL DEFAULT ''
 """
 
+_V6 = """
+CREATE INDEX events_message_id ON events(message_id) WHERE message_id <> ''
+"""
+
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6}
 
 
 def _statements(script: str) -> list[str]:

@@ -462,6 +462,24 @@ class SqliteQueueStore:
             raise storage_error(exc, "queue read") from exc
         return [event_from_row(r) for r in rows]
 
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> None:
+        """Add lines to messages' histories (a complaint about a message
+        long delivered), whether or not the messages are still queued."""
+        events = list(events)
+        await self._submit(lambda conn: insert_events(conn, events))
+
+    async def find_message_id(self, message_id: str, limit: int = 10) -> list[str]:
+        """The queue ids of the messages queued with this Message-ID
+        (``<...>``), newest first (by the ``events_message_id`` index)."""
+        try:
+            rows = self._read().execute(
+                "SELECT queue_id FROM events WHERE message_id = ? AND message_id <> '' "
+                "AND event = 'queued' GROUP BY queue_id ORDER BY max(id) DESC LIMIT ?",
+                (message_id, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "queue read") from exc
+        return [str(r[0]) for r in rows]
+
     async def _mark_corrupt(self, queue_id: str, reason: str) -> bool:
         """Quarantine the message; False if it no longer exists (deleted)."""
         now = self._clock()

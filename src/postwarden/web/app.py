@@ -11,6 +11,7 @@ Routes (all under the ``[admin]`` listener, beside ``/metrics``):
 * ``GET /domains``, ``POST /domains/{add,del}``;
 * ``GET /aliases``, ``POST /aliases/{add,del}``;
 * ``GET /keys``, ``POST /keys/{add,revoke}``: API keys;
+* ``/admins``: admin accounts (:mod:`postwarden.web.admins`);
 * ``/api/v1/...``: the JSON API (:mod:`postwarden.web.api`).
 
 The pages call the same store methods as the command line
@@ -360,7 +361,9 @@ class WebAdmin:
         self.flash(session, "ok", f"Removed the webhook of {address}.")
         return self.back(request, "/accounts")
 
-    def _password(self, form: FormData) -> tuple[str, bool]:
+    def password_of(self, form: FormData) -> tuple[str, bool]:
+        """The password a form gives (checked against the policy), or a
+        generated one: (password, generated)."""
         given = str(form.get("password", ""))
         if given:
             password_policy.check_password(given, self.cfg.passwords)
@@ -390,7 +393,7 @@ class WebAdmin:
         address = str(form.get("address", "")).strip()
         named = address.lower() if lower else address
         try:
-            password, generated = self._password(form)
+            password, generated = self.password_of(form)
         except password_policy.PasswordRejected as exc:
             self.flash(session, "error", str(exc))
             return self.back(request, "/accounts")
@@ -561,6 +564,7 @@ class WebAdmin:
 def build_routes(server: Any) -> tuple[list[BaseRoute], list[Callable[[], Awaitable[None]]]]:
     """The web admin's routes on ``server``'s stores, and what to call when
     the listener stops (the webhook sender, the admin store)."""
+    from postwarden.web.admins import AdminsApi, AdminsPages
     from postwarden.web.api import ApiV1
     from postwarden.web.operations import OperationsPages
     from postwarden.web.send import SendApi
@@ -581,4 +585,5 @@ def build_routes(server: Any) -> tuple[list[BaseRoute], list[Callable[[], Awaita
         store.close()
 
     on_stop.append(close)
-    return api.routes([send]) + web.routes() + OperationsPages(web).routes(), on_stop
+    return (api.routes([send, *AdminsApi(api).routes()]) + web.routes()
+            + OperationsPages(web).routes() + AdminsPages(web).routes(), on_stop)

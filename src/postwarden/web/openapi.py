@@ -60,6 +60,10 @@ def document() -> dict[str, Any]:
         "account": {"type": "string"}, "label": {"type": "string"},
         "created": {"type": "number"}, "created_by": {"type": "string"},
         "last_used": {"type": ["number", "null"]}, "key": {"type": "string"}}}
+    roles = ["admin", "read-only"]
+    admin = {"type": "object", "required": ["name", "role"], "properties": {
+        "name": {"type": "string"}, "role": {"enum": roles}, "created": {"type": "number"},
+        "password": {"type": "string"}}}
     address = {"type": "string", "minLength": 1, "maxLength": 254}
     send_body = {
         "type": "object",
@@ -178,6 +182,34 @@ def document() -> dict[str, Any]:
                 "summary": "Revoke an API key (admin)",
                 "parameters": [_path_param("key_id")],
                 "responses": _responses(200, _DELETED, 422)}},
+            "/api/v1/admins": {
+                "get": {"summary": "Admin accounts of the web admin (admin)",
+                        "responses": _responses(200, {"type": "object", "properties": {
+                            "admins": {"type": "array", "items": admin}}})},
+                "post": {"summary": "Create an admin account (admin); a generated "
+                                    "password is returned once",
+                         "requestBody": _body({"type": "object", "required": ["name"],
+                                               "properties": {
+                             "name": {"type": "string"}, "role": {"enum": roles},
+                             "password": {"type": "string"}}}),
+                         "responses": _responses(201, admin, 400, 413, 422)}},
+            "/api/v1/admins/{name}": {"delete": {
+                "summary": "Delete an admin account (admin; never the last admin)",
+                "parameters": [_path_param("name")],
+                "responses": _responses(200, _DELETED, 422)}},
+            "/api/v1/admins/{name}/role": {"post": {
+                "summary": "Set an admin account's role (admin; the last admin stays admin)",
+                "parameters": [_path_param("name")],
+                "requestBody": _body({"type": "object", "required": ["role"],
+                                      "properties": {"role": {"enum": roles}}}),
+                "responses": _responses(200, admin, 400, 413, 422)}},
+            "/api/v1/admins/{name}/password": {"post": {
+                "summary": "Set an admin account's password, given or generated (returned "
+                           "once); its sessions end (admin)",
+                "parameters": [_path_param("name")],
+                "requestBody": _body({"type": "object",
+                                      "properties": {"password": {"type": "string"}}}),
+                "responses": _responses(200, _OBJ, 400, 413, 422)}},
             "/api/v1/trace": {"get": {
                 "summary": "Find messages and their history, as postwarden trace (read)",
                 "parameters": [

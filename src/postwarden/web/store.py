@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,6 +152,18 @@ def check_role(role: str) -> str:
     return role
 
 
+def _not_the_last_admin(db: sqlite3.Connection, name: str, what: str) -> None:
+    """Refuse a change that would leave no account of role ``admin``."""
+    row = db.execute("SELECT role FROM webadmin_users WHERE name = ?", (name,)).fetchone()
+    if row is None or row[0] != "admin":
+        return
+    others = db.execute("SELECT count(*) FROM webadmin_users WHERE role = 'admin' "
+                        "AND name <> ?", (name,)).fetchone()[0]
+    if not others:
+        raise AdminError(f"{name} is the last admin: cannot {what} it (make another "
+                         "admin first)")
+
+
 class SqliteAdminStore(SharedTables):
     schema = _SCHEMA
     schema_table = "webadmin_schema"
@@ -181,16 +194,22 @@ class SqliteAdminStore(SharedTables):
             db.execute("DELETE FROM webadmin_sessions WHERE name = ?", (name,))
         return name
 
-    def set_role(self, name: str, role: str) -> str:
+    def set_role(self, name: str, role: str, *, keep_an_admin: bool = False) -> str:
+        """``keep_an_admin``: refuse to make the last ``admin`` read-only
+        (the web admin and the API; the command line can always repair)."""
         role = check_role(role)
         with self._write() as db:
+            if keep_an_admin and role != "admin":
+                _not_the_last_admin(db, name, "make read-only")
             if not db.execute("UPDATE webadmin_users SET role = ? WHERE name = ?",
                               (role, name)).rowcount:
                 raise AdminError(f"no admin {name}")
         return name
 
-    def delete(self, name: str) -> str:
+    def delete(self, name: str, *, keep_an_admin: bool = False) -> str:
         with self._write() as db:
+            if keep_an_admin:
+                _not_the_last_admin(db, name, "delete")
             if not db.execute("DELETE FROM webadmin_users WHERE name = ?", (name,)).rowcount:
                 raise AdminError(f"no admin {name}")
             db.execute("DELETE FROM webadmin_sessions WHERE name = ?", (name,))

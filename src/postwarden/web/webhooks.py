@@ -3,8 +3,9 @@ fate of the mail the account sent.
 
 Events (JSON): ``delivered``, ``deferred``, ``bounced`` (a recipient
 failed for good), each with the queue id, the recipient, the remote reply
-and the time.  ``complained`` is part of the format, for feedback reports,
-which postwarden does not process yet.  Each POST carries
+and the time; ``complained``, a feedback report about the account's mail
+(:mod:`postwarden.web.complaints` puts those in the outbox, from whichever
+process accepted the report).  Each POST carries
 ``X-Postwarden-Timestamp`` and ``X-Postwarden-Signature: sha256=HEX``, the
 HMAC-SHA256 of ``timestamp + "." + body`` with the webhook's secret (the
 same scheme as the alert webhook, :func:`postwarden.observe.alerts.sign`).
