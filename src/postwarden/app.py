@@ -60,9 +60,8 @@ from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
-from postwarden.storage.factory import queue_store
+from postwarden.storage.factory import monitor_store, queue_store
 from postwarden.storage.sqlite_directory import SqliteDirectory
-from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import SqliteQuarantine
 from postwarden.workers import (
@@ -77,7 +76,7 @@ from postwarden.workers import (
 if TYPE_CHECKING:
     from postwarden.policy.bans import ProtectStore
     from postwarden.policy.greylist import GreylistStore
-    from postwarden.storage.factory import AnyQueueStore
+    from postwarden.storage.factory import AnyMonitorStore, AnyQueueStore
 
 log = get_logger("app")
 
@@ -111,7 +110,7 @@ class Server:
         self.http: Any = None  # postwarden.onboard.web.HttpService when [http] enabled
         self.admin: Any = None  # the same for [admin] (postwarden.observe.admin)
         self.metrics: Any = metrics_mod.NULL_METRICS
-        self.monitor: SqliteMonitorStore | None = None
+        self.monitor: AnyMonitorStore | None = None
         self.alerts: alerts_mod.AlertEngine | None = None
         self._stopped = asyncio.Event()
 
@@ -157,7 +156,7 @@ class Server:
 
             assert isinstance(self.store, PgQueueStore)
             metrics.collectors.append(metrics_mod.StateCollector(
-                functools.partial(node_gauges, self.store, cfg.db_path)))
+                functools.partial(node_gauges, self.store, self._monitor_state)))
         resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
                             cache=DNS_CACHE_ENTRIES)
         resolver.observe = metrics.dns_lookup
@@ -185,8 +184,9 @@ class Server:
         bans.install(policy, self.protect, cfg.bans)
         ratelimit.install(policy, self.protect, cfg.ratelimit)
         # Accounts suspended by the spike detector or the administrator
-        # (first MAIL check, before the rate limits).
-        self.monitor = SqliteMonitorStore(cfg.db_path)
+        # (first MAIL check, before the rate limits); shared by the nodes on
+        # PostgreSQL.
+        self.monitor = await asyncio.to_thread(monitor_store, cfg)
         alerts_mod.install_suspension(policy, self.monitor)
         # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
         listed = dnsbl.install(policy, cfg.dnsbl, resolver)
@@ -258,6 +258,15 @@ class Server:
         log.info("ready", version=__version__, hostname=cfg.hostname, pid=os.getpid(),
                  worker=self.worker.slot if self.worker is not None else None,
                  listeners={lst.config.name: lst.port for lst in self.listeners})
+
+    def _monitor_state(self) -> dict[str, Any]:
+        """The shared suspensions and alerts, counted (``/metrics`` on
+        PostgreSQL; called in a thread)."""
+        from postwarden.storage.pg_monitor import PgMonitorStore
+
+        if not isinstance(self.monitor, PgMonitorStore):  # not started, or stopping
+            return {"accounts_suspended": 0, "alerts_firing": {"warning": 0, "critical": 0}}
+        return self.monitor.state()
 
     async def _start_http(self) -> None:
         """The autoconfiguration / MTA-STS web listener (imported only when on)."""

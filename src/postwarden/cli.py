@@ -44,6 +44,7 @@ from postwarden.auth import password_policy, passwords
 from postwarden.observe import audit
 from postwarden.onboard import commands as onboard_commands
 from postwarden.onboard import interactive as onboard_interactive
+from postwarden.storage.base import StorageError
 from postwarden.storage.factory import open_directory
 from postwarden.storage.sqlite_directory import (
     MAX_APP_PASSWORDS,
@@ -51,6 +52,7 @@ from postwarden.storage.sqlite_directory import (
     SqliteDirectory,
     check_domain,
 )
+from postwarden.storage.sqlite_monitor import MonitorError
 from postwarden.web.store import AdminError
 
 PROG = "postwarden"
@@ -516,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
             cli_quarantine.QuarantineCommandError, sendtest.SendTestError,
             cli_observe.ObserveCommandError,
-            onboard_interactive.InitCancelled, AdminError) as exc:
+            onboard_interactive.InitCancelled, AdminError, MonitorError,
+            StorageError) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")
@@ -545,4 +548,4 @@ def _audit(args: argparse.Namespace, code: int) -> None:
         cfg = _load(args, check_files=False)
     except Exception:  # the command itself reported the problem
         return
-    audit.record_cli(cfg.db_path, args, code)
+    audit.record_cli(cfg, args, code)

@@ -2,6 +2,10 @@
 from the database (queue by state, delivery rates, bans, suspended
 accounts, alerts) for ``/metrics``, ``/readyz`` and ``postwarden status``.
 
+The figures are read through a :class:`~postwarden.storage.base.Reader`:
+the SQLite file, or the shared schema on PostgreSQL (same tables, same
+queries), so ``postwarden status`` on any node shows the shared queue.
+
 Security exposure: read-only queries of the shared database; one write
 probe (``BEGIN IMMEDIATE`` then ``ROLLBACK``: nothing is written) to prove
 that the database can be written.
@@ -16,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from postwarden.storage.base import Reader, is_sqlite
+
 Gauge = tuple[str, str, dict[tuple[str, ...], float], tuple[str, ...]]
 
 
@@ -25,12 +31,15 @@ def read_db(db_path: Path) -> sqlite3.Connection:
     return db
 
 
-def _table_exists(db: sqlite3.Connection, name: str) -> bool:
+def _table_exists(db: Reader, name: str) -> bool:
+    """(On PostgreSQL the schema has every table from the start.)"""
+    if not is_sqlite(db):
+        return True
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                       (name,)).fetchone() is not None
 
 
-def queue_state(db: sqlite3.Connection, now: float) -> dict[str, Any]:
+def queue_state(db: Reader, now: float) -> dict[str, Any]:
     """Messages by state, recipients by status, the oldest message's age."""
     messages = {"active": 0, "held": 0, "corrupt": 0}
     for state, held, count in db.execute(
@@ -47,7 +56,7 @@ def queue_state(db: sqlite3.Connection, now: float) -> dict[str, Any]:
             "oldest_seconds": round(now - oldest, 1) if oldest is not None else 0.0}
 
 
-def delivery_rates(db: sqlite3.Connection, since: float) -> dict[str, int]:
+def delivery_rates(db: Reader, since: float) -> dict[str, int]:
     """Since ``since``: messages received, and delivery attempts per
     recipient by result (from the trace)."""
     out = {"received": 0, "delivered": 0, "deferred": 0, "bounced": 0}
@@ -63,7 +72,7 @@ def delivery_rates(db: sqlite3.Connection, since: float) -> dict[str, int]:
     return out
 
 
-def protection_state(db: sqlite3.Connection, now: float) -> dict[str, Any]:
+def protection_state(db: Reader, now: float) -> dict[str, Any]:
     bans = suspended = 0
     alerts: dict[str, int] = {"warning": 0, "critical": 0}
     if _table_exists(db, "protect_bans"):

@@ -1,8 +1,11 @@
-"""Which queue store a process opens: the ``[storage] backend`` of the config.
+"""Which stores a process opens: the ``[storage] backend`` of the config.
 
-The composition root (:mod:`postwarden.app`) and the CLI commands ask here,
-so the choice is made in one place.  SQLite, the default, is opened exactly
-as before; PostgreSQL is imported only when configured.
+The composition root (:mod:`postwarden.app`), the CLI commands and the web
+admin ask here for the queue store, the directory, the monitoring store
+(alerts, suspensions, audit log) and a read connection for the figures
+(trace, status, alert rules), so the choice is made in one place.  SQLite,
+the default, is opened exactly as before; PostgreSQL is imported only when
+configured.
 
 Security exposure: none of its own.
 """
@@ -12,13 +15,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from postwarden.storage.sqlite_directory import SqliteDirectory
+from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from postwarden.config import Config
+    from postwarden.storage.pg_monitor import PgMonitorStore
     from postwarden.storage.pg_queue import PgQueueStore
+    from postwarden.storage.pg_sync import PgSession
 
     AnyQueueStore = SqliteQueueStore | PgQueueStore
+    AnyMonitorStore = SqliteMonitorStore | PgMonitorStore
 
 
 def queue_store(cfg: Config, *, node: bool = True) -> AnyQueueStore:
@@ -42,3 +51,35 @@ def open_directory(cfg: Config) -> SqliteDirectory:
 
         return DirectoryEdit(cfg.storage, cfg.domains)
     return SqliteDirectory(cfg.db_path, cfg.domains)
+
+
+def monitor_store(cfg: Config) -> AnyMonitorStore:
+    """The alerts, suspensions, baselines and audit log: the tables of
+    ``postwarden.db``, or the shared ones on PostgreSQL (every node sees
+    the same)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_monitor import PgMonitorStore
+
+        return PgMonitorStore(cfg.storage)
+    return SqliteMonitorStore(cfg.db_path)
+
+
+def has_state(cfg: Config) -> bool:
+    """Is there state to read (a CLI command before the first start finds
+    none on SQLite; the shared database is always there to ask)?"""
+    return cfg.storage.postgres or cfg.db_path.exists()
+
+
+def open_reader(cfg: Config) -> sqlite3.Connection | PgSession:
+    """A connection for reading the queue, the events and the counters
+    (``postwarden trace`` and ``status``, the alert rules, the web
+    admin's figures): the SQLite file read-only, or a session on the
+    shared schema.  Both take ``execute(sql, args)`` with ``?``
+    placeholders; the caller closes it."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_sync import PgSession
+
+        return PgSession(cfg.storage)
+    from postwarden.observe.health import read_db
+
+    return read_db(cfg.db_path)

@@ -21,6 +21,13 @@ Version history:
    ``dir_app_passwords`` (the columns of SQLite's directory tables) and
    ``dir_version``, bumped by every change (nodes reload on a new version;
    see :mod:`postwarden.storage.pg_directory`).
+4. Monitoring: ``monitor_alerts``, ``monitor_suspended``,
+   ``monitor_baselines`` and ``audit_log`` (the columns of SQLite's, see
+   :mod:`postwarden.storage.sqlite_monitor`), so that an alert is sent
+   once by whichever node fires it, a suspension holds on every node, and
+   ``postwarden audit`` on any node shows what was done through the
+   others; and the indexes ``postwarden trace`` searches the events by
+   (sender, recipient, Message-ID, the ``queued`` events by time).
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -32,7 +39,7 @@ from typing import Any
 
 from postwarden.storage.base import StorageError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -177,8 +184,48 @@ CREATE TABLE dir_version (version BIGINT NOT NULL);
 INSERT INTO dir_version (version) VALUES (0)
 """
 
+_V4 = """
+CREATE TABLE monitor_alerts (
+    key TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    since DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE monitor_suspended (
+    account TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since DOUBLE PRECISION NOT NULL,
+    by TEXT NOT NULL DEFAULT '',
+    lifted DOUBLE PRECISION
+);
+CREATE TABLE monitor_baselines (
+    account TEXT PRIMARY KEY,
+    per_window DOUBLE PRECISION NOT NULL,
+    last_window BIGINT NOT NULL,
+    windows INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE audit_log (
+    id BIGSERIAL PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    result TEXT NOT NULL DEFAULT 'ok'
+);
+CREATE INDEX audit_log_ts ON audit_log (ts);
+CREATE INDEX events_sender ON events (lower(sender), ts) WHERE sender <> '';
+CREATE INDEX events_rcpt ON events (lower(rcpt), ts) WHERE rcpt <> '';
+CREATE INDEX events_message_id ON events (message_id) WHERE message_id <> '';
+CREATE INDEX events_queued ON events (ts) WHERE event = 'queued'
+"""
+
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4}
 
 
 def _statements(script: str) -> list[str]:
