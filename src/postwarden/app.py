@@ -186,7 +186,8 @@ class Server:
         # Accounts suspended by the spike detector or the administrator
         # (first MAIL check, before the rate limits); shared by the nodes on
         # PostgreSQL.
-        self.monitor = await asyncio.to_thread(monitor_store, cfg)
+        self.monitor = await asyncio.to_thread(functools.partial(monitor_store, cfg,
+                                                                   server=True))
         alerts_mod.install_suspension(policy, self.monitor)
         # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
         listed = dnsbl.install(policy, cfg.dnsbl, resolver)

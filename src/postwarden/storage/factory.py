@@ -53,14 +53,15 @@ def open_directory(cfg: Config) -> SqliteDirectory:
     return SqliteDirectory(cfg.db_path, cfg.domains)
 
 
-def monitor_store(cfg: Config) -> AnyMonitorStore:
+def monitor_store(cfg: Config, *, server: bool = False) -> AnyMonitorStore:
     """The alerts, suspensions, baselines and audit log: the tables of
     ``postwarden.db``, or the shared ones on PostgreSQL (every node sees
-    the same)."""
+    the same).  ``server``: a serving process's, which keeps its cache of
+    suspended accounts fresh in the background."""
     if cfg.storage.postgres:
         from postwarden.storage.pg_monitor import PgMonitorStore
 
-        return PgMonitorStore(cfg.storage)
+        return PgMonitorStore(cfg.storage, watch=server)
     return SqliteMonitorStore(cfg.db_path)
 
 

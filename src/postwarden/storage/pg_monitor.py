@@ -12,11 +12,11 @@ nodes:
   nodes firing the same alert, one inserts the row and notifies, the other
   finds it;
 - a suspension written through one node (the spike detector, ``postwarden
-  suspend add``) is refused by every node: each reloads the suspended
-  accounts every :data:`~postwarden.storage.sqlite_monitor.
-  SUSPENDED_CACHE_SECONDS` in the background (the SMTP check reads the
-  cache and never waits for the database), and its own suspensions apply
-  at once;
+  suspend add``) is refused by every node: a server's store (``watch``)
+  reloads the suspended accounts every :data:`~postwarden.storage.
+  sqlite_monitor.SUSPENDED_CACHE_SECONDS` in the background (the SMTP
+  check reads the cache and never waits for the database), and its own
+  suspensions apply at once;
 - :meth:`PgMonitorStore.lead` tells whether this node evaluates the alert
   rules on shared state (queue, deliveries, account rates): the node that
   holds a session-level advisory lock, so exactly one node does, and
@@ -29,7 +29,6 @@ secret; every value is a bound parameter.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -56,20 +55,23 @@ _SUSPENDED = "SELECT account FROM monitor_suspended WHERE lifted IS NULL"
 class PgMonitorStore(MonitorTables):
     """The monitoring tables of the shared schema (see the module docstring)."""
 
-    def __init__(self, settings: StorageSettings, clock: Callable[[], float] = time.time
-                 ) -> None:
+    def __init__(self, settings: StorageSettings, clock: Callable[[], float] = time.time,
+                 *, watch: bool = False) -> None:
         self.clock = clock
         self.session = PgSession(settings, MonitorError)
         self.schema = settings.schema
         self._suspended = frozenset()
         self._suspended_at = -1e9
-        self._refreshing = threading.Lock()
         self._leader = -1  # the session generation holding the leader lock
+        self._watching = watch
         try:
             self.load_suspended()
         except BaseException:
             self.session.close()
             raise
+        if watch:
+            self.session.repeat(SUSPENDED_CACHE_SECONDS, _SUSPENDED, self._cache,
+                                self._reload_failed)
 
     def close(self) -> None:
         self.session.close()
@@ -97,23 +99,18 @@ class PgMonitorStore(MonitorTables):
         self._cache(self.session.execute(_SUSPENDED))
 
     def suspended(self, account: str) -> bool:
-        """Is ``account`` suspended?  From the cache, reloaded in the
-        background when older than a second (never waits for the database:
-        the SMTP server calls this on its event loop).  A failed reload
-        keeps the last known set and is tried again a second later."""
-        if self._suspended_at < 0:
+        """Is ``account`` suspended?  A server's store answers from the
+        cache its background reload keeps (never waiting for the database:
+        the SMTP check calls this on the event loop; when the database is
+        away, the last known set holds); a command's reads when the cache
+        is older than a second."""
+        if not self._watching and (
+                time.monotonic() - self._suspended_at > SUSPENDED_CACHE_SECONDS):
             self.load_suspended()
-        elif (time.monotonic() - self._suspended_at > SUSPENDED_CACHE_SECONDS
-              and self._refreshing.acquire(blocking=False)):
-            self._suspended_at = time.monotonic()  # one reload at a time
-            future = self.session.submit(_SUSPENDED, (), self._cache)
-            future.add_done_callback(self._reloaded)
         return account.lower() in self._suspended
 
-    def _reloaded(self, future: Any) -> None:
-        self._refreshing.release()
-        if future.exception() is not None:
-            log.error("suspended_reload_failed", error=str(future.exception()))
+    def _reload_failed(self, exc: Exception) -> None:
+        log.error("suspended_reload_failed", error=f"{type(exc).__name__}: {exc}")
 
     def suspend(self, account: str, reason: str, by: str = "", *,
                 unless_lifted_within: float = 0.0) -> bool:

@@ -15,7 +15,7 @@ piece of code reads either backend:
 * the asyncpg connection lives on an event loop in a thread of its own,
   so the calls work from any thread, from a thread of
   ``asyncio.to_thread`` and from the server's event loop alike;
-  :meth:`submit` starts a query without waiting for it.
+  :meth:`repeat` runs a query periodically in the background.
 
 One session is one connection, used by one caller at a time (a lock), as
 SQLite's shared connection is.  Queries fail with the ``error`` class the
@@ -32,7 +32,6 @@ import contextlib
 import functools
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Self, TypeVar
 
@@ -99,10 +98,11 @@ class PgSession:
         self._thread.start()
         self._conn: Any = None
         # asyncpg runs one operation at a time on a connection: statements
-        # (submitted or not) and whole transactions take turns.
+        # (repeated or not) and whole transactions take turns.
         self._busy = asyncio.Lock()
         self._in_transaction = False
         self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
         # How many times the session connected: session state (an advisory
         # lock) belongs to one generation.
         self.generation = 0
@@ -141,6 +141,8 @@ class PgSession:
             self._closed = True
             if self._loop.is_closed():
                 return
+            for task in self._tasks:
+                self._loop.call_soon_threadsafe(task.cancel)
             if conn is not None:
                 future = asyncio.run_coroutine_threadsafe(conn.close(timeout=5), self._loop)
                 try:
@@ -188,17 +190,22 @@ class PgSession:
                 return self._call(self._run(sql, args))
             return self._call(self._guarded(sql, args))
 
-    def submit(self, sql: str, args: Sequence[Any] = (),
-               done: Callable[[Cursor], None] | None = None) -> Future[Cursor]:
-        """Start one statement without waiting; ``done(cursor)`` runs on the
-        session's thread when it succeeded.  (Not inside a transaction:
-        the statement runs whenever the connection is free.)"""
-        async def run() -> Cursor:
-            cursor = await self._guarded(sql, args)
-            if done is not None:
-                done(cursor)
-            return cursor
-        return asyncio.run_coroutine_threadsafe(run(), self._loop)
+    def repeat(self, interval: float, sql: str, done: Callable[[Cursor], None],
+               failed: Callable[[Exception], None]) -> None:
+        """Run ``sql`` now and every ``interval`` seconds until the session
+        closes, on its own thread; ``done(cursor)`` after each success,
+        ``failed(error)`` after each failure (the next round tries again)."""
+        async def loop() -> None:
+            while True:
+                try:
+                    done(await self._guarded(sql, ()))
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    failed(exc)
+                await asyncio.sleep(interval)
+
+        def start() -> None:
+            self._tasks.add(self._loop.create_task(loop()))
+        self._loop.call_soon_threadsafe(start)
 
     @contextmanager
     def transaction(self) -> Iterator[Self]:
