@@ -182,3 +182,27 @@ def test_trace_and_status_read_the_configured_backend(cfg: config_mod.Config,
     assert status["queue"]["messages"]["active"] == 2
     assert status["queue"]["recipients"] == {"queued": 1, "deferred": 1}
     assert status["last_hour"] == {"received": 3, "delivered": 1, "deferred": 1, "bounced": 0}
+
+
+def test_the_spike_rule_reads_the_rate_counters_of_the_backend(cfg: config_mod.Config) -> None:
+    from postwarden.observe import alerts
+    from postwarden.storage.factory import open_reader
+    from postwarden.storage.sqlite_protect import SqliteProtectStore
+
+    if not cfg.storage.postgres:
+        SqliteProtectStore(cfg.db_path).close()  # (the server creates the counters)
+    window = cfg.ratelimit.window
+    now = time.time()
+    start = int(now // window) * window
+    with monitor_store(cfg) as monitor:
+        monitor.set_baseline("alice@example.test", 1.0)
+        with monitor._write() as db:  # what the rate limiter counted
+            db.execute("INSERT INTO protect_rates (key, window_start, count) VALUES (?, ?, ?)",
+                       ("msg:acct:alice@example.test", start, 500))
+        reader = open_reader(cfg)
+        try:
+            found = {f.key: f for f in alerts.spike_findings(cfg, reader, monitor, now)}
+        finally:
+            reader.close()
+    spike = found["account_spike:alice@example.test"]
+    assert spike.severity == "critical" and "usually 1.0" in spike.summary

@@ -178,15 +178,14 @@ def histories(db: Reader, queue_ids: Sequence[str]) -> list[Trace]:
     return out
 
 
-def search(cfg: Config, q: Query) -> list[Trace]:
+def search(cfg: Config, q: Query, monitor: object = None) -> list[Trace]:
     """The messages matching ``q`` with their histories, from the
-    configured backend (the SQLite file read-only, or the shared events)."""
-    from postwarden.storage.factory import has_state, open_reader
+    configured backend (the SQLite file read-only, or the shared events;
+    ``monitor``: a running server's monitoring store, whose connection is
+    used, see :func:`postwarden.storage.factory.reading`)."""
+    from postwarden.storage.factory import has_state, reading
 
     if not has_state(cfg):
         raise FileNotFoundError(2, "no database (has the server run yet?)", str(cfg.db_path))
-    db = open_reader(cfg)
-    try:
+    with reading(cfg, monitor) as db:
         return histories(db, find_ids(db, q))
-    finally:
-        db.close()

@@ -12,6 +12,8 @@ Security exposure: none of its own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from postwarden.storage.sqlite_directory import SqliteDirectory
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     import sqlite3
 
     from postwarden.config import Config
+    from postwarden.storage.base import Reader
     from postwarden.storage.pg_monitor import PgMonitorStore
     from postwarden.storage.pg_queue import PgQueueStore
     from postwarden.storage.pg_sync import PgSession
@@ -84,3 +87,22 @@ def open_reader(cfg: Config) -> sqlite3.Connection | PgSession:
     from postwarden.observe.health import read_db
 
     return read_db(cfg.db_path)
+
+
+@contextmanager
+def reading(cfg: Config, monitor: object = None) -> Iterator[Reader]:
+    """A :class:`~postwarden.storage.base.Reader` for one read: on
+    PostgreSQL the session of ``monitor`` when it is a running server's
+    monitoring store (shared, left open), else :func:`open_reader`'s
+    (closed afterwards)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_monitor import PgMonitorStore
+
+        if isinstance(monitor, PgMonitorStore):
+            yield monitor.session
+            return
+    db = open_reader(cfg)
+    try:
+        yield db
+    finally:
+        db.close()

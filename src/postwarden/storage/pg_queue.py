@@ -66,6 +66,7 @@ from postwarden.storage.base import (
 )
 from postwarden.storage.group_commit import StoreStats
 from postwarden.storage.pg_schema import PENDING, prepare
+from postwarden.storage.pg_sync import pg_sql
 from postwarden.storage.settings import StorageSettings
 from postwarden.storage.spool import SpoolBodyWriter, storage_error
 from postwarden.storage.sqlite_queue import MessageCorrupt
@@ -710,6 +711,20 @@ class PgQueueStore:
         msgs = [message_from_row(tuple(r), rcpts[r[0]]) for r in rows]
         msgs.sort(key=lambda m: order[m.queue_id])
         return msgs
+
+    async def page(self, where: str, args: Sequence[object], order: str, limit: int,
+                   offset: int) -> tuple[int, list[QueuedMessage]]:
+        """(how many messages match, one page of them) for
+        :func:`postwarden.storage.sqlite_queue_browse.browse`: its ``WHERE``
+        clause (``?`` placeholders, values in ``args``) and ``ORDER BY``."""
+        async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                             readonly=True):
+            total = await conn.fetchval(pg_sql(f"SELECT count(*) FROM messages {where}"),
+                                        *args)
+            ids = [r[0] for r in await conn.fetch(pg_sql(
+                f"SELECT queue_id FROM messages {where} ORDER BY {order} LIMIT ? OFFSET ?"),
+                *args, limit, offset)]
+            return int(total), await self._load(conn, ids)
 
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
         """Active, unheld messages with recipients due at ``now`` (only

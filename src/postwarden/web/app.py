@@ -205,8 +205,8 @@ class WebAdmin:
 
     async def dashboard(self, request: Request, session: Session) -> Response:
         def read() -> dashboard.Figures:
-            f = dashboard.figures(self.cfg.db_path, time.time())
             monitor = self.server.monitor
+            f = dashboard.figures(self.cfg, time.time(), monitor)
             f.alerts = list(monitor.firing().values()) if monitor is not None else []
             f.rejections = dashboard.rejections(self.server.metrics.exposition())
             return f
@@ -232,7 +232,8 @@ class WebAdmin:
                                 sender=fields["from"], rcpt=fields["to"],
                                 since=time.time() - hours * 3600, limit=100)
             try:
-                traces = await asyncio.to_thread(trace_mod.search, self.cfg.db_path, q)
+                traces = await asyncio.to_thread(trace_mod.search, self.cfg, q,
+                                                 self.server.monitor)
             except FileNotFoundError:
                 traces = []
         return self.render(request, "trace.html", session, fields=fields, hours=hours,
