@@ -206,3 +206,64 @@ def test_the_spike_rule_reads_the_rate_counters_of_the_backend(cfg: config_mod.C
             reader.close()
     spike = found["account_spike:alice@example.test"]
     assert spike.severity == "critical" and "usually 1.0" in spike.summary
+
+
+# ---- the web admin's store ------------------------------------------------------
+
+
+def test_admin_accounts_sessions_keys_and_lockouts_are_shared(cfg: config_mod.Config) -> None:
+    from postwarden.auth.passwords import hash_password
+    from postwarden.storage.factory import admin_store
+    from postwarden.web.store import AdminError
+
+    with admin_store(cfg) as a, admin_store(cfg) as b:
+        a.add("root", hash_password("correct horse battery staple 42"), "admin")
+        with pytest.raises(AdminError, match="admin root already exists"):
+            b.add("root", "x", "read-only")
+        found = b.get("root")
+        assert found is not None and found.role == "admin" and found.can_change
+        token, opened = a.new_session("root", 3600)
+        seen = b.session(token)  # a browser's cookie from node A, on node B
+        assert seen is not None and (seen.name, seen.csrf) == ("root", opened.csrf)
+        b.set_role("root", "read-only")
+        seen = a.session(token)
+        assert seen is not None and not seen.can_change
+        b.set_password("root", hash_password("another long passphrase 43"))
+        assert a.session(token) is None  # a new password ends every session
+        whole, key = a.add_key("read", label="monitoring")
+        checked = b.check_key(whole)
+        assert checked is not None and checked.scope == "read" and checked.last_used
+        assert [k.key_id for k in a.list_keys()] == [key.key_id]
+        assert b.check_key(whole[:-2] + "xx") is None
+        a.revoke_key(key.key_id)
+        assert b.check_key(whole) is None
+        for _ in range(3):
+            a.failed(["name:root", "ip:192.0.2.1"], 600)
+        assert b.locked(["ip:192.0.2.1"], 3, 600) and not b.locked(["ip:192.0.2.1"], 4, 600)
+        b.succeeded(["name:root", "ip:192.0.2.1"])
+        assert not a.locked(["name:root"], 1, 600)
+        assert [u.name for u in b.list_admins()] == ["root"]
+        a.delete("root")
+        assert b.get("root") is None
+
+
+def test_webhook_events_are_posted_by_one_process(cfg: config_mod.Config) -> None:
+    from postwarden.storage.factory import admin_store
+
+    with admin_store(cfg) as a, admin_store(cfg) as b:
+        a.set_webhook("alice@example.test", "https://hooks.example/a", "s3cret")
+        assert b.webhooks() == {"alice@example.test": "https://hooks.example/a"}
+        a.outbox_add([("alice@example.test", '{"n": 1}'), ("alice@example.test", '{"n": 2}')])
+        now = time.time()
+        due = a.outbox_due(now, 10)
+        assert [(u, s, p, n) for _, u, s, p, n in due] == [
+            ("https://hooks.example/a", "s3cret", '{"n": 1}', 0),
+            ("https://hooks.example/a", "s3cret", '{"n": 2}', 0)]
+        if cfg.storage.postgres:  # claimed by A: B's sender does not post them too
+            assert b.outbox_due(now, 10) == []
+        first, second = (row[0] for row in due)
+        a.outbox_done(first)
+        a.outbox_retry(second, 1, now - 1)  # failed once; due again
+        assert [(i, n) for i, _, _, _, n in b.outbox_due(now, 10)] == [(second, 1)]
+        b.del_webhook("alice@example.test")  # its waiting events go with it
+        assert a.outbox_due(now + 3600, 10) == []

@@ -2,7 +2,8 @@
 
 The composition root (:mod:`postwarden.app`), the CLI commands and the web
 admin ask here for the queue store, the directory, the monitoring store
-(alerts, suspensions, audit log) and a read connection for the figures
+(alerts, suspensions, audit log), the web admin's store and a read
+connection for the figures
 (trace, status, alert rules), so the choice is made in one place.  SQLite,
 the default, is opened exactly as before; PostgreSQL is imported only when
 configured.
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from postwarden.storage.pg_monitor import PgMonitorStore
     from postwarden.storage.pg_queue import PgQueueStore
     from postwarden.storage.pg_sync import PgSession
+    from postwarden.web.store import SqliteAdminStore
 
     AnyQueueStore = SqliteQueueStore | PgQueueStore
     AnyMonitorStore = SqliteMonitorStore | PgMonitorStore
@@ -66,6 +68,21 @@ def monitor_store(cfg: Config, *, server: bool = False) -> AnyMonitorStore:
 
         return PgMonitorStore(cfg.storage, watch=server)
     return SqliteMonitorStore(cfg.db_path)
+
+
+def admin_store(cfg: Config) -> SqliteAdminStore:
+    """The web admin's accounts, sessions, API keys and webhooks: the
+    tables of ``postwarden.db``, or the shared ones on PostgreSQL (a
+    :class:`~postwarden.storage.pg_admin.PgAdminStore`: every node's web
+    admin and API take the same logins and keys)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_admin import PgAdminStore
+
+        return PgAdminStore(cfg.storage)
+    from postwarden.web.store import SqliteAdminStore
+
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return SqliteAdminStore(cfg.db_path)
 
 
 def has_state(cfg: Config) -> bool:

@@ -26,8 +26,12 @@ Version history:
    :mod:`postwarden.storage.sqlite_monitor`), so that an alert is sent
    once by whichever node fires it, a suspension holds on every node, and
    ``postwarden audit`` on any node shows what was done through the
-   others; and the indexes ``postwarden trace`` searches the events by
-   (sender, recipient, Message-ID, the ``queued`` events by time).
+   others; the web admin's ``webadmin_*`` tables (admin accounts,
+   sessions, login failures, API keys, delivery webhooks and their outbox;
+   see :mod:`postwarden.web.store`), so that any node's web admin and API
+   take the same logins and keys; and the indexes ``postwarden trace``
+   searches the events by (sender, recipient, Message-ID, the ``queued``
+   events by time).
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -221,7 +225,50 @@ CREATE INDEX audit_log_ts ON audit_log (ts);
 CREATE INDEX events_sender ON events (lower(sender), ts) WHERE sender <> '';
 CREATE INDEX events_rcpt ON events (lower(rcpt), ts) WHERE rcpt <> '';
 CREATE INDEX events_message_id ON events (message_id) WHERE message_id <> '';
-CREATE INDEX events_queued ON events (ts) WHERE event = 'queued'
+CREATE INDEX events_queued ON events (ts) WHERE event = 'queued';
+CREATE TABLE webadmin_users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_sessions (
+    token_hash TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_failures (
+    key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    first DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_api_keys (
+    id BIGSERIAL PRIMARY KEY,
+    key_id TEXT NOT NULL UNIQUE,
+    secret_hash TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    scope TEXT NOT NULL,
+    account TEXT NOT NULL DEFAULT '',
+    created DOUBLE PRECISION NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '',
+    last_used DOUBLE PRECISION
+);
+CREATE TABLE webadmin_webhooks (
+    account TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_webhook_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    account TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX webadmin_webhook_outbox_due ON webadmin_webhook_outbox (next_try)
 """
 
 # MIGRATIONS[n] takes a schema from version n to n + 1.

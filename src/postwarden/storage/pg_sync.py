@@ -190,6 +190,18 @@ class PgSession:
                 return self._call(self._run(sql, args))
             return self._call(self._guarded(sql, args))
 
+    async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if not self._in_transaction:
+            await self._ready()
+        await self._conn.executemany(pg_sql(sql), rows)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each of ``rows`` (inside a transaction)."""
+        with self._lock:
+            if not self._in_transaction:
+                raise self.error("executemany outside a transaction")
+            self._call(self._many(sql, rows))
+
     def repeat(self, interval: float, sql: str, done: Callable[[Cursor], None],
                failed: Callable[[Exception], None]) -> None:
         """Run ``sql`` now and every ``interval`` seconds until the session

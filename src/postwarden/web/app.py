@@ -43,6 +43,7 @@ from postwarden.cli_queue import _headers as read_headers
 from postwarden.observe import trace as trace_mod
 from postwarden.observe.log import get_logger
 from postwarden.storage import sqlite_queue_browse as browse
+from postwarden.storage.factory import admin_store
 from postwarden.storage.sqlite_directory import DirectoryError
 from postwarden.web import dashboard, security
 from postwarden.web.store import SCOPES, AdminError, Session, SqliteAdminStore
@@ -567,7 +568,7 @@ def build_routes(server: Any) -> tuple[list[BaseRoute], list[Callable[[], Awaita
     from postwarden.web.send import SendApi
     from postwarden.web.webhooks import WebhookSender
 
-    store = SqliteAdminStore(server.config.db_path)
+    store = admin_store(server.config)  # shared by the nodes on PostgreSQL
     api = ApiV1(server, store)
     send = Route("/api/v1/messages", api.op(SendApi(server).send, "send"), methods=["POST"])
     web = WebAdmin(server, store)
