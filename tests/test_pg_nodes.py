@@ -191,6 +191,10 @@ def test_one_node_on_postgres_delivers_and_the_cli_sees_the_shared_queue(
     claims = [line for line in text.splitlines() if line.startswith("postwarden_node_claims{")]
     assert len(claims) == 1 and float(claims[0].rsplit(" ", 1)[1]) >= 1
     assert 'postwarden_queue_messages{state="active"} 0.0' in text
+    # /readyz asks the shared database (the primary: it takes writes).
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as r:
+        ready = json.loads(r.read())
+    assert ready["ready"] and ready["checks"]["storage"] == "ok"
     assert "alerts_failed" not in (a.dir / "serve.log").read_text()
     assert a.stop() == 0
     assert pg(pg_schema, "SELECT 1 FROM nodes") == []  # deregistered

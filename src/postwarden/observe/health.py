@@ -130,6 +130,23 @@ def storage_writable(db_path: Path, spool_dir: Path) -> str:
     return ""
 
 
+def shared_writable(monitor: Any, spool_dir: Path) -> str:
+    """"" when the shared PostgreSQL database answers on the node's
+    monitoring connection and is the primary (a replica in recovery takes
+    no writes), and the spool is writable."""
+    if monitor is None:
+        return "database: not connected"
+    try:
+        (recovering,) = monitor.session.execute("SELECT pg_is_in_recovery()").fetchone()
+    except Exception as exc:  # MonitorError: the database does not answer
+        return str(exc)
+    if recovering:
+        return "database: a read-only replica (point [storage] dsn at the primary)"
+    if not os.access(spool_dir, os.W_OK):
+        return f"spool directory {spool_dir} is not writable"
+    return ""
+
+
 def readiness(server: Any) -> tuple[bool, dict[str, str]]:
     """``/readyz`` of a running :class:`postwarden.app.Server` (blocking:
     the storage probe).  Each check is "ok" or what is wrong."""
@@ -139,7 +156,10 @@ def readiness(server: Any) -> tuple[bool, dict[str, str]]:
     wanted = {lc.name for lc in cfg.listeners if lc.enabled}
     missing = sorted(wanted - bound)
     checks["listeners"] = "ok" if not missing else f"not listening: {', '.join(missing)}"
-    problem = storage_writable(cfg.db_path, cfg.spool_dir)
+    if cfg.storage.postgres:
+        problem = shared_writable(server.monitor, cfg.spool_dir)
+    else:
+        problem = storage_writable(cfg.db_path, cfg.spool_dir)
     checks["storage"] = problem or "ok"
     runner = server.runner
     if cfg.queue.workers <= 0:
