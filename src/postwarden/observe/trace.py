@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[^<>\s]{1,250}>)",
                          re.IGNORECASE | re.MULTILINE)
 DEFAULT_LIMIT = 50
+HISTORY_BATCH = 200
 
 
 def message_id_of(*heads: bytes) -> str:
@@ -170,12 +171,17 @@ def _bare(address: str) -> str:
 
 
 def histories(db: Reader, queue_ids: Sequence[str]) -> list[Trace]:
-    out = []
-    for queue_id in queue_ids:
-        rows = db.execute(f"SELECT {EVENT_COLS} FROM events WHERE queue_id = ? ORDER BY id",
-                          (queue_id,)).fetchall()
-        out.append(Trace(queue_id, [event_from_row(r) for r in rows]))
-    return out
+    """The histories of ``queue_ids``, in that order: a query per
+    :data:`HISTORY_BATCH` messages (one round trip each to PostgreSQL)."""
+    events: dict[str, list[DeliveryEvent]] = {q: [] for q in queue_ids}
+    ids = list(events)
+    for start in range(0, len(ids), HISTORY_BATCH):
+        batch = ids[start:start + HISTORY_BATCH]
+        marks = ", ".join("?" * len(batch))
+        for row in db.execute(f"SELECT {EVENT_COLS} FROM events WHERE queue_id IN ({marks})"
+                              " ORDER BY id", batch):
+            events[row[1]].append(event_from_row(row))
+    return [Trace(queue_id, events[queue_id]) for queue_id in queue_ids]
 
 
 def search(cfg: Config, q: Query, monitor: object = None) -> list[Trace]:
