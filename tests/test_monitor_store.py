@@ -106,6 +106,13 @@ def test_audit_entries_from_every_process(cfg: config_mod.Config) -> None:
         last = b.last_audit("user add")
         assert last is not None and last.actor == "root"
         assert b.last_audit("config changed") is None
+        # Two nodes' config files in one log: each node compares with its own.
+        a.audit("root", "server", "config changed", "mx1:/etc/pw.toml", {"sha256": "one"})
+        b.audit("root", "server", "config changed", "mx2:/etc/pw.toml", {"sha256": "two"})
+        mine = a.last_audit("config changed", "mx1:/etc/pw.toml")
+        assert mine is not None and '"one"' in mine.detail
+        newest = a.last_audit("config changed")
+        assert newest is not None and newest.target == "mx2:/etc/pw.toml"
 
 
 def test_suspend_and_audit_commands(cfg: config_mod.Config, capsys: Any) -> None:

@@ -88,6 +88,9 @@ def test_a_suspension_through_node_a_is_refused_by_node_b_and_audited(
     entries = [(e["source"], e["action"], e["target"], e["result"])
                for e in json.loads(shown.stdout)]
     assert ("cli", "suspend add", ALICE, "ok") in entries
+    # Each node recorded its own config file at start (hostname:path).
+    started_with = {t for s, act, t, _ in entries if act == "config changed"}
+    assert started_with == {f"{n.cfg.hostname}:{n.config_path}" for n in (a, b)}
     # Lifted through B: A lets the account send again.
     assert cli(b, "suspend", "lift", ALICE).returncode == 0
     wait_for(lambda: mail_from(a, client_tls) == 250, 10, "node A to accept the account")

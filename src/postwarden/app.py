@@ -288,7 +288,9 @@ class Server:
         entry when the config file changed since the last start."""
         cfg = self.config
         assert self.monitor is not None
-        await asyncio.to_thread(audit.config_loaded, self.monitor, cfg.path)
+        # (Nodes sharing the audit log on PostgreSQL: each its own file.)
+        await asyncio.to_thread(audit.config_loaded, self.monitor, cfg.path,
+                                cfg.hostname if cfg.storage.postgres else "")
         if cfg.alerts.enabled:
             self.alerts = alerts_mod.AlertEngine(cfg, self.monitor, self.store, resolver,
                                                  self.metrics)

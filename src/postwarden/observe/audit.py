@@ -101,14 +101,17 @@ def record_cli(cfg: Config, args: argparse.Namespace, code: int) -> None:
                     "ok" if code == 0 else f"failed (exit {code})")
 
 
-def config_loaded(store: MonitorTables, path: Path) -> None:
+def config_loaded(store: MonitorTables, path: Path, node: str = "") -> None:
     """At server start: an entry when the config file's content differs
-    from the last one recorded (or none was)."""
+    from the last one recorded for it (or none was).  ``node``: the node's
+    hostname when several nodes share the log (each has its own file; the
+    target is then ``node:path``)."""
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return
-    last = store.last_audit("config changed")
+    target = f"{node}:{path}" if node else str(path)
+    last = store.last_audit("config changed", target)
     if last is not None and f'"{digest}"' in last.detail:
         return
-    store.audit(actor(), "server", "config changed", str(path), {"sha256": digest})
+    store.audit(actor(), "server", "config changed", target, {"sha256": digest})

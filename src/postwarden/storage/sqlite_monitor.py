@@ -237,10 +237,11 @@ class MonitorTables:
                            (since or 0.0, limit))
         return [AuditEntry(float(str(r[0])), *(str(v) for v in r[1:])) for r in rows][::-1]
 
-    def last_audit(self, action: str) -> AuditEntry | None:
+    def last_audit(self, action: str, target: str | None = None) -> AuditEntry | None:
+        """The newest entry of ``action`` (on ``target`` when given)."""
         rows = self._query("SELECT ts, actor, source, action, target, detail, result"
-                           " FROM audit_log WHERE action = ? ORDER BY id DESC LIMIT 1",
-                           (action,))
+                           " FROM audit_log WHERE action = ? AND (? OR target = ?)"
+                           " ORDER BY id DESC LIMIT 1", (action, target is None, target or ""))
         return AuditEntry(float(str(rows[0][0])), *(str(v) for v in rows[0][1:])) if rows \
             else None
 
