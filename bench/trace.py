@@ -8,6 +8,12 @@ holding ``--events`` events of ``--events / 4`` messages over 30 days
 including the history of every message found).
 
     python -m bench.trace [--events 1000000] [--reps 5] [--keep DIR]
+                          [--dsn postgresql://postgres@127.0.0.1/test]
+
+With ``--dsn``, the same events are copied into a PostgreSQL schema
+(``bench_trace``, created by postwarden's migrations and dropped after)
+and the same searches run there too, as ``postwarden trace`` does on the
+PostgreSQL backend.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import time
 from pathlib import Path
 
 from postwarden.observe import trace
+from postwarden.observe.health import read_db
+from postwarden.storage.base import Reader
 from postwarden.storage.sqlite_schema import EVENT_COLS, init_schema
 
 DAY = 86400.0
@@ -67,11 +75,65 @@ def build(path: Path, events: int, now: float, rng: random.Random) -> list[tuple
     return samples
 
 
+def copy_to_postgres(path: Path, dsn: str, schema: str) -> None:
+    """The events of the SQLite file into ``schema`` (created afresh)."""
+    import asyncio
+
+    import asyncpg
+
+    from postwarden.storage.pg_schema import prepare, quote_ident
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
+            await prepare(conn, schema)
+            src = sqlite3.connect(path)
+            rows = src.execute(f"SELECT {EVENT_COLS} FROM events ORDER BY id").fetchall()
+            src.close()
+            await conn.copy_records_to_table("events", records=rows,
+                                             columns=EVENT_COLS.split(", "),
+                                             schema_name=schema)
+            await conn.execute(f"ANALYZE {quote_ident(schema)}.events")
+        finally:
+            await conn.close()
+    asyncio.run(run())
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from postwarden.storage.pg_schema import quote_ident
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
+        finally:
+            await conn.close()
+    asyncio.run(run())
+
+
+def timings(db: Reader, cases: dict[str, trace.Query], reps: int) -> None:
+    print(f"{'search':<38} {'median ms':>10} {'max ms':>8} {'messages':>9}")
+    for name, q in cases.items():
+        times, found = [], 0
+        for _ in range(reps):
+            t = time.perf_counter()
+            found = len(trace.histories(db, trace.find_ids(db, q)))
+            times.append((time.perf_counter() - t) * 1000)
+        print(f"{name:<38} {statistics.median(times):>10.2f} {max(times):>8.2f} {found:>9}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--keep", type=Path, default=None, help="build the database here")
+    ap.add_argument("--dsn", default="", help="also search a copy in this PostgreSQL")
+    ap.add_argument("--schema", default="bench_trace", help="its schema (dropped after)")
     args = ap.parse_args()
     directory = args.keep or Path(tempfile.mkdtemp(prefix="postwarden-trace-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,14 +158,25 @@ def main() -> int:
         "--since 1h --until 30m (time only)": trace.Query(since=now - 3600,
                                                           until=now - 1800),
     }
-    print(f"{'search':<38} {'median ms':>10} {'max ms':>8} {'messages':>9}")
-    for name, q in cases.items():
-        times, found = [], 0
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            found = len(trace.search(path, q))
-            times.append((time.perf_counter() - t) * 1000)
-        print(f"{name:<38} {statistics.median(times):>10.2f} {max(times):>8.2f} {found:>9}")
+    print("SQLite:")
+    db = read_db(path)
+    try:
+        timings(db, cases, args.reps)
+    finally:
+        db.close()
+    if args.dsn:
+        from postwarden.storage.pg_sync import PgSession
+        from postwarden.storage.settings import StorageSettings
+
+        start = time.monotonic()
+        copy_to_postgres(path, args.dsn, args.schema)
+        print(f"PostgreSQL (copied in {time.monotonic() - start:.1f} s):")
+        try:
+            with PgSession(StorageSettings(backend="postgres", dsn=args.dsn,
+                                           schema=args.schema)) as session:
+                timings(session, cases, args.reps)
+        finally:
+            drop_schema(args.dsn, args.schema)
     return 0
 
 

@@ -197,6 +197,10 @@ def test_one_node_on_postgres_delivers_and_the_cli_sees_the_shared_queue(
     claims = [line for line in text.splitlines() if line.startswith("postwarden_node_claims{")]
     assert len(claims) == 1 and float(claims[0].rsplit(" ", 1)[1]) >= 1
     assert 'postwarden_queue_messages{state="active"} 0.0' in text
+    # /readyz asks the shared database (the primary: it takes writes).
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as r:
+        ready = json.loads(r.read())
+    assert ready["ready"] and ready["checks"]["storage"] == "ok"
     assert "alerts_failed" not in (a.dir / "serve.log").read_text()
     assert a.stop() == 0
     assert pg(pg_schema, "SELECT 1 FROM nodes") == []  # deregistered
@@ -252,7 +256,9 @@ def test_sigkill_mid_delivery_loses_nothing_and_duplicates_stay_within_the_lease
     ids = send(a.port, "doomed", 20)
     wait_for(lambda: sink.started >= 2, 20, "deliveries in flight on node A")
     assert a.stop(signal.SIGKILL) == -signal.SIGKILL
-    b = nodes("b", workers=4, scan=1.0, lease=4.0, heartbeat=1.0).start()
+    admin, = free_ports(1)
+    b = nodes("b", workers=4, scan=1.0, lease=4.0, heartbeat=1.0,
+              extra=f'[admin]\nenabled = true\naddress = "127.0.0.1:{admin}"\n').start()
     wait_for(lambda: sink.count() == 20, 90, "every message delivered by node B")
     time.sleep(sink.delay + 1.0)
     assert set(sink.ids) == set(ids), "a message was lost"
@@ -269,6 +275,14 @@ def test_sigkill_mid_delivery_loses_nothing_and_duplicates_stay_within_the_lease
     assert b.service is not None and a.service is not None
     assert listed[b.service.proc.pid]["live"] and not listed[a.service.proc.pid]["live"]
     assert listed[b.service.proc.pid]["takeovers"] == len(takeovers)
+    # /metrics of B: the takeovers as a counter too, labelled with B's node id.
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    (counted,) = [line for line in text.splitlines()
+                  if line.startswith("postwarden_lease_takeovers_total{")]
+    assert "# TYPE postwarden_lease_takeovers_total counter" in text
+    assert f'node="{listed[b.service.proc.pid]["node_id"]}"' in counted
+    assert float(counted.rsplit(" ", 1)[1]) == len(takeovers)
     assert [r["pid"] for r in nodes_cli(b, "--json", "--prune")] == [b.service.proc.pid]
     assert b.stop() == 0
 

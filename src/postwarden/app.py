@@ -59,9 +59,13 @@ from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
-from postwarden.storage.factory import open_quarantine, queue_store, signing_keys
+from postwarden.storage.factory import (
+    monitor_store,
+    open_quarantine,
+    queue_store,
+    signing_keys,
+)
 from postwarden.storage.sqlite_directory import SqliteDirectory
-from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import QuarantineStore
 from postwarden.workers import (
@@ -76,7 +80,7 @@ from postwarden.workers import (
 if TYPE_CHECKING:
     from postwarden.policy.bans import ProtectStore
     from postwarden.policy.greylist import GreylistStore
-    from postwarden.storage.factory import AnyQueueStore
+    from postwarden.storage.factory import AnyMonitorStore, AnyQueueStore
 
 log = get_logger("app")
 
@@ -111,7 +115,7 @@ class Server:
         self.http: Any = None  # postwarden.onboard.web.HttpService when [http] enabled
         self.admin: Any = None  # the same for [admin] (postwarden.observe.admin)
         self.metrics: Any = metrics_mod.NULL_METRICS
-        self.monitor: SqliteMonitorStore | None = None
+        self.monitor: AnyMonitorStore | None = None
         self.alerts: alerts_mod.AlertEngine | None = None
         self._stopped = asyncio.Event()
 
@@ -162,7 +166,7 @@ class Server:
 
             assert isinstance(self.store, PgQueueStore)
             metrics.collectors.append(metrics_mod.StateCollector(
-                functools.partial(node_gauges, self.store, cfg.db_path)))
+                functools.partial(node_gauges, self.store, self._monitor_state)))
         resolver = Resolver(cfg.dns, dnssec=cfg.delivery.dane.dnssec_trust_ad,
                             cache=DNS_CACHE_ENTRIES)
         resolver.observe = metrics.dns_lookup
@@ -190,8 +194,10 @@ class Server:
         bans.install(policy, self.protect, cfg.bans)
         ratelimit.install(policy, self.protect, cfg.ratelimit)
         # Accounts suspended by the spike detector or the administrator
-        # (first MAIL check, before the rate limits).
-        self.monitor = SqliteMonitorStore(cfg.db_path)
+        # (first MAIL check, before the rate limits); shared by the nodes on
+        # PostgreSQL.
+        self.monitor = await asyncio.to_thread(functools.partial(monitor_store, cfg,
+                                                                   server=True))
         alerts_mod.install_suspension(policy, self.monitor)
         # Screening: DNSBL/DNSWL at connect, greylisting at RCPT (both optional).
         listed = dnsbl.install(policy, cfg.dnsbl, resolver)
@@ -268,6 +274,15 @@ class Server:
                  worker=self.worker.slot if self.worker is not None else None,
                  listeners={lst.config.name: lst.port for lst in self.listeners})
 
+    def _monitor_state(self) -> dict[str, Any]:
+        """The shared suspensions and alerts, counted (``/metrics`` on
+        PostgreSQL; called in a thread)."""
+        from postwarden.storage.pg_monitor import PgMonitorStore
+
+        if not isinstance(self.monitor, PgMonitorStore):  # not started, or stopping
+            return {"accounts_suspended": 0, "alerts_firing": {"warning": 0, "critical": 0}}
+        return self.monitor.state()
+
     async def _start_http(self) -> None:
         """The autoconfiguration / MTA-STS web listener (imported only when on)."""
         from postwarden.onboard.web import HttpService
@@ -287,7 +302,9 @@ class Server:
         entry when the config file changed since the last start."""
         cfg = self.config
         assert self.monitor is not None
-        await asyncio.to_thread(audit.config_loaded, self.monitor, cfg.path)
+        # (Nodes sharing the audit log on PostgreSQL: each its own file.)
+        await asyncio.to_thread(audit.config_loaded, self.monitor, cfg.path,
+                                cfg.hostname if cfg.storage.postgres else "")
         if cfg.alerts.enabled:
             self.alerts = alerts_mod.AlertEngine(cfg, self.monitor, self.store, resolver,
                                                  self.metrics)

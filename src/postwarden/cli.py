@@ -45,6 +45,7 @@ from postwarden.auth import password_policy, passwords
 from postwarden.observe import audit
 from postwarden.onboard import commands as onboard_commands
 from postwarden.onboard import interactive as onboard_interactive
+from postwarden.storage.base import StorageError
 from postwarden.storage.factory import open_directory
 from postwarden.storage.sqlite_directory import (
     MAX_APP_PASSWORDS,
@@ -53,6 +54,7 @@ from postwarden.storage.sqlite_directory import (
     check_domain,
 )
 from postwarden.storage.sqlite_quarantine import QuarantineError
+from postwarden.storage.sqlite_monitor import MonitorError
 from postwarden.web.store import AdminError
 
 PROG = "postwarden"
@@ -519,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, DirectoryError, cli_queue.QueueCommandError,
             cli_quarantine.QuarantineCommandError, QuarantineError, sendtest.SendTestError,
             cli_observe.ObserveCommandError,
-            onboard_interactive.InitCancelled, AdminError) as exc:
+            onboard_interactive.InitCancelled, AdminError, MonitorError,
+            StorageError) as exc:
         _err(str(exc))
     except sqlite3.Error as exc:
         _err(f"database error: {exc}")
@@ -548,4 +551,4 @@ def _audit(args: argparse.Namespace, code: int) -> None:
         cfg = _load(args, check_files=False)
     except Exception:  # the command itself reported the problem
         return
-    audit.record_cli(cfg.db_path, args, code)
+    audit.record_cli(cfg, args, code)

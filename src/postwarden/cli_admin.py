@@ -22,6 +22,7 @@ from typing import Any
 
 from postwarden import config as _config
 from postwarden.auth import password_policy, passwords
+from postwarden.storage.factory import admin_store
 from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.web.store import ROLES, SCOPES, AdminError, SqliteAdminStore
 
@@ -29,8 +30,7 @@ Handler = Callable[[_config.Config, argparse.Namespace], int]
 
 
 def _store(cfg: _config.Config) -> SqliteAdminStore:
-    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return SqliteAdminStore(cfg.db_path)
+    return admin_store(cfg)  # the shared tables on PostgreSQL
 
 
 def _password(cfg: _config.Config, args: argparse.Namespace) -> tuple[str, bool]:

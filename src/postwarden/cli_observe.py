@@ -34,7 +34,7 @@ from postwarden import config as _config
 from postwarden import control
 from postwarden.observe import health
 from postwarden.observe import trace as trace_mod
-from postwarden.storage.sqlite_monitor import SqliteMonitorStore
+from postwarden.storage.factory import has_state, monitor_store, open_reader
 
 Handler = Callable[[_config.Config, argparse.Namespace], int]
 _AGE = re.compile(r"\A(\d+(?:\.\d+)?)([smhdw])\Z")
@@ -71,7 +71,7 @@ def _when(ts: float) -> str:
 
 
 def _need_db(cfg: _config.Config) -> None:
-    if not cfg.db_path.exists():
+    if not has_state(cfg):
         raise ObserveCommandError(f"no database at {cfg.db_path} (has the server run?)")
 
 
@@ -83,7 +83,7 @@ def cmd_trace(cfg: _config.Config, args: argparse.Namespace) -> int:
     q = trace_mod.Query(queue_id=args.id or "", message_id=args.message_id or "",
                         sender=args.sender or "", rcpt=args.rcpt or "",
                         since=args.since, until=args.until, limit=args.limit)
-    traces = trace_mod.search(cfg.db_path, q)
+    traces = trace_mod.search(cfg, q)
     if args.json:
         print(json.dumps([t.summary() for t in traces], indent=2))
         return 0
@@ -136,16 +136,16 @@ def status(cfg: _config.Config) -> dict[str, Any]:
         out["running"] = control.request(cfg.data_dir, "ping") if cfg.data_dir.exists() \
             else False
         out["ready"] = None
-    if cfg.db_path.exists():
+    if has_state(cfg):  # the shared queue on PostgreSQL, from any node
         now = time.time()
-        db = health.read_db(cfg.db_path)
+        db = open_reader(cfg)
         try:
             out["queue"] = health.queue_state(db, now)
             out["last_hour"] = health.delivery_rates(db, now - 3600)
             out.update(health.protection_state(db, now))
         finally:
             db.close()
-        with SqliteMonitorStore(cfg.db_path) as store:
+        with monitor_store(cfg) as store:
             out["alerts"] = [{"key": a.key, "severity": a.severity, "summary": a.summary,
                               "since": a.since} for a in store.firing().values()]
             out["suspended"] = [a for a, *_ in store.suspensions()]
@@ -186,7 +186,7 @@ def cmd_status(cfg: _config.Config, args: argparse.Namespace) -> int:
 
 def cmd_audit(cfg: _config.Config, args: argparse.Namespace) -> int:
     _need_db(cfg)
-    with SqliteMonitorStore(cfg.db_path) as store:
+    with monitor_store(cfg) as store:
         entries = store.audit_entries(args.since, args.limit)
     if args.json:
         print(json.dumps([e.__dict__ if hasattr(e, "__dict__") else {
@@ -200,7 +200,7 @@ def cmd_audit(cfg: _config.Config, args: argparse.Namespace) -> int:
 
 def cmd_suspend_list(cfg: _config.Config, args: argparse.Namespace) -> int:
     _need_db(cfg)
-    with SqliteMonitorStore(cfg.db_path) as store:
+    with monitor_store(cfg) as store:
         rows = store.suspensions()
     if not rows:
         print("no suspended accounts")
@@ -211,7 +211,7 @@ def cmd_suspend_list(cfg: _config.Config, args: argparse.Namespace) -> int:
 
 def cmd_suspend_add(cfg: _config.Config, args: argparse.Namespace) -> int:
     _need_db(cfg)
-    with SqliteMonitorStore(cfg.db_path) as store:
+    with monitor_store(cfg) as store:
         store.suspend(args.address, args.reason, "administrator")
     print(f"{args.address} may not send (within a second on every process)")
     return 0
@@ -219,7 +219,7 @@ def cmd_suspend_add(cfg: _config.Config, args: argparse.Namespace) -> int:
 
 def cmd_suspend_lift(cfg: _config.Config, args: argparse.Namespace) -> int:
     _need_db(cfg)
-    with SqliteMonitorStore(cfg.db_path) as store:
+    with monitor_store(cfg) as store:
         if not store.unsuspend(args.address):
             raise ObserveCommandError(f"{args.address} is not suspended")
     print(f"{args.address} may send again")

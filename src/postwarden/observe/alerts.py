@@ -28,6 +28,17 @@ null sender, so that no bounce can loop) and POSTed to ``webhook`` as JSON
 with ``X-Postwarden-Signature: sha256=HMAC-SHA256(webhook_secret,
 "<X-Postwarden-Timestamp>." + body)`` in hex.
 
+Several nodes on PostgreSQL share the alerts table.  The rules on shared
+state (:data:`SHARED_RULES`: account spikes and quotas, bounce rate, queue
+size, deferred age) are evaluated by one node, the one holding the leader
+lock (:meth:`~postwarden.storage.pg_monitor.PgMonitorStore.lead`; another
+node takes over when it stops or dies, and finds the alerts already firing
+without notifying again).  The rules on a node's own things (its
+certificate, its filters, its addresses on blocklists) run on every node,
+their keys ending in ``@<hostname>``, each node resolving only its own.
+Recording an alert is atomic (:meth:`~postwarden.storage.sqlite_monitor.
+MonitorTables.fire`), so even two nodes that evaluate together notify once.
+
 Security exposure: reads the database and the certificate; sends to the
 configured webhook (set by the administrator) and queues mail to the
 postmaster.  Alert texts quote account names and counts, never message
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -57,19 +69,22 @@ from postwarden.config import Config
 from postwarden.envelope import Address, Envelope, Recipient
 from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Policy, Stage
-from postwarden.storage.base import CommitMeta, QueueStore
-from postwarden.storage.sqlite_monitor import Alert, SqliteMonitorStore
+from postwarden.storage.base import CommitMeta, QueueStore, Reader, is_sqlite
+from postwarden.storage.sqlite_monitor import Alert, MonitorTables
 
 log = get_logger("alerts")
 
 SUSPENDED = R.Reply(550, "5.7.1", "Sending suspended for this account, contact the postmaster")
 FILTER_CONNECT_TIMEOUT = 3.0
+# Rules on state the nodes share (evaluated by one node on PostgreSQL).
+SHARED_RULES = frozenset({"account_spike", "account_quota", "bounce_rate", "queue_size",
+                          "deferred_age"})
 
 
 # -- the suspension check (every process) ------------------------------------------
 
 
-def install_suspension(policy: Policy, store: SqliteMonitorStore) -> None:
+def install_suspension(policy: Policy, store: MonitorTables) -> None:
     """Refuse MAIL FROM of suspended accounts (first check of the stage)."""
 
     async def suspended_account(ctx: CheckContext) -> R.Verdict:
@@ -93,13 +108,13 @@ class Finding:
     detail: str = ""
 
 
-def spike_findings(cfg: Config, db: sqlite3.Connection, monitor: SqliteMonitorStore,
+def spike_findings(cfg: Config, db: Reader, monitor: MonitorTables,
                    now: float) -> list[Finding]:
     """Accounts far above their baseline or at their quota (reads the rate
     limiter's message counters; folds finished windows into baselines)."""
     rl, ac = cfg.ratelimit, cfg.alerts
-    if not rl.enabled or db.execute("SELECT 1 FROM sqlite_master WHERE name = 'protect_rates'"
-                                    ).fetchone() is None:
+    if not rl.enabled or (is_sqlite(db) and db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'protect_rates'").fetchone() is None):
         return []
     window = rl.window
     start = int(now // window) * window
@@ -137,7 +152,7 @@ def spike_findings(cfg: Config, db: sqlite3.Connection, monitor: SqliteMonitorSt
     return out
 
 
-def bounce_findings(cfg: Config, db: sqlite3.Connection, now: float) -> list[Finding]:
+def bounce_findings(cfg: Config, db: Reader, now: float) -> list[Finding]:
     rows = db.execute("SELECT event, count(*) FROM events WHERE ts >= ? AND event IN "
                       "('delivered', 'failed', 'expired') GROUP BY event",
                       (now - 3600,)).fetchall()
@@ -153,7 +168,7 @@ def bounce_findings(cfg: Config, db: sqlite3.Connection, now: float) -> list[Fin
     return []
 
 
-def queue_findings(cfg: Config, db: sqlite3.Connection, now: float) -> list[Finding]:
+def queue_findings(cfg: Config, db: Reader, now: float) -> list[Finding]:
     out = []
     (size,) = db.execute("SELECT count(*) FROM messages").fetchone()
     if size > cfg.alerts.queue_max:
@@ -294,7 +309,7 @@ def alert_mail(hostname: str, to: str, state: str, alert: Alert) -> bytes:
 class AlertEngine:
     """Evaluates the rules and sends what changed (main process)."""
 
-    def __init__(self, cfg: Config, monitor: SqliteMonitorStore, queue: QueueStore | None,
+    def __init__(self, cfg: Config, monitor: MonitorTables, queue: QueueStore | None,
                  resolver: Any = None, metrics: Any = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
@@ -307,6 +322,9 @@ class AlertEngine:
             f"postmaster@{cfg.domains[0]}" if cfg.domains else "")
         self._task: asyncio.Task[None] | None = None
         self.evaluations = 0
+        # Whether this node evaluated the shared rules in the last round
+        # (always on SQLite; on PostgreSQL, while it holds the leader lock).
+        self.leading = not cfg.storage.postgres
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="alerts")
@@ -326,29 +344,50 @@ class AlertEngine:
                 log.error("alerts_failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(self.cfg.alerts.interval)
 
-    def _database_findings(self) -> list[Finding]:
-        now = self.clock()
+    def _shared_findings(self, now: float) -> list[Finding]:
+        """The rules on the queue, the deliveries and the account counters
+        (on PostgreSQL: by the leading node only, see the module docstring)."""
         if self.cfg.storage.postgres:
-            # The spike, bounce and queue rules read the SQLite tables; the
-            # shared queue and counters are in PostgreSQL (not covered yet).
-            return certificate_findings(self.cfg, now)
+            from postwarden.storage.pg_monitor import PgMonitorStore
+
+            assert isinstance(self.monitor, PgMonitorStore)
+            self.leading = self.monitor.lead()
+            return self._rules(self.monitor.session, now) if self.leading else []
         db = sqlite3.connect(f"file:{self.cfg.db_path}?mode=ro", uri=True, timeout=5)
         try:
             db.execute("PRAGMA busy_timeout = 5000")
-            out = spike_findings(self.cfg, db, self.monitor, now)
-            out += bounce_findings(self.cfg, db, now)
-            out += queue_findings(self.cfg, db, now)
+            return self._rules(db, now)
         finally:
             db.close()
-        out += certificate_findings(self.cfg, now)
+
+    def _rules(self, db: Reader, now: float) -> list[Finding]:
+        out = spike_findings(self.cfg, db, self.monitor, now)
+        out += bounce_findings(self.cfg, db, now)
+        out += queue_findings(self.cfg, db, now)
         return out
+
+    def _node_key(self, f: Finding) -> Finding:
+        """On PostgreSQL, a rule on this node's own things: its key names
+        the node (another node's certificate is another alert)."""
+        if not self.cfg.storage.postgres or f.rule in SHARED_RULES:
+            return f
+        return dataclasses.replace(f, key=f"{f.key}@{self.cfg.hostname}")
+
+    def _answers_for(self, key: str, rule: str) -> bool:
+        """Whether this node resolves the firing alert ``key``."""
+        if rule in SHARED_RULES:
+            return self.leading
+        return not self.cfg.storage.postgres or key.endswith(f"@{self.cfg.hostname}")
 
     async def evaluate(self) -> list[Finding]:
         """One round: the findings now; fire what is new, resolve what is gone."""
-        findings = await asyncio.to_thread(self._database_findings)
+        now = self.clock()
+        findings = await asyncio.to_thread(self._shared_findings, now)
+        findings += await asyncio.to_thread(certificate_findings, self.cfg, now)
         findings += await blocklist_findings(self.cfg, self.resolver)
         if self.cfg.alerts.filters:
             findings += await filter_findings(self.cfg)
+        findings = [self._node_key(f) for f in findings]
         self.evaluations += 1
         firing = await asyncio.to_thread(self.monitor.firing)
         now_keys = {f.key for f in findings}
@@ -357,13 +396,14 @@ class AlertEngine:
                 await self._suspend(f)
             if f.key not in firing:
                 alert = Alert(f.key, f.rule, f.severity, f.summary, f.detail, self.clock())
-                await asyncio.to_thread(self.monitor.fire, alert)
-                log.warning("alert", key=f.key, rule=f.rule, severity=f.severity,
-                            summary=f.summary)
-                await self.notify("firing", alert)
+                # False: another node recorded it first (and told).
+                if await asyncio.to_thread(self.monitor.fire, alert):
+                    log.warning("alert", key=f.key, rule=f.rule, severity=f.severity,
+                                summary=f.summary)
+                    await self.notify("firing", alert)
         for key, alert in firing.items():
-            if key not in now_keys:
-                await asyncio.to_thread(self.monitor.resolve, key)
+            if key not in now_keys and self._answers_for(key, alert.rule) \
+                    and await asyncio.to_thread(self.monitor.resolve, key):
                 log.info("alert_resolved", key=key, rule=alert.rule)
                 await self.notify("resolved", alert)
         return findings

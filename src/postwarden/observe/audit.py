@@ -3,7 +3,8 @@ aliases, access lists, bans, suspensions, the queue, the quarantine and
 the configuration, when, from where, and with what result.
 
 Entries are rows of ``audit_log`` in the shared database
-(:class:`~postwarden.storage.sqlite_monitor.SqliteMonitorStore`), written by
+(:class:`~postwarden.storage.sqlite_monitor.SqliteMonitorStore`, or the
+table every node shares on PostgreSQL), written by
 the command line after every command that changes something
 (:func:`record_cli`), by the server for what it decides itself (an
 account suspended by the spike detector) and when it starts with a
@@ -26,8 +27,13 @@ import getpass
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from postwarden.storage.sqlite_monitor import SqliteMonitorStore
+from postwarden.storage.factory import has_state, monitor_store
+
+if TYPE_CHECKING:
+    from postwarden.config import Config
+    from postwarden.storage.sqlite_monitor import MonitorTables
 
 # Commands that change something, except their read-only actions.
 AUDITED = {"user", "domain", "alias", "queue", "quarantine", "ban", "access", "suspend",
@@ -82,27 +88,30 @@ def arguments(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
     return target, values
 
 
-def record_cli(db_path: Path, args: argparse.Namespace, code: int) -> None:
+def record_cli(cfg: Config, args: argparse.Namespace, code: int) -> None:
     """After a command: an entry if it is one that changes something.  A
-    database that does not exist yet is not created for it."""
+    SQLite database that does not exist yet is not created for it."""
     action = action_of(args)
-    if action is None or not db_path.exists():
+    if action is None or not has_state(cfg):
         return
     target, detail = arguments(args)
     # The audit must never turn a done change into a failed command.
-    with contextlib.suppress(Exception), SqliteMonitorStore(db_path) as store:
+    with contextlib.suppress(Exception), monitor_store(cfg) as store:
         store.audit(actor(), "cli", action, target, detail,
                     "ok" if code == 0 else f"failed (exit {code})")
 
 
-def config_loaded(store: SqliteMonitorStore, path: Path) -> None:
+def config_loaded(store: MonitorTables, path: Path, node: str = "") -> None:
     """At server start: an entry when the config file's content differs
-    from the last one recorded (or none was)."""
+    from the last one recorded for it (or none was).  ``node``: the node's
+    hostname when several nodes share the log (each has its own file; the
+    target is then ``node:path``)."""
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return
-    last = store.last_audit("config changed")
+    target = f"{node}:{path}" if node else str(path)
+    last = store.last_audit("config changed", target)
     if last is not None and f'"{digest}"' in last.detail:
         return
-    store.audit(actor(), "server", "config changed", str(path), {"sha256": digest})
+    store.audit(actor(), "server", "config changed", target, {"sha256": digest})

@@ -2,6 +2,10 @@
 from the database (queue by state, delivery rates, bans, suspended
 accounts, alerts) for ``/metrics``, ``/readyz`` and ``postwarden status``.
 
+The figures are read through a :class:`~postwarden.storage.base.Reader`:
+the SQLite file, or the shared schema on PostgreSQL (same tables, same
+queries), so ``postwarden status`` on any node shows the shared queue.
+
 Security exposure: read-only queries of the shared database; one write
 probe (``BEGIN IMMEDIATE`` then ``ROLLBACK``: nothing is written) to prove
 that the database can be written.
@@ -16,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from postwarden.storage.base import Reader, is_sqlite
+
 Gauge = tuple[str, str, dict[tuple[str, ...], float], tuple[str, ...]]
 
 
@@ -25,12 +31,15 @@ def read_db(db_path: Path) -> sqlite3.Connection:
     return db
 
 
-def _table_exists(db: sqlite3.Connection, name: str) -> bool:
+def _table_exists(db: Reader, name: str) -> bool:
+    """(On PostgreSQL the schema has every table from the start.)"""
+    if not is_sqlite(db):
+        return True
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                       (name,)).fetchone() is not None
 
 
-def queue_state(db: sqlite3.Connection, now: float) -> dict[str, Any]:
+def queue_state(db: Reader, now: float) -> dict[str, Any]:
     """Messages by state, recipients by status, the oldest message's age."""
     messages = {"active": 0, "held": 0, "corrupt": 0}
     for state, held, count in db.execute(
@@ -47,7 +56,7 @@ def queue_state(db: sqlite3.Connection, now: float) -> dict[str, Any]:
             "oldest_seconds": round(now - oldest, 1) if oldest is not None else 0.0}
 
 
-def delivery_rates(db: sqlite3.Connection, since: float) -> dict[str, int]:
+def delivery_rates(db: Reader, since: float) -> dict[str, int]:
     """Since ``since``: messages received, and delivery attempts per
     recipient by result (from the trace)."""
     out = {"received": 0, "delivered": 0, "deferred": 0, "bounced": 0}
@@ -63,7 +72,7 @@ def delivery_rates(db: sqlite3.Connection, since: float) -> dict[str, int]:
     return out
 
 
-def protection_state(db: sqlite3.Connection, now: float) -> dict[str, Any]:
+def protection_state(db: Reader, now: float) -> dict[str, Any]:
     bans = suspended = 0
     alerts: dict[str, int] = {"warning": 0, "critical": 0}
     if _table_exists(db, "protect_bans"):
@@ -121,6 +130,23 @@ def storage_writable(db_path: Path, spool_dir: Path) -> str:
     return ""
 
 
+def shared_writable(monitor: Any, spool_dir: Path) -> str:
+    """"" when the shared PostgreSQL database answers on the node's
+    monitoring connection and is the primary (a replica in recovery takes
+    no writes), and the spool is writable."""
+    if monitor is None:
+        return "database: not connected"
+    try:
+        (recovering,) = monitor.session.execute("SELECT pg_is_in_recovery()").fetchone()
+    except Exception as exc:  # MonitorError: the database does not answer
+        return str(exc)
+    if recovering:
+        return "database: a read-only replica (point [storage] dsn at the primary)"
+    if not os.access(spool_dir, os.W_OK):
+        return f"spool directory {spool_dir} is not writable"
+    return ""
+
+
 def readiness(server: Any) -> tuple[bool, dict[str, str]]:
     """``/readyz`` of a running :class:`postwarden.app.Server` (blocking:
     the storage probe).  Each check is "ok" or what is wrong."""
@@ -130,7 +156,10 @@ def readiness(server: Any) -> tuple[bool, dict[str, str]]:
     wanted = {lc.name for lc in cfg.listeners if lc.enabled}
     missing = sorted(wanted - bound)
     checks["listeners"] = "ok" if not missing else f"not listening: {', '.join(missing)}"
-    problem = storage_writable(cfg.db_path, cfg.spool_dir)
+    if cfg.storage.postgres:
+        problem = shared_writable(server.monitor, cfg.spool_dir)
+    else:
+        problem = storage_writable(cfg.db_path, cfg.spool_dir)
     checks["storage"] = problem or "ok"
     runner = server.runner
     if cfg.queue.workers <= 0:

@@ -271,8 +271,10 @@ class _Forward:
 
 
 class StateCollector:
-    """Gauges read at scrape time: ``gauges()`` returns
-    ``(name, help, {label tuple: value}, label names)`` entries."""
+    """Figures read at scrape time: ``gauges()`` returns
+    ``(name, help, {label tuple: value}, label names)`` entries; gauges,
+    except those named ``..._total``, which are counters (a count since the
+    process started, e.g. the node's lease takeovers)."""
 
     def __init__(self, gauges: Callable[[], Iterable[tuple[str, str, dict[tuple[str, ...],
                                                                           float], tuple[str, ...]]]]
@@ -280,10 +282,14 @@ class StateCollector:
         self.gauges = gauges
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         for name, doc, values, labels in self.gauges():
-            family = GaugeMetricFamily(name, doc, labels=list(labels))
+            family: GaugeMetricFamily | CounterMetricFamily
+            if name.endswith("_total"):
+                family = CounterMetricFamily(name, doc, labels=list(labels))
+            else:
+                family = GaugeMetricFamily(name, doc, labels=list(labels))
             for key, value in values.items():
                 family.add_metric(list(key), value)
             yield family

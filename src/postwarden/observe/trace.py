@@ -14,6 +14,9 @@ pruned after ``[trace] retention``.
 Message-ID indexes (each ordered by time) or the time index find the
 matching queue ids, then the ``events_queue`` index gives their histories.
 The benchmark (``python -m bench.trace``) searches a million events.
+The same queries run on the shared events of the PostgreSQL backend (its
+schema has the same indexes, the case-insensitive ones on ``lower()``), so
+``postwarden trace`` on any node finds mail accepted by any other.
 
 Security exposure: reads the database as the administrator; the values
 shown came from untrusted clients and are printed escaped (``repr`` of
@@ -23,18 +26,21 @@ control characters) so that they cannot drive the terminal.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postwarden.envelope import ConnectionInfo
-from postwarden.storage.base import DeliveryEvent
+from postwarden.storage.base import DeliveryEvent, Reader, is_sqlite
 from postwarden.storage.sqlite_schema import EVENT_COLS, event_from_row
+
+if TYPE_CHECKING:
+    from postwarden.config import Config
 
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[^<>\s]{1,250}>)",
                          re.IGNORECASE | re.MULTILINE)
 DEFAULT_LIMIT = 50
+HISTORY_BATCH = 200
 
 
 def message_id_of(*heads: bytes) -> str:
@@ -127,10 +133,15 @@ def _time_clause(q: Query, column: str = "ts") -> tuple[str, list[object]]:
     return clause, args
 
 
-def find_ids(db: sqlite3.Connection, q: Query) -> list[str]:
+def find_ids(db: Reader, q: Query) -> list[str]:
     """The queue ids matching ``q``, newest first (at most ``q.limit``).
 
     Each criterion is answered by its index; several are intersected."""
+    sqlite = is_sqlite(db)
+
+    def nocase(column: str) -> str:  # the expression the column's index is on
+        return f"{column} = ? COLLATE NOCASE" if sqlite else f"lower({column}) = lower(?)"
+
     when, when_args = _time_clause(q)
     selects: list[tuple[str, list[object]]] = []
     if q.queue_id:
@@ -146,10 +157,10 @@ def find_ids(db: sqlite3.Connection, q: Query) -> list[str]:
                         f" AND message_id <> ''{when}",
                         [mid, *when_args]))
     if q.sender:
-        selects.append(("SELECT queue_id FROM events WHERE sender = ? COLLATE NOCASE"
+        selects.append((f"SELECT queue_id FROM events WHERE {nocase('sender')}"
                         f" AND sender <> ''{when}", [_bare(q.sender), *when_args]))
     if q.rcpt:
-        selects.append(("SELECT queue_id FROM events WHERE rcpt = ? COLLATE NOCASE"
+        selects.append((f"SELECT queue_id FROM events WHERE {nocase('rcpt')}"
                         f" AND rcpt <> ''{when}", [_bare(q.rcpt), *when_args]))
     if not selects:
         # Time only: the messages received in the period (the queued events).
@@ -158,9 +169,11 @@ def find_ids(db: sqlite3.Connection, q: Query) -> list[str]:
     # A message matches when every criterion matched one of its events.
     sql = " INTERSECT ".join(s for s, _ in selects)
     args = [a for _, sel_args in selects for a in sel_args]
+    # (CROSS JOIN makes SQLite scan the few ids first; PostgreSQL plans
+    # the order itself and spells it JOIN.)
     rows = db.execute(
-        f"SELECT i.queue_id FROM (SELECT DISTINCT queue_id FROM ({sql})) i "
-        "CROSS JOIN events e ON e.id = "
+        f"SELECT i.queue_id FROM (SELECT DISTINCT queue_id FROM ({sql}) m) i "
+        f"{'CROSS JOIN' if sqlite else 'JOIN'} events e ON e.id = "
         "(SELECT max(id) FROM events WHERE queue_id = i.queue_id) "
         "ORDER BY e.ts DESC LIMIT ?", (*args, q.limit)).fetchall()
     return [r[0] for r in rows]
@@ -170,27 +183,28 @@ def _bare(address: str) -> str:
     return address.strip().removeprefix("<").removesuffix(">")
 
 
-def histories(db: sqlite3.Connection, queue_ids: Sequence[str]) -> list[Trace]:
-    out = []
-    for queue_id in queue_ids:
-        rows = db.execute(f"SELECT {EVENT_COLS} FROM events WHERE queue_id = ? ORDER BY id",
-                          (queue_id,)).fetchall()
-        out.append(Trace(queue_id, [event_from_row(r) for r in rows]))
-    return out
+def histories(db: Reader, queue_ids: Sequence[str]) -> list[Trace]:
+    """The histories of ``queue_ids``, in that order: a query per
+    :data:`HISTORY_BATCH` messages (one round trip each to PostgreSQL)."""
+    events: dict[str, list[DeliveryEvent]] = {q: [] for q in queue_ids}
+    ids = list(events)
+    for start in range(0, len(ids), HISTORY_BATCH):
+        batch = ids[start:start + HISTORY_BATCH]
+        marks = ", ".join("?" * len(batch))
+        for row in db.execute(f"SELECT {EVENT_COLS} FROM events WHERE queue_id IN ({marks})"
+                              " ORDER BY id", batch):
+            events[row[1]].append(event_from_row(row))
+    return [Trace(queue_id, events[queue_id]) for queue_id in queue_ids]
 
 
-def open_readonly(db_path: Path) -> sqlite3.Connection:
-    """The database, read-only (the server may be writing it)."""
-    if not db_path.exists():
-        raise FileNotFoundError(2, "no database (has the server run yet?)", str(db_path))
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    db.execute("PRAGMA busy_timeout = 5000")
-    return db
+def search(cfg: Config, q: Query, monitor: object = None) -> list[Trace]:
+    """The messages matching ``q`` with their histories, from the
+    configured backend (the SQLite file read-only, or the shared events;
+    ``monitor``: a running server's monitoring store, whose connection is
+    used, see :func:`postwarden.storage.factory.reading`)."""
+    from postwarden.storage.factory import has_state, reading
 
-
-def search(db_path: Path, q: Query) -> list[Trace]:
-    db = open_readonly(db_path)
-    try:
+    if not has_state(cfg):
+        raise FileNotFoundError(2, "no database (has the server run yet?)", str(cfg.db_path))
+    with reading(cfg, monitor) as db:
         return histories(db, find_ids(db, q))
-    finally:
-        db.close()

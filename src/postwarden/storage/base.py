@@ -9,6 +9,11 @@ Two seams:
   client streams DATA/BDAT, so memory per session stays bounded.
 * :class:`Directory` owns domains, accounts (with password hashes) and aliases.
 
+And one for reading figures: a :class:`Reader` is what both a
+``sqlite3.Connection`` and a :class:`~postwarden.storage.pg_sync.PgSession`
+are, so that the trace, the status figures and the alert rules are one
+piece of code for both backends.
+
 Security exposure: stores untrusted message content and envelope strings; it
 must treat them as opaque data (parameterised SQL, no paths built from them).
 """
@@ -19,7 +24,7 @@ import builtins
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from postwarden.envelope import Address, Envelope, MailParams, RcptParams
 
@@ -30,6 +35,19 @@ class StorageError(Exception):
 
 class StorageFull(StorageError):
     """No space left on the device holding the spool or database."""
+
+
+class Reader(Protocol):
+    """A connection taking ``execute(sql, args)`` with ``?`` placeholders;
+    the result has ``fetchone``, ``fetchall`` and iterates over rows."""
+
+    def execute(self, sql: str, args: Any = (), /) -> Any: ...
+
+
+def is_sqlite(db: Reader) -> bool:
+    """Whether ``db`` is a SQLite connection (for the few spellings the two
+    dialects do not share)."""
+    return getattr(db, "dialect", "sqlite") == "sqlite"
 
 
 class BodyWriter(Protocol):

@@ -1,8 +1,12 @@
-"""Which queue store a process opens: the ``[storage] backend`` of the config.
+"""Which stores a process opens: the ``[storage] backend`` of the config.
 
-The composition root (:mod:`postwarden.app`) and the CLI commands ask here,
-so the choice is made in one place.  SQLite, the default, is opened exactly
-as before; PostgreSQL is imported only when configured.
+The composition root (:mod:`postwarden.app`), the CLI commands and the web
+admin ask here for the queue store, the directory, the quarantine, the
+DKIM keys, the monitoring store (alerts, suspensions, audit log), the web
+admin's store and a read connection for the figures (trace, status, alert
+rules), so the choice is made in one place.  SQLite,
+the default, is opened exactly as before; PostgreSQL is imported only when
+configured.
 
 Security exposure: none of its own.
 """
@@ -14,15 +18,23 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from postwarden.storage.sqlite_directory import SqliteDirectory
+from postwarden.storage.sqlite_monitor import SqliteMonitorStore
 from postwarden.storage.sqlite_quarantine import QuarantineStore, SqliteQuarantine
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from postwarden.config import Config
     from postwarden.dkim_keys import KeyStore
+    from postwarden.storage.base import Reader
+    from postwarden.storage.pg_monitor import PgMonitorStore
     from postwarden.storage.pg_queue import PgQueueStore
+    from postwarden.storage.pg_sync import PgSession
+    from postwarden.web.store import SqliteAdminStore
 
     AnyQueueStore = SqliteQueueStore | PgQueueStore
+    AnyMonitorStore = SqliteMonitorStore | PgMonitorStore
 
 
 def queue_store(cfg: Config, *, node: bool = True) -> AnyQueueStore:
@@ -85,3 +97,68 @@ def signing_keys(cfg: Config) -> KeyStore:
 
         return KeyStore(cache_root(cfg.data_dir))
     return KeyStore.for_data_dir(cfg.data_dir)
+def monitor_store(cfg: Config, *, server: bool = False) -> AnyMonitorStore:
+    """The alerts, suspensions, baselines and audit log: the tables of
+    ``postwarden.db``, or the shared ones on PostgreSQL (every node sees
+    the same).  ``server``: a serving process's, which keeps its cache of
+    suspended accounts fresh in the background."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_monitor import PgMonitorStore
+
+        return PgMonitorStore(cfg.storage, watch=server)
+    return SqliteMonitorStore(cfg.db_path)
+
+
+def admin_store(cfg: Config) -> SqliteAdminStore:
+    """The web admin's accounts, sessions, API keys and webhooks: the
+    tables of ``postwarden.db``, or the shared ones on PostgreSQL (a
+    :class:`~postwarden.storage.pg_admin.PgAdminStore`: every node's web
+    admin and API take the same logins and keys)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_admin import PgAdminStore
+
+        return PgAdminStore(cfg.storage)
+    from postwarden.web.store import SqliteAdminStore
+
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return SqliteAdminStore(cfg.db_path)
+
+
+def has_state(cfg: Config) -> bool:
+    """Is there state to read (a CLI command before the first start finds
+    none on SQLite; the shared database is always there to ask)?"""
+    return cfg.storage.postgres or cfg.db_path.exists()
+
+
+def open_reader(cfg: Config) -> sqlite3.Connection | PgSession:
+    """A connection for reading the queue, the events and the counters
+    (``postwarden trace`` and ``status``, the alert rules, the web
+    admin's figures): the SQLite file read-only, or a session on the
+    shared schema.  Both take ``execute(sql, args)`` with ``?``
+    placeholders; the caller closes it."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_sync import PgSession
+
+        return PgSession(cfg.storage)
+    from postwarden.observe.health import read_db
+
+    return read_db(cfg.db_path)
+
+
+@contextlib.contextmanager
+def reading(cfg: Config, monitor: object = None) -> Iterator[Reader]:
+    """A :class:`~postwarden.storage.base.Reader` for one read: on
+    PostgreSQL the session of ``monitor`` when it is a running server's
+    monitoring store (shared, left open), else :func:`open_reader`'s
+    (closed afterwards)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_monitor import PgMonitorStore
+
+        if isinstance(monitor, PgMonitorStore):
+            yield monitor.session
+            return
+    db = open_reader(cfg)
+    try:
+        yield db
+    finally:
+        db.close()

@@ -74,6 +74,7 @@ from postwarden.storage.base import (
 )
 from postwarden.storage.group_commit import StoreStats
 from postwarden.storage.pg_schema import PENDING, prepare
+from postwarden.storage.pg_sync import pg_sql
 from postwarden.storage.settings import StorageSettings
 from postwarden.storage.spool import (
     SpoolBodyWriter,
@@ -822,6 +823,20 @@ class PgQueueStore:
         msgs.sort(key=lambda m: order[m.queue_id])
         return msgs
 
+    async def page(self, where: str, args: Sequence[object], order: str, limit: int,
+                   offset: int) -> tuple[int, list[QueuedMessage]]:
+        """(how many messages match, one page of them) for
+        :func:`postwarden.storage.sqlite_queue_browse.browse`: its ``WHERE``
+        clause (``?`` placeholders, values in ``args``) and ``ORDER BY``."""
+        async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                             readonly=True):
+            total = await conn.fetchval(pg_sql(f"SELECT count(*) FROM messages {where}"),
+                                        *args)
+            ids = [r[0] for r in await conn.fetch(pg_sql(
+                f"SELECT queue_id FROM messages {where} ORDER BY {order} LIMIT ? OFFSET ?"),
+                *args, limit, offset)]
+            return int(total), await self._load(conn, ids)
+
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
         """Active, unheld messages with recipients due at ``now`` (only
         those), the longest-waiting first; nothing is claimed."""
@@ -928,21 +943,14 @@ class PgQueueStore:
             return await self._load(conn, ids)
 
 
-def node_gauges(store: PgQueueStore, db_path: Path
+def node_gauges(store: PgQueueStore, monitor_state: Callable[[], dict[str, Any]]
                 ) -> list[tuple[str, str, dict[tuple[str, ...], float], tuple[str, ...]]]:
-    """Scrape-time gauges (``/metrics``): the shared queue and bans (as of
-    the last heartbeat), this node's leases, and what stays in the node's
-    SQLite file (suspended accounts, alerts)."""
-    from postwarden.observe import health
-
-    local: dict[str, Any] = {"accounts_suspended": 0,
-                             "alerts_firing": {"warning": 0, "critical": 0}}
-    if db_path.exists():
-        db = health.read_db(db_path)
-        try:
-            local = health.protection_state(db, time.time())
-        finally:
-            db.close()
+    """Scrape-time figures (``/metrics``): the shared queue and bans (as of
+    the last heartbeat), this node's leases, and the suspended accounts and
+    alerts of the shared monitoring tables (``monitor_state()``, as
+    :func:`postwarden.observe.health.protection_state`).  The takeovers are
+    also a counter (``_total``)."""
+    local = monitor_state()
     node = (store.node_id,)
     stats = store.lease_stats
     q = store.queue_state
@@ -968,6 +976,9 @@ def node_gauges(store: PgQueueStore, db_path: Path
          {node: float(stats.claimed)}, ("node",)),
         ("postwarden_node_lease_takeovers", "Messages this node claimed after another node's "
          "lease expired (a delivery there may have been under way: possible duplicates)",
+         {node: float(stats.takeovers)}, ("node",)),
+        ("postwarden_lease_takeovers_total", "Deliveries this node took over after another "
+         "node's lease expired since it started; each may be delivered twice (at least once)",
          {node: float(stats.takeovers)}, ("node",)),
     ]
 

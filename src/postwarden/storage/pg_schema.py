@@ -21,15 +21,24 @@ Version history:
    ``dir_app_passwords`` (the columns of SQLite's directory tables) and
    ``dir_version``, bumped by every change (nodes reload on a new version;
    see :mod:`postwarden.storage.pg_directory`).
-4. (The monitoring tables.)
+4. Monitoring: ``monitor_alerts``, ``monitor_suspended``,
+   ``monitor_baselines`` and ``audit_log`` (the columns of SQLite's, see
+   :mod:`postwarden.storage.sqlite_monitor`), so that an alert is sent
+   once by whichever node fires it, a suspension holds on every node, and
+   ``postwarden audit`` on any node shows what was done through the
+   others; the web admin's ``webadmin_*`` tables (admin accounts,
+   sessions, login failures, API keys, delivery webhooks and their outbox;
+   see :mod:`postwarden.web.store`), so that any node's web admin and API
+   take the same logins and keys; and the indexes ``postwarden trace``
+   searches the events by (sender, recipient, Message-ID, the ``queued``
+   events by time; feedback reports are matched to the mail they report by
+   Message-ID, :mod:`postwarden.web.complaints`).
 5. ``quarantine`` (held messages, SQLite's columns), ``dkim_keys`` (the
    signing keys: private key PEM, selector, active flag) with
    ``dkim_version``, bumped by every change (see
    :mod:`postwarden.storage.pg_dkim`), and ``messages.spool_name``: the
-   body's file in a shared spool directory (``[storage] spool_dir``),
+   body's file in a shared spool directory (``[storage] shared_spool_dir``),
    empty when the body is in the row.
-6. ``events_message_id``: the history by Message-ID (feedback reports are
-   matched to the mail they report by it, :mod:`postwarden.web.complaints`).
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -49,7 +58,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 5
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -194,8 +203,88 @@ CREATE TABLE dir_version (version BIGINT NOT NULL);
 INSERT INTO dir_version (version) VALUES (0)
 """
 
-# Version 4 (the monitoring tables) is written on another branch.
-_V4 = ""
+_V4 = """
+CREATE TABLE monitor_alerts (
+    key TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    since DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE monitor_suspended (
+    account TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since DOUBLE PRECISION NOT NULL,
+    by TEXT NOT NULL DEFAULT '',
+    lifted DOUBLE PRECISION
+);
+CREATE TABLE monitor_baselines (
+    account TEXT PRIMARY KEY,
+    per_window DOUBLE PRECISION NOT NULL,
+    last_window BIGINT NOT NULL,
+    windows INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE audit_log (
+    id BIGSERIAL PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    result TEXT NOT NULL DEFAULT 'ok'
+);
+CREATE INDEX audit_log_ts ON audit_log (ts);
+CREATE INDEX events_sender ON events (lower(sender), ts) WHERE sender <> '';
+CREATE INDEX events_rcpt ON events (lower(rcpt), ts) WHERE rcpt <> '';
+CREATE INDEX events_message_id ON events (message_id) WHERE message_id <> '';
+CREATE INDEX events_queued ON events (ts) WHERE event = 'queued';
+CREATE TABLE webadmin_users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_sessions (
+    token_hash TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_failures (
+    key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    first DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_api_keys (
+    id BIGSERIAL PRIMARY KEY,
+    key_id TEXT NOT NULL UNIQUE,
+    secret_hash TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    scope TEXT NOT NULL,
+    account TEXT NOT NULL DEFAULT '',
+    created DOUBLE PRECISION NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '',
+    last_used DOUBLE PRECISION
+);
+CREATE TABLE webadmin_webhooks (
+    account TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webadmin_webhook_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    account TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX webadmin_webhook_outbox_due ON webadmin_webhook_outbox (next_try)
+"""
 
 _V5 = """
 CREATE TABLE quarantine (
@@ -229,12 +318,8 @@ INSERT INTO dkim_version (version) VALUES (0);
 ALTER TABLE messages ADD COLUMN spool_name TEXT NOT NULL DEFAULT ''
 """
 
-_V6 = """
-CREATE INDEX events_message_id ON events(message_id) WHERE message_id <> ''
-"""
-
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5}
 
 
 def _statements(script: str) -> list[str]:

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from postwarden.storage.sqlite_shared import SharedTables
 
@@ -102,17 +104,21 @@ class AuditEntry:
     result: str
 
 
-class SqliteMonitorStore(SharedTables):
-    schema = _SCHEMA
-    schema_table = "monitor_schema"
-    schema_version = SCHEMA_VERSION
-    schema_error = MonitorError
+class MonitorTables:
+    """The monitoring operations, on the connection of the store that
+    inherits them: :class:`SqliteMonitorStore` here,
+    :class:`~postwarden.storage.pg_monitor.PgMonitorStore` on PostgreSQL
+    (the same SQL, in the dialect both accept)."""
 
-    def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:
-        super().__init__(db_path)
-        self.clock = clock
-        self._suspended: frozenset[str] = frozenset()
-        self._suspended_at = -1e9
+    clock: Callable[[], float]
+    _suspended: frozenset[str]
+    _suspended_at: float
+
+    def _write(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> Sequence[Any]:
+        raise NotImplementedError
 
     # -- alerts ---------------------------------------------------------------
 
@@ -122,19 +128,29 @@ class SqliteMonitorStore(SharedTables):
         return {str(r[0]): Alert(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]),
                                  float(str(r[5]))) for r in rows}
 
-    def fire(self, alert: Alert) -> None:
+    def fire(self, alert: Alert) -> bool:
+        """Record ``alert`` as firing.  True when it was not firing yet: the
+        caller tells the postmaster.  False when it was (since an earlier
+        round, or because another node fired it first): nobody is told twice."""
         now = self.clock()
         with self._write() as db:
-            db.execute("INSERT INTO monitor_alerts (key, rule, severity, summary, detail,"
-                       " since, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key)"
-                       " DO UPDATE SET summary = excluded.summary, detail = excluded.detail,"
-                       " last_seen = excluded.last_seen",
-                       (alert.key, alert.rule, alert.severity, alert.summary, alert.detail,
-                        alert.since or now, now))
+            cur = db.execute("INSERT INTO monitor_alerts (key, rule, severity, summary, detail,"
+                             " since, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                             " ON CONFLICT (key) DO NOTHING",
+                             (alert.key, alert.rule, alert.severity, alert.summary,
+                              alert.detail, alert.since or now, now))
+            if int(cur.rowcount) > 0:
+                return True
+            db.execute("UPDATE monitor_alerts SET summary = ?, detail = ?, last_seen = ?"
+                       " WHERE key = ?", (alert.summary, alert.detail, now, alert.key))
+        return False
 
-    def resolve(self, key: str) -> None:
+    def resolve(self, key: str) -> bool:
+        """The alert stopped; True when this call ended it (the caller sends
+        the resolved notice), False when it was not firing any more."""
         with self._write() as db:
-            db.execute("DELETE FROM monitor_alerts WHERE key = ?", (key,))
+            cur = db.execute("DELETE FROM monitor_alerts WHERE key = ?", (key,))
+        return bool(cur.rowcount > 0)
 
     # -- suspended accounts ---------------------------------------------------
 
@@ -148,17 +164,18 @@ class SqliteMonitorStore(SharedTables):
                 "INSERT INTO monitor_suspended (account, reason, since, by) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (account) DO UPDATE SET reason = excluded.reason,"
                 " since = excluded.since, by = excluded.by, lifted = NULL"
-                " WHERE lifted IS NOT NULL AND lifted <= ?",
+                " WHERE monitor_suspended.lifted IS NOT NULL"
+                " AND monitor_suspended.lifted <= ?",
                 (account.lower(), reason, now, by, now - unless_lifted_within))
         self._suspended_at = -1e9
-        return cur.rowcount > 0
+        return bool(cur.rowcount > 0)
 
     def unsuspend(self, account: str) -> bool:
         with self._write() as db:
             cur = db.execute("UPDATE monitor_suspended SET lifted = ? WHERE account = ?"
                              " AND lifted IS NULL", (self.clock(), account.lower()))
         self._suspended_at = -1e9
-        return cur.rowcount > 0
+        return bool(cur.rowcount > 0)
 
     def suspensions(self) -> list[tuple[str, str, float, str]]:
         rows = self._query("SELECT account, reason, since, by FROM monitor_suspended"
@@ -198,8 +215,10 @@ class SqliteMonitorStore(SharedTables):
 
     def set_baseline(self, account: str, per_window: float, window_start: int = 0) -> None:
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO monitor_baselines (account, per_window,"
-                       " last_window, windows) VALUES (?, ?, ?, 1)",
+            db.execute("INSERT INTO monitor_baselines (account, per_window, last_window,"
+                       " windows) VALUES (?, ?, ?, 1) ON CONFLICT (account) DO UPDATE SET"
+                       " per_window = excluded.per_window, last_window ="
+                       " excluded.last_window, windows = 1",
                        (account.lower(), per_window, window_start))
 
     # -- audit ----------------------------------------------------------------------
@@ -218,9 +237,25 @@ class SqliteMonitorStore(SharedTables):
                            (since or 0.0, limit))
         return [AuditEntry(float(str(r[0])), *(str(v) for v in r[1:])) for r in rows][::-1]
 
-    def last_audit(self, action: str) -> AuditEntry | None:
+    def last_audit(self, action: str, target: str | None = None) -> AuditEntry | None:
+        """The newest entry of ``action`` (on ``target`` when given)."""
         rows = self._query("SELECT ts, actor, source, action, target, detail, result"
-                           " FROM audit_log WHERE action = ? ORDER BY id DESC LIMIT 1",
-                           (action,))
+                           " FROM audit_log WHERE action = ? AND (? OR target = ?)"
+                           " ORDER BY id DESC LIMIT 1", (action, target is None, target or ""))
         return AuditEntry(float(str(rows[0][0])), *(str(v) for v in rows[0][1:])) if rows \
             else None
+
+
+class SqliteMonitorStore(SharedTables, MonitorTables):
+    """The monitoring tables in ``postwarden.db``."""
+
+    schema = _SCHEMA
+    schema_table = "monitor_schema"
+    schema_version = SCHEMA_VERSION
+    schema_error = MonitorError
+
+    def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(db_path)
+        self.clock = clock
+        self._suspended = frozenset()
+        self._suspended_at = -1e9

@@ -1,6 +1,8 @@
 """One page of the queue, filtered and sorted in SQL (the web admin's queue
 page and ``GET /api/v1/queue``), fast with 100,000 queued messages: only
-the page's messages and their recipients are read.
+the page's messages and their recipients are read.  The same filter and
+order run on the shared queue of the PostgreSQL backend
+(:meth:`~postwarden.storage.pg_queue.PgQueueStore.page`).
 
 Security exposure: the filter text comes from an administrator's request;
 it is bound as a parameter, and the sort key is chosen from a fixed table.
@@ -10,11 +12,15 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from postwarden.storage.base import QueuedMessage
 from postwarden.storage.spool import storage_error
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 from postwarden.storage.sqlite_schema import PENDING
+
+if TYPE_CHECKING:
+    from postwarden.storage.pg_queue import PgQueueStore
 
 PAGE_MAX = 500
 # Sort keys a request may name -> the ORDER BY clause.
@@ -27,8 +33,8 @@ SORTS = {
 # State filters -> a WHERE condition on messages.
 STATES = {
     "": "",
-    "active": "held = 0 AND state = 'active'",
-    "held": "held = 1",
+    "active": "held = FALSE AND state = 'active'",
+    "held": "held = TRUE",
     "deferred": ("EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = messages.queue_id "
                  "AND r.status = 'deferred')"),
     "corrupt": "state = 'corrupt'",
@@ -41,7 +47,7 @@ class QueuePage:
     messages: list[QueuedMessage]
 
 
-async def browse(store: SqliteQueueStore, *, state: str = "", text: str = "",
+async def browse(store: SqliteQueueStore | PgQueueStore, *, state: str = "", text: str = "",
                  sort: str = "oldest", offset: int = 0, limit: int = 50) -> QueuePage:
     """Messages in ``state`` whose queue id, sender or a recipient contains
     ``text``, in ``sort`` order, from ``offset``, at most ``limit``."""
@@ -52,13 +58,18 @@ async def browse(store: SqliteQueueStore, *, state: str = "", text: str = "",
     text = text.strip()
     if text:
         like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        where.append("(queue_id LIKE ? ESCAPE '\\' OR sender LIKE ? ESCAPE '\\' OR EXISTS "
+        # SQLite's LIKE ignores ASCII case; PostgreSQL's ILIKE does.
+        op = "LIKE" if isinstance(store, SqliteQueueStore) else "ILIKE"
+        where.append(f"(queue_id {op} ? ESCAPE '\\' OR sender {op} ? ESCAPE '\\' OR EXISTS "
                      "(SELECT 1 FROM recipients r WHERE r.queue_id = messages.queue_id "
-                     "AND r.address LIKE ? ESCAPE '\\'))")
+                     f"AND r.address {op} ? ESCAPE '\\'))")
         args += [like, like, like]
     clause = ("WHERE " + " AND ".join(where)) if where else ""
     order = SORTS.get(sort, SORTS["oldest"])
     limit = max(1, min(limit, PAGE_MAX))
+    if not isinstance(store, SqliteQueueStore):  # PostgreSQL: the shared queue
+        total, found = await store.page(clause, args, order, limit, max(0, offset))
+        return QueuePage(total, found)
     conn = store._read()
     try:
         total = int(conn.execute(f"SELECT COUNT(*) FROM messages {clause}", args).fetchone()[0])

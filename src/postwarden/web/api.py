@@ -37,6 +37,7 @@ from postwarden.cli_queue import message_dict
 from postwarden.observe import health
 from postwarden.observe import trace as trace_mod
 from postwarden.storage import sqlite_queue_browse as browse
+from postwarden.storage.factory import reading
 from postwarden.storage.sqlite_directory import DirectoryError
 from postwarden.storage.sqlite_protect import ProtectError
 from postwarden.storage.sqlite_quarantine import SqliteQuarantine
@@ -124,12 +125,9 @@ class ApiV1:
 
     async def status(self, request: Request, key: ApiKey) -> Response:
         def figures() -> dict[str, Any]:
-            db = health.read_db(self.cfg.db_path)
-            try:
-                q = health.queue_state(db, time.time())
-            finally:
-                db.close()
             monitor = self.server.monitor
+            with reading(self.cfg, monitor) as db:  # the shared queue on PostgreSQL
+                q = health.queue_state(db, time.time())
             alerts = list(monitor.firing().values()) if monitor is not None else []
             return {"queue": q, "alerts": [{"key": a.key, "rule": a.rule,
                                             "severity": a.severity, "summary": a.summary,
@@ -306,7 +304,8 @@ class ApiV1:
                             sender=qp.get("from", "")[:300], rcpt=qp.get("to", "")[:300],
                             since=time.time() - hours * 3600, limit=limit)
         try:
-            traces = await asyncio.to_thread(trace_mod.search, self.cfg.db_path, q)
+            traces = await asyncio.to_thread(trace_mod.search, self.cfg, q,
+                                             self.server.monitor)
         except FileNotFoundError:
             traces = []
         return JSONResponse({"messages": [t.summary() for t in traces]})

@@ -44,6 +44,7 @@ from postwarden.cli_queue import _headers as read_headers
 from postwarden.observe import trace as trace_mod
 from postwarden.observe.log import get_logger
 from postwarden.storage import sqlite_queue_browse as browse
+from postwarden.storage.factory import admin_store
 from postwarden.storage.sqlite_directory import DirectoryError
 from postwarden.web import dashboard, security
 from postwarden.web.store import SCOPES, AdminError, Session, SqliteAdminStore
@@ -206,8 +207,8 @@ class WebAdmin:
 
     async def dashboard(self, request: Request, session: Session) -> Response:
         def read() -> dashboard.Figures:
-            f = dashboard.figures(self.cfg.db_path, time.time())
             monitor = self.server.monitor
+            f = dashboard.figures(self.cfg, time.time(), monitor)
             f.alerts = list(monitor.firing().values()) if monitor is not None else []
             f.rejections = dashboard.rejections(self.server.metrics.exposition())
             return f
@@ -233,7 +234,8 @@ class WebAdmin:
                                 sender=fields["from"], rcpt=fields["to"],
                                 since=time.time() - hours * 3600, limit=100)
             try:
-                traces = await asyncio.to_thread(trace_mod.search, self.cfg.db_path, q)
+                traces = await asyncio.to_thread(trace_mod.search, self.cfg, q,
+                                                 self.server.monitor)
             except FileNotFoundError:
                 traces = []
         return self.render(request, "trace.html", session, fields=fields, hours=hours,
@@ -570,7 +572,7 @@ def build_routes(server: Any) -> tuple[list[BaseRoute], list[Callable[[], Awaita
     from postwarden.web.send import SendApi
     from postwarden.web.webhooks import WebhookSender
 
-    store = SqliteAdminStore(server.config.db_path)
+    store = admin_store(server.config)  # shared by the nodes on PostgreSQL
     api = ApiV1(server, store)
     send = Route("/api/v1/messages", api.op(SendApi(server).send, "send"), methods=["POST"])
     web = WebAdmin(server, store)

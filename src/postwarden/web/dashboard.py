@@ -16,11 +16,18 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from postwarden.observe import health
+from postwarden.storage.base import is_sqlite
+from postwarden.storage.factory import has_state, reading
+
+if TYPE_CHECKING:
+    from postwarden.config import Config
+
+EMPTY_QUEUE: dict[str, Any] = {"messages": {}, "recipients": {}, "oldest_seconds": 0.0}
 
 MINUTES = 24 * 60
 CHART_W = MINUTES  # one unit a minute
@@ -72,36 +79,42 @@ class Figures:
         return out
 
 
-def figures(db_path: Any, now: float) -> Figures:
+def figures(cfg: Config, now: float, monitor: object = None) -> Figures:
+    """The last day's figures from the configured backend (on PostgreSQL,
+    the shared events: every node's mail; ``monitor``: see
+    :func:`postwarden.storage.factory.reading`)."""
     start = int(now // 60) - MINUTES + 1
     incoming, outgoing = [0] * MINUTES, [0] * MINUTES
-    db = health.read_db(db_path)
-    try:
-        # A message is queued with one event per recipient: count messages
-        # in, deliveries (recipients) out.
-        for minute, count in db.execute(
-                "SELECT CAST(ts / 60 AS INTEGER) AS m, count(*) FROM events "
-                "WHERE ts >= ? AND event = 'delivered' GROUP BY m", (start * 60,)):
-            i = int(minute) - start
-            if 0 <= i < MINUTES:
-                outgoing[i] = int(count)
-        for minute, count in db.execute(
-                "SELECT CAST(ts / 60 AS INTEGER) AS m, count(DISTINCT queue_id) FROM events "
-                "WHERE ts >= ? AND event = 'queued' GROUP BY m", (start * 60,)):
-            i = int(minute) - start
-            if 0 <= i < MINUTES:
-                incoming[i] = int(count)
-        results = health.delivery_rates(db, start * 60)
-        queue = health.queue_state(db, now)
-        senders = [(str(s), int(c)) for s, c in db.execute(
-            "SELECT sender, count(DISTINCT queue_id) AS n FROM events "
-            "WHERE event = 'queued' AND sender <> '' AND ts >= ? "
-            "GROUP BY sender COLLATE NOCASE ORDER BY n DESC LIMIT ?", (start * 60, TOP))]
-    except sqlite3.OperationalError:  # no events table yet (nothing received)
-        results, queue, senders = {}, {"messages": {}, "recipients": {},
-                                       "oldest_seconds": 0.0}, []
-    finally:
-        db.close()
+    if not has_state(cfg):  # nothing received yet
+        return Figures(start, incoming, outgoing, {}, EMPTY_QUEUE, [])
+    with reading(cfg, monitor) as db:
+        sqlite = is_sqlite(db)
+        # (SQLite's CAST truncates; PostgreSQL's rounds: floor() there.)
+        minute_of = "CAST(ts / 60 AS INTEGER)" if sqlite else "floor(ts / 60)"
+        same_sender = "sender COLLATE NOCASE" if sqlite else "lower(sender)"
+        try:
+            # A message is queued with one event per recipient: count
+            # messages in, deliveries (recipients) out.
+            for minute, count in db.execute(
+                    f"SELECT {minute_of} AS m, count(*) FROM events "
+                    "WHERE ts >= ? AND event = 'delivered' GROUP BY m", (start * 60,)):
+                i = int(minute) - start
+                if 0 <= i < MINUTES:
+                    outgoing[i] = int(count)
+            for minute, count in db.execute(
+                    f"SELECT {minute_of} AS m, count(DISTINCT queue_id) FROM events "
+                    "WHERE ts >= ? AND event = 'queued' GROUP BY m", (start * 60,)):
+                i = int(minute) - start
+                if 0 <= i < MINUTES:
+                    incoming[i] = int(count)
+            results = health.delivery_rates(db, start * 60)
+            queue = health.queue_state(db, now)
+            senders = [(str(s), int(c)) for s, c in db.execute(
+                "SELECT min(sender), count(DISTINCT queue_id) AS n FROM events "
+                "WHERE event = 'queued' AND sender <> '' AND ts >= ? "
+                f"GROUP BY {same_sender} ORDER BY n DESC LIMIT ?", (start * 60, TOP))]
+        except sqlite3.OperationalError:  # no events table yet (nothing received)
+            results, queue, senders = {}, EMPTY_QUEUE, []
     return Figures(start, incoming, outgoing, results, queue, senders)
 
 

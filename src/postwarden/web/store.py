@@ -282,7 +282,7 @@ class SqliteAdminStore(SharedTables):
                 db.execute("DELETE FROM webadmin_failures WHERE key = ? AND first <= ?",
                            (key, now - window))
                 db.execute("INSERT INTO webadmin_failures VALUES (?, 1, ?) ON CONFLICT(key) "
-                           "DO UPDATE SET count = count + 1", (key, now))
+                           "DO UPDATE SET count = webadmin_failures.count + 1", (key, now))
 
     def succeeded(self, keys: list[str]) -> None:
         with self._write() as db:
