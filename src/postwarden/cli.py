@@ -53,8 +53,8 @@ from postwarden.storage.sqlite_directory import (
     SqliteDirectory,
     check_domain,
 )
-from postwarden.storage.sqlite_quarantine import QuarantineError
 from postwarden.storage.sqlite_monitor import MonitorError
+from postwarden.storage.sqlite_quarantine import QuarantineError
 from postwarden.web.store import AdminError
 
 PROG = "postwarden"
