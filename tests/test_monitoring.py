@@ -101,8 +101,12 @@ def test_metrics_after_real_traffic(make_server: Callable[..., ServerThread],
         status, body = get(admin, "/metrics")
         assert status == 200
         found = samples(body.decode())
-        done = value(found, "postwarden_deliveries_total", result="delivered",
-                     destination="local") == 3
+        # Both are counted once the results are recorded (the deliveries
+        # run concurrently, so one may still be recording).
+        done = (value(found, "postwarden_deliveries_total", result="delivered",
+                      destination="local") == 3
+                and value(found, "postwarden_queue_residence_seconds_count",
+                          result="delivered") == 3)
         return found if done else None
 
     found = wait_for(scraped)
