@@ -39,6 +39,7 @@ from typing import Any
 import asyncpg
 
 from postwarden.observe.log import get_logger
+from postwarden.storage.pg_replica import VersionedReplica
 from postwarden.storage.pg_schema import prepare, quote_ident
 from postwarden.storage.settings import StorageSettings
 from postwarden.storage.sqlite_directory import SqliteDirectory
@@ -97,49 +98,23 @@ async def pg_write(conn: Any, data: Snapshot) -> None:
     await conn.execute("UPDATE dir_version SET version = version + 1")
 
 
-class DirectoryReplica:
+class DirectoryReplica(VersionedReplica[Snapshot]):
     """Keeps a node's cache (a SqliteDirectory) in step with PostgreSQL."""
+
+    version_table = "dir_version"
+    name = "directory"
 
     def __init__(self, pool: asyncpg.Pool, directory: SqliteDirectory,
                  interval: float = REFRESH_SECONDS) -> None:
-        self.pool = pool
+        super().__init__(pool, log, interval)
         self.directory = directory
-        self.interval = interval
-        self.version = -1
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="directory-refresh")
+    async def read(self, conn: Any) -> tuple[int, Snapshot]:
+        return await pg_read(conn)
 
-    async def refresh(self) -> bool:
-        """Reload the cache if the directory changed; whether it did."""
-        version = await self.pool.fetchval("SELECT version FROM dir_version")
-        if version == self.version:
-            return False
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
-                                                                 readonly=True):
-            version, data = await pg_read(conn)
-        await asyncio.to_thread(load, self.directory, data)
-        self.version = version
-        log.info("directory_loaded", version=version,
-                 accounts=len(data["accounts"]), domains=len(data["domains"]))
-        return True
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # keep serving the cache; try again
-                log.error("directory_refresh_failed", error=str(exc) or repr(exc))
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def apply(self, data: Snapshot) -> dict[str, int]:
+        load(self.directory, data)
+        return {"accounts": len(data["accounts"]), "domains": len(data["domains"])}
 
 
 def cache_directory(data_dir: Path, config_domains: Iterable[str]) -> SqliteDirectory:

@@ -29,7 +29,6 @@ command.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import tempfile
@@ -41,7 +40,8 @@ import asyncpg
 
 from postwarden.dkim_keys import DkimKeyError, KeyRow, KeyStore, mirror, snapshot
 from postwarden.observe.log import get_logger
-from postwarden.storage.pg_schema import connect, run_blocking
+from postwarden.storage.pg_replica import VersionedReplica
+from postwarden.storage.pg_schema import in_transaction
 from postwarden.storage.settings import StorageSettings
 
 log = get_logger("dkim")
@@ -72,87 +72,44 @@ def cache_root(data_dir: Path) -> Path:
     return data_dir / CACHE_NAME
 
 
-class DkimReplica:
+class DkimReplica(VersionedReplica[list[KeyRow]]):
     """Keeps a node's copy of the keys in step with PostgreSQL."""
+
+    version_table = "dkim_version"
+    name = "dkim_keys"
 
     def __init__(self, pool: asyncpg.Pool, store: KeyStore,
                  interval: float = REFRESH_SECONDS) -> None:
-        self.pool = pool
+        super().__init__(pool, log, interval)
         self.store = store
-        self.interval = interval
-        self.version = -1
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="dkim-refresh")
+    async def read(self, conn: Any) -> tuple[int, list[KeyRow]]:
+        return await pg_read(conn)
 
-    async def refresh(self) -> bool:
-        """Rewrite the copy if the keys changed; whether they did."""
-        version = await self.pool.fetchval("SELECT version FROM dkim_version")
-        if version == self.version:
-            return False
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
-                                                                 readonly=True):
-            version, rows = await pg_read(conn)
-        await asyncio.to_thread(mirror, self.store, rows)
-        self.version = version
-        log.info("dkim_keys_loaded", version=version, keys=len(rows),
-                 active=sum(1 for r in rows if r[4]))
-        return True
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # keep signing with the copy; try again
-                log.error("dkim_refresh_failed", error=str(exc) or repr(exc))
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def apply(self, data: list[KeyRow]) -> dict[str, int]:
+        mirror(self.store, data)
+        return {"keys": len(data), "active": sum(1 for r in data if r[4])}
 
 
-def _db_error(exc: BaseException) -> DkimKeyError:
-    return DkimKeyError(f"DKIM keys: PostgreSQL at [storage] dsn: {type(exc).__name__}: {exc}")
+def _db_error(detail: str) -> DkimKeyError:
+    return DkimKeyError(f"DKIM keys: {detail}")
 
 
 def read_keys(settings: StorageSettings) -> tuple[int, list[KeyRow]]:
     """The shared keys and their version (synchronous: commands)."""
-    async def main() -> tuple[int, list[KeyRow]]:
-        conn = await connect(settings)
-        try:
-            return await pg_read(conn)
-        finally:
-            await conn.close()
-    try:
-        return run_blocking(main)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise _db_error(exc) from None
+    return in_transaction(settings, pg_read, _db_error)
 
 
 def write_keys(settings: StorageSettings, read_version: int, rows: Sequence[KeyRow]) -> None:
     """Store ``rows`` as the shared keys, unless they changed since
     ``read_version`` (then nothing is written)."""
-    async def main() -> None:
-        conn = await connect(settings)
-        try:
-            async with conn.transaction():
-                version = await conn.fetchval("SELECT version FROM dkim_version FOR UPDATE")
-                if version != read_version:
-                    raise DkimKeyError("the DKIM keys were changed meanwhile (through "
-                                       "another node?): run the command again")
-                await pg_write(conn, rows)
-        finally:
-            await conn.close()
-    try:
-        run_blocking(main)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise _db_error(exc) from None
+    async def action(conn: Any) -> None:
+        version = await conn.fetchval("SELECT version FROM dkim_version FOR UPDATE")
+        if version != read_version:
+            raise DkimKeyError("the DKIM keys were changed meanwhile (through "
+                               "another node?): run the command again")
+        await pg_write(conn, rows)
+    in_transaction(settings, action, _db_error)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ Networks are validated with :mod:`ipaddress` before they are stored.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Coroutine
@@ -34,7 +33,7 @@ from typing import Any, Self, TypeVar
 import asyncpg
 
 from postwarden.netaddr import client_address
-from postwarden.storage.pg_schema import connect
+from postwarden.storage.pg_schema import in_transaction
 from postwarden.storage.settings import StorageSettings
 from postwarden.storage.sqlite_greylist import Decision
 from postwarden.storage.sqlite_protect import (
@@ -292,18 +291,7 @@ class PgBanAdmin:
         return None
 
     def _run(self, action: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-        async def main() -> T:
-            conn = await connect(self.settings)
-            try:
-                async with conn.transaction():
-                    return await action(conn)
-            finally:
-                await conn.close()
-        try:
-            return asyncio.run(main())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise ProtectError(f"PostgreSQL at [storage] dsn: {type(exc).__name__}: "
-                               f"{exc}") from None
+        return in_transaction(self.settings, action, ProtectError)
 
     def list_bans(self, *, include_expired: bool = False) -> list[Ban]:
         async def action(conn: Any) -> list[Ban]:

@@ -22,9 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Self, TypeVar
 
-import asyncpg
-
-from postwarden.storage.pg_schema import connect, run_blocking
+from postwarden.storage.pg_schema import in_transaction
 from postwarden.storage.settings import StorageSettings
 from postwarden.storage.sqlite_quarantine import HeldMessage, QuarantineError, SqliteQuarantine
 
@@ -49,18 +47,7 @@ class PgQuarantine:
         return None
 
     def _run(self, action: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-        async def main() -> T:
-            conn = await connect(self.settings)
-            try:
-                async with conn.transaction():
-                    return await action(conn)
-            finally:
-                await conn.close()
-        try:
-            return run_blocking(main)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise QuarantineError(f"quarantine: PostgreSQL at [storage] dsn: "
-                                  f"{type(exc).__name__}: {exc}") from None
+        return in_transaction(self.settings, action, lambda d: QuarantineError(f"quarantine: {d}"))
 
     def add(self, held: HeldMessage, message: bytes) -> None:
         async def action(conn: Any) -> None:

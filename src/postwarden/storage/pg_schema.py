@@ -380,3 +380,24 @@ def run_blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(work())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(lambda: asyncio.run(work())).result()
+
+
+def in_transaction(settings: StorageSettings, action: Callable[[Any], Coroutine[Any, Any, T]],
+                   error: Callable[[str], Exception]) -> T:
+    """``action(conn)`` in one transaction on a connection of its own
+    (synchronous: the commands' stores).  A database that cannot be
+    reached or refuses becomes ``error(detail)``, a one-line message
+    naming the setting to check."""
+    import asyncpg
+
+    async def main() -> T:
+        conn = await connect(settings)
+        try:
+            async with conn.transaction():
+                return await action(conn)
+        finally:
+            await conn.close()
+    try:
+        return run_blocking(main)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise error(f"PostgreSQL at [storage] dsn: {type(exc).__name__}: {exc}") from None
