@@ -355,12 +355,13 @@ async def prepare(conn: Any, schema: str) -> int:
     return int(found)
 
 
-async def connect(settings: StorageSettings) -> Any:
+async def connect(settings: StorageSettings, timeout: float = 60.0) -> Any:
     """One connection for a short task (a CLI command): the schema prepared
-    (created or migrated), ``search_path`` set to it."""
+    (created or migrated), ``search_path`` set to it.  ``timeout``: for
+    establishing the connection (asyncpg's default is 60 seconds)."""
     import asyncpg
 
-    conn = await asyncpg.connect(settings.dsn)
+    conn = await asyncpg.connect(settings.dsn, timeout=timeout)
     try:
         await prepare(conn, settings.schema)
         await conn.execute(f"SET search_path TO {quote_ident(settings.schema)}")

@@ -38,7 +38,7 @@ from typing import Any, Self, TypeVar
 import asyncpg
 
 from postwarden.storage.base import StorageError
-from postwarden.storage.pg_schema import prepare, quote_ident
+from postwarden.storage.pg_schema import connect
 from postwarden.storage.settings import StorageSettings
 
 T = TypeVar("T")
@@ -113,15 +113,7 @@ class PgSession:
             raise
 
     async def _connect(self) -> Any:
-        s = self.settings
-        conn = await asyncpg.connect(s.dsn, timeout=CONNECT_TIMEOUT)
-        try:
-            await prepare(conn, s.schema)
-            await conn.execute(f"SET search_path TO {quote_ident(s.schema)}")
-        except BaseException:
-            await conn.close()
-            raise
-        return conn
+        return await connect(self.settings, CONNECT_TIMEOUT)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = QUERY_TIMEOUT) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
