@@ -394,6 +394,8 @@ class Server:
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+        if hasattr(self, "access"):
+            self.access.close()
         log.info("stopped")
 
 
