@@ -2,7 +2,8 @@
 ``postwarden serve`` processes (the :class:`~tests.test_pg_nodes.Node` of
 the node tests): an access-list entry added through node A's command line
 refuses the client on node B, and node B's web admin lists and deletes it;
-a DKIM key generated through node A is on node B's DNS page and API; a
+bans set through node B's web page and API are the shared ones; a DKIM
+key generated through node A is on node B's DNS page and API; a
 feedback report about mail an account sent through node A reaches the
 account's webhook as a signed ``complained`` event, whichever node the
 report arrives at (also an accept-only node: the webhook outbox is shared,
@@ -171,10 +172,16 @@ def test_an_access_entry_added_through_node_a_applies_on_node_b(
                                  "listener": ""}, page)
     listed = json.loads(cli(a, "access", "list", "--json").stdout)
     assert [r["value"] for r in listed if r["kind"] == "deny-helo"] == ["*.spam.example"]
+    # A ban set on node B's page is in the shared ban table (node A lists it).
+    page = browser.get("/access")
+    after = html.unescape(browser.post("/bans/add", {"address": "192.0.2.7", "hours": "2",
+                                                     "reason": "spam run"}, page))
+    assert "Banned 192.0.2.7" in after and "spam run" in after
+    assert "192.0.2.7" in cli(a, "ban", "list").stdout
     assert a.stop() == 0 and b.stop() == 0
 
 
-def test_a_dkim_key_generated_through_node_a_is_on_node_b_dns_page_and_api(
+def test_node_b_web_dns_page_and_api_show_a_key_generated_through_node_a(
         nodes: Any) -> None:
     a = nodes("a", web=False).start()
     b = nodes("b").start()
@@ -194,6 +201,13 @@ def test_a_dkim_key_generated_through_node_a_is_on_node_b_dns_page_and_api(
     # The record as node A's command line prints it, on node B's page.
     printed = cli(a, "dns", "records", DOMAIN).stdout
     assert record["value"].split("p=", 1)[1][:40] in "".join(re.findall(r'"([^"]*)"', printed))
+    # The API's bans are the shared ones too.
+    status, body = api(b, "POST", "/api/v1/bans", key, {"address": "198.51.100.9"})
+    assert status == 201, body
+    assert "198.51.100.9" in cli(a, "ban", "list").stdout
+    status, body = api(b, "GET", "/api/v1/bans", key)
+    assert status == 200 and [x["network"] for x in body["bans"]] == ["198.51.100.9/32"]
+    assert api(b, "DELETE", "/api/v1/bans/198.51.100.9", key)[0] == 200
     add_admin(a)
     browser = Browser(b)
     browser.login("root")
