@@ -539,6 +539,7 @@ def test_a_sqlite_node_copied_to_postgres_serves_its_users_and_delivers_its_queu
         quarantined = text.decode().rsplit(" ", 1)[1]
         assert code == 250 and quarantined.startswith("Q")
         assert cli(path, "ban", "add", "192.0.2.0/24", "--reason", "moved too").returncode == 0
+        assert cli(path, "access", "add", "deny-sender", "*@moved.example").returncode == 0
         running = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema",
                       pg_schema)
         assert running.returncode == 1 and "is running" in running.stderr
@@ -552,6 +553,7 @@ def test_a_sqlite_node_copied_to_postgres_serves_its_users_and_delivers_its_queu
     assert counts["accounts"] == 1 and counts["queued messages"] == 3
     assert counts["recipients"] == 3 and counts["DKIM keys"] == 1
     assert counts["quarantined messages"] == 1 and counts["bans"] == 1
+    assert counts["access entries"] == 1
     assert "secret" not in out.stdout and PG_DSN not in out.stdout
     again = cli(path, "storage", "copy-to-postgres", "--dsn", PG_DSN, "--schema", pg_schema)
     assert again.returncode == 1 and "not empty" in again.stderr and "--force" in again.stderr
@@ -572,6 +574,7 @@ def test_a_sqlite_node_copied_to_postgres_serves_its_users_and_delivers_its_queu
     listing = json.loads(cli(node, "quarantine", "list", "--json").stdout)
     assert [h["id"] for h in listing] == [quarantined]
     assert "192.0.2.0/24" in cli(node, "ban", "list").stdout
+    assert "*@moved.example" in cli(node, "access", "list").stdout
     assert max(sink.ids.values()) == 1
     assert node.stop() == 0
 

@@ -111,7 +111,7 @@ def metric(st: ServerThread, result: str) -> float:
 
 
 def history(st: ServerThread, queue_id: str) -> list[Any]:
-    (found,) = trace.search(st.cfg.db_path, trace.Query(queue_id=queue_id))
+    (found,) = trace.search(st.cfg, trace.Query(queue_id=queue_id))
     return found.events
 
 

@@ -60,6 +60,7 @@ from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
 from postwarden.storage.factory import (
+    admin_store,
     monitor_store,
     open_quarantine,
     queue_store,
@@ -218,7 +219,7 @@ class Server:
             # Feedback reports become complaints on the accounts' webhooks.
             from postwarden.web.complaints import Complaints
 
-            ctx.complaints = Complaints(self.store, cfg.db_path, metrics)
+            ctx.complaints = Complaints(self.store, admin_store(cfg), metrics)
         self.context = ctx
         if cfg.checks.verify:
             # DMARC's organisational domains: read the Public Suffix List now,
@@ -394,6 +395,8 @@ class Server:
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+        if hasattr(self, "access"):
+            self.access.close()
         log.info("stopped")
 
 

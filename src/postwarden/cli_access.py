@@ -7,8 +7,10 @@
 KIND is ``allow`` or ``deny`` (VALUE an address or CIDR, IPv4 or IPv6) or
 ``deny-helo``, ``deny-sender``, ``deny-recipient`` (VALUE a glob such as
 ``*@spam.example``, or ``/regex/``).  A running server picks up a change
-within a second (:mod:`postwarden.policy.access`); the lists of the config
-file (``[access]``) are shown by ``list`` too, marked ``config``.
+within a second (:mod:`postwarden.policy.access`); on PostgreSQL the
+entries are shared, so a change made through any node applies on every
+node.  The lists of the config file (``[access]``) are shown by ``list``
+too, marked ``config``.
 
 Security exposure: administrator only (the data directory is 0700).
 """
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from postwarden import config as _config
-from postwarden.storage.sqlite_access import AccessStore
+from postwarden.storage import factory
 
 Handler = Callable[[_config.Config, argparse.Namespace], int]
 KINDS = {"allow": "allow", "deny": "deny", "deny-helo": "deny_helo",
@@ -52,11 +54,8 @@ def cmd_add(cfg: _config.Config, args: argparse.Namespace) -> int:
         listener, kind, value = _validate(cfg, args)
     except _config.ConfigError as exc:
         return _fail(str(exc))
-    store = AccessStore(cfg.db_path)
-    try:
+    with factory.open_access(cfg) as store:
         added = store.add(kind, value, listener)
-    finally:
-        store.close()
     print(f"{'added' if added else 'already present'}: {args.kind} {value}"
           + (f" (listener {listener})" if listener else ""))
     return 0
@@ -67,11 +66,8 @@ def cmd_del(cfg: _config.Config, args: argparse.Namespace) -> int:
         listener, kind, value = _validate(cfg, args)
     except _config.ConfigError as exc:
         return _fail(str(exc))
-    store = AccessStore(cfg.db_path)
-    try:
+    with factory.open_access(cfg) as store:
         deleted = store.delete(kind, value, listener)
-    finally:
-        store.close()
     if not deleted:
         return _fail(f"no such entry: {args.kind} {value}")
     print(f"deleted: {args.kind} {value}")
@@ -93,13 +89,10 @@ def _config_rows(cfg: _config.Config, listener: str | None) -> list[dict[str, An
 def cmd_list(cfg: _config.Config, args: argparse.Namespace) -> int:
     listener = args.listener
     rows = _config_rows(cfg, listener)
-    if cfg.db_path.exists():
-        store = AccessStore(cfg.db_path)
-        try:
+    if factory.has_state(cfg):
+        with factory.open_access(cfg) as store:
             rows.extend({"listener": e.listener, "kind": e.kind.replace("_", "-"),
                          "value": e.value, "source": "db"} for e in store.entries(listener))
-        finally:
-            store.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from postwarden import config as _config
+from postwarden.storage import factory
 from postwarden.storage.sqlite_protect import Ban, ProtectError, SqliteProtectStore
 
 if TYPE_CHECKING:
@@ -28,12 +29,7 @@ Handler = Callable[[_config.Config, argparse.Namespace], int]
 
 
 def _store(cfg: _config.Config) -> SqliteProtectStore | PgBanAdmin:
-    if cfg.storage.postgres:  # the ban table every node reads
-        from postwarden.storage.pg_protect import PgBanAdmin
-
-        return PgBanAdmin(cfg.storage)
-    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return SqliteProtectStore(cfg.db_path)
+    return factory.ban_admin(cfg)  # on PostgreSQL the ban table every node reads
 
 
 def _left(ban: Ban, now: float) -> str:

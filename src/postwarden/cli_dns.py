@@ -410,7 +410,8 @@ async def _guard(kind: str, name: str, required: bool,
 async def check_domain(cfg: _config.Config, domain: str, store: KeyStore,
                        look: _Lookup) -> list[CheckResult]:
     """Look up every record of ``domain``; the required ones first."""
-    records = expected_records(cfg, domain, store)
+    # In a thread: on PostgreSQL the directory is read with a loop of its own.
+    records = await asyncio.to_thread(expected_records, cfg, domain, store)
     by_kind = {r.kind: r for r in records}
     # SPF's "mx" covers us only if the MX does: the MX answer comes first.
     mx = await _guard("MX", domain, True, _check_mx(look, cfg, by_kind["MX"]))

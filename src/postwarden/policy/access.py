@@ -3,7 +3,9 @@ recipients.
 
 Entries come from the config (``[access]`` for every listener and
 ``[access.listeners.NAME]`` for one) and from the database (``postwarden
-access add``, :mod:`postwarden.storage.sqlite_access`); all of them apply.
+access add``, :mod:`postwarden.storage.sqlite_access`; on PostgreSQL the
+shared tables, :mod:`postwarden.storage.pg_access`, so an entry added
+through any node applies on every node); all of them apply.
 
 - CONNECT: a client in an ``allow`` network is accepted at once and marked
   ``conn.trusted`` (allow overrides deny, and exempts it from the later
@@ -19,8 +21,9 @@ null sender ``<>`` is matched as the empty string.
 
 Changes made with the CLI take effect without a restart: the database's
 change counter is looked at, at most once a second, before a connection is
-admitted; SIGHUP re-reads the ``[access]`` tables of the config file and the
-database entries (:meth:`Access.reload`).
+admitted (on PostgreSQL over one connection the server keeps; when the
+database is away, the entries last read stay in force); SIGHUP re-reads
+the ``[access]`` tables of the config file and the database entries (:meth:`Access.reload`).
 
 Security exposure: decides who may connect; the lists are trusted input
 (administrator), the addresses and names matched against them are not.
@@ -33,7 +36,8 @@ import fnmatch
 import ipaddress
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +46,9 @@ from postwarden.config import ACCESS_KINDS, AccessConfig, AccessLists, Config
 from postwarden.netaddr import client_address
 from postwarden.observe.log import get_logger
 from postwarden.policy import CheckContext, Policy, Stage
-from postwarden.storage.sqlite_access import AccessEntry, AccessStore
+from postwarden.storage.base import StorageError
+from postwarden.storage.settings import StorageSettings
+from postwarden.storage.sqlite_access import AccessEntry, AccessStore, AccessTables
 
 log = get_logger("access")
 
@@ -110,9 +116,14 @@ def _first(patterns: Iterable[Pattern], value: str) -> Pattern | None:
 class Access:
     """The checks, with the lists of the config and of the database."""
 
-    def __init__(self, config: AccessConfig, db_path: Path | None) -> None:
+    def __init__(self, config: AccessConfig, db_path: Path | None,
+                 shared: StorageSettings | None = None) -> None:
         self.config = config
         self.db_path = db_path
+        # PostgreSQL (``[storage] backend = "postgres"``): the shared tables,
+        # over one connection opened at the first read and kept.
+        self.shared = shared if shared is not None and shared.postgres else None
+        self._pg: AccessTables | None = None
         self.db_entries: list[AccessEntry] = []
         self.db_version = -1
         self._checked = 0.0
@@ -142,14 +153,35 @@ class Access:
             self._cache[listener] = compiled
         return compiled
 
-    def _read_db(self) -> tuple[int, list[AccessEntry]] | None:
+    @contextmanager
+    def _store(self) -> Iterator[AccessTables | None]:
+        """The database's access tables, or None when there is no database
+        yet (a SQLite file not created)."""
+        if self.shared is not None:
+            if self._pg is None:
+                from postwarden.storage.pg_access import PgAccessStore
+
+                self._pg = PgAccessStore(self.shared)
+            yield self._pg
+            return
         if self.db_path is None or not self.db_path.exists():
-            return None
+            yield None
+            return
         store = AccessStore(self.db_path)
         try:
-            return store.version(), store.entries()
+            yield store
         finally:
             store.close()
+
+    def close(self) -> None:
+        """Close the connection to the shared tables (PostgreSQL)."""
+        if self._pg is not None:
+            self._pg.close()
+            self._pg = None
+
+    def _read_db(self) -> tuple[int, list[AccessEntry]] | None:
+        with self._store() as store:
+            return None if store is None else (store.version(), store.entries())
 
     def _apply_db(self, result: tuple[int, list[AccessEntry]] | None) -> None:
         if result is None:
@@ -161,13 +193,8 @@ class Access:
             log.info("access_reloaded", entries=len(entries), version=version)
 
     def _db_version(self) -> int | None:
-        if self.db_path is None or not self.db_path.exists():
-            return None
-        store = AccessStore(self.db_path)
-        try:
-            return store.version()
-        finally:
-            store.close()
+        with self._store() as store:
+            return None if store is None else store.version()
 
     def reload(self, config: AccessConfig | None = None) -> None:
         """SIGHUP: new config lists (when given) and the database entries."""
@@ -175,7 +202,10 @@ class Access:
             self.config = config
         self._cache.clear()
         self.db_version = -1
-        self._apply_db(self._read_db())
+        try:
+            self._apply_db(self._read_db())
+        except StorageError as exc:  # the shared database away: the config's lists
+            log.error("access_reload_failed", error=str(exc))
         self._checked = time.monotonic()
 
     async def refresh(self) -> None:
@@ -190,6 +220,8 @@ class Access:
                 version = await asyncio.to_thread(self._db_version)
                 if version is not None and version != self.db_version:
                     self._apply_db(await asyncio.to_thread(self._read_db))
+            except StorageError as exc:  # the shared database away: the entries held
+                log.warning("access_refresh_failed", error=str(exc))
             finally:
                 self._checked = time.monotonic()
 
@@ -234,7 +266,7 @@ class Access:
 def install(policy: Policy, config: Config) -> Access:
     """Register the checks; the connect check goes first, so that an allowed
     client skips the other connect-stage checks."""
-    access = Access(config.access, config.db_path)
+    access = Access(config.access, config.db_path, config.storage)
     access.reload()
     policy.checks[Stage.CONNECT].insert(0, access.check_connect)
     policy.checks[Stage.HELO].insert(0, access.check_helo)

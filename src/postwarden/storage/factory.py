@@ -2,7 +2,7 @@
 
 The composition root (:mod:`postwarden.app`), the CLI commands and the web
 admin ask here for the queue store, the directory, the quarantine, the
-DKIM keys, the monitoring store (alerts, suspensions, audit log), the web
+access lists, the DKIM keys, the monitoring store (alerts, suspensions, audit log), the web
 admin's store and a read connection for the figures (trace, status, alert
 rules), so the choice is made in one place.  SQLite,
 the default, is opened exactly as before; PostgreSQL is imported only when
@@ -17,8 +17,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from postwarden.storage.sqlite_access import AccessStore, AccessTables
 from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_monitor import SqliteMonitorStore
+from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import QuarantineStore, SqliteQuarantine
 from postwarden.storage.sqlite_queue import SqliteQueueStore
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from postwarden.dkim_keys import KeyStore
     from postwarden.storage.base import Reader
     from postwarden.storage.pg_monitor import PgMonitorStore
+    from postwarden.storage.pg_protect import PgBanAdmin
     from postwarden.storage.pg_queue import PgQueueStore
     from postwarden.storage.pg_sync import PgSession
     from postwarden.web.store import SqliteAdminStore
@@ -70,6 +73,33 @@ def open_quarantine(cfg: Config) -> QuarantineStore:
     return SqliteQuarantine(cfg.db_path)
 
 
+def open_access(cfg: Config) -> AccessTables:
+    """The access-list entries (``postwarden access``): the tables of
+    ``postwarden.db``, or, on PostgreSQL, the shared ones (an entry added
+    through any node applies on every node)."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_access import PgAccessStore
+
+        return PgAccessStore(cfg.storage)
+    return AccessStore(cfg.db_path)
+
+
+def ban_admin(cfg: Config, server: object = None) -> SqliteProtectStore | PgBanAdmin:
+    """The bans, for an administrator's list or change (``postwarden ban``,
+    the web admin, the API): on PostgreSQL the shared table (every node
+    reloads it within a second); on SQLite ``server`` (a running server's
+    store: its cache takes the change at once; not to be closed) or the
+    file's."""
+    if cfg.storage.postgres:
+        from postwarden.storage.pg_protect import PgBanAdmin
+
+        return PgBanAdmin(cfg.storage)
+    if isinstance(server, SqliteProtectStore):
+        return server
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return SqliteProtectStore(cfg.db_path)
+
+
 @contextlib.contextmanager
 def dkim_keys(cfg: Config, *, edit: bool = False) -> Iterator[KeyStore]:
     """The DKIM keys for a command: ``data_dir/dkim``, or, on PostgreSQL, a
@@ -97,6 +127,8 @@ def signing_keys(cfg: Config) -> KeyStore:
 
         return KeyStore(cache_root(cfg.data_dir))
     return KeyStore.for_data_dir(cfg.data_dir)
+
+
 def monitor_store(cfg: Config, *, server: bool = False) -> AnyMonitorStore:
     """The alerts, suspensions, baselines and audit log: the tables of
     ``postwarden.db``, or the shared ones on PostgreSQL (every node sees

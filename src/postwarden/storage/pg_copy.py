@@ -7,7 +7,8 @@ columns): the directory (domains, accounts with their password hashes,
 aliases, application passwords); the queue (messages with their bodies,
 whether inline or in the spool directory, each recipient's state, and the
 history); bans, account locks and counters; greylisting; the quarantine;
-the DKIM keys of ``data_dir/dkim``.  Everything is written in one
+the access-list entries of ``postwarden access``; the DKIM keys of
+``data_dir/dkim``.  Everything is written in one
 transaction: an error leaves the target as it was.
 
 Checks first: the SQLite file exists and has the current schema
@@ -49,6 +50,7 @@ SAME: dict[str, tuple[str, ...]] = {
     "greylist_triplets": ("network", "sender", "recipient", "first_seen", "attempts"),
     "greylist_clients": ("network", "allowed_until"),
     "quarantine": (*SqliteQuarantine.COLUMNS.split(", "), "message"),
+    "access_entries": ("listener", "kind", "value", "created"),
     "events": ("ts", "queue_id", "event", "rcpt", "relay", "dsn", "reply", "sender",
                "message_id", "detail"),
 }
@@ -61,7 +63,7 @@ RCPT_COLS = ("address", "params", "status", "attempts", "next_attempt", "last_re
 TARGET_TABLES = ("messages", "events", "dir_domains", "dir_accounts", "dir_aliases",
                  "dir_app_passwords", "quarantine", "dkim_keys", "protect_bans",
                  "protect_locks", "protect_events", "protect_rates", "greylist_triplets",
-                 "greylist_clients")
+                 "greylist_clients", "access_entries")
 _SPOOL_LOCK = ".lock"
 
 
@@ -148,6 +150,7 @@ def _counts(src: _Source) -> dict[str, int]:
         "greylist entries": len(src.same["greylist_triplets"]) + len(
             src.same["greylist_clients"]),
         "quarantined messages": len(src.same["quarantine"]),
+        "access entries": len(src.same["access_entries"]),
         "DKIM keys": len(src.keys),
     }
 
@@ -179,6 +182,8 @@ async def _write(conn: Any, src: _Source, force: bool) -> None:
             f"({', '.join(f'${i + 1}' for i in range(len(RCPT_COLS) + 1))})",
             [(queue_id, *r[:9], bool(r[9])) for queue_id, rcpts in src.recipients.items()
              for r in rcpts])
+        # Running nodes re-read the access entries on a new version.
+        await conn.execute("UPDATE access_version SET version = version + 1")
         # Each message is due at its earliest pending recipient's attempt.
         await conn.execute(
             "UPDATE messages m SET due_at = coalesce((SELECT min(next_attempt) FROM "

@@ -39,6 +39,10 @@ Version history:
    :mod:`postwarden.storage.pg_dkim`), and ``messages.spool_name``: the
    body's file in a shared spool directory (``[storage] shared_spool_dir``),
    empty when the body is in the row.
+6. ``access_entries`` and ``access_version`` (the access lists of
+   ``postwarden access`` and the web admin's Access page, SQLite's columns;
+   the version is bumped by every change, and each node re-reads the
+   entries when it sees a new one; see :mod:`postwarden.storage.pg_access`).
 
 Security exposure: none of its own (fixed DDL; the schema name is checked
 by :mod:`postwarden.storage.settings` and quoted).
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PENDING = "('queued', 'deferred')"
 # pg_advisory_xact_lock key: "postwarden" (any constant shared by all nodes).
 _MIGRATION_LOCK = 0x706F737477617264
@@ -318,8 +322,20 @@ INSERT INTO dkim_version (version) VALUES (0);
 ALTER TABLE messages ADD COLUMN spool_name TEXT NOT NULL DEFAULT ''
 """
 
+_V6 = """
+CREATE TABLE access_entries (
+    listener TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (listener, kind, value)
+);
+CREATE TABLE access_version (version BIGINT NOT NULL);
+INSERT INTO access_version (version) VALUES (0)
+"""
+
 # MIGRATIONS[n] takes a schema from version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5}
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4, 4: _V5, 5: _V6}
 
 
 def _statements(script: str) -> list[str]:

@@ -37,7 +37,7 @@ from postwarden.cli_queue import message_dict
 from postwarden.observe import health
 from postwarden.observe import trace as trace_mod
 from postwarden.storage import sqlite_queue_browse as browse
-from postwarden.storage.factory import reading
+from postwarden.storage.factory import ban_admin, reading, signing_keys
 from postwarden.storage.sqlite_directory import DirectoryError
 from postwarden.storage.sqlite_protect import ProtectError
 from postwarden.storage.sqlite_quarantine import SqliteQuarantine
@@ -336,8 +336,13 @@ class ApiV1:
         await self.audit(key, f"quarantine {action}", held_id)
         return JSONResponse({"id": held_id, "action": action, "queue_id": queue_id or None})
 
+    def _bans(self) -> Any:
+        """The bans to change: the shared table on PostgreSQL, else the
+        server's store (not closed: it is the server's)."""
+        return ban_admin(self.cfg, self.server.protect)
+
     async def bans(self, request: Request, key: ApiKey) -> Response:
-        items = await asyncio.to_thread(self.server.protect.list_bans)
+        items = await asyncio.to_thread(self._bans().list_bans)
         return JSONResponse({"bans": [{"network": b.network, "reason": b.reason,
                                        "level": b.level, "until": b.until,
                                        "created": b.created} for b in items]})
@@ -351,7 +356,7 @@ class ApiV1:
                                   or not 0 < hours < 10 * 366 * 24):
             raise ApiError(422, "hours: a positive number (absent: permanent)")
         try:
-            ban = await asyncio.to_thread(self.server.protect.add_ban, address, reason,
+            ban = await asyncio.to_thread(self._bans().add_ban, address, reason,
                                           None if hours is None else float(hours) * 3600)
         except ProtectError as exc:
             raise ApiError(422, str(exc)) from None
@@ -361,7 +366,7 @@ class ApiV1:
     async def ban_del(self, request: Request, key: ApiKey) -> Response:
         address = request.path_params["address"]
         try:
-            found = await asyncio.to_thread(self.server.protect.del_ban, address)
+            found = await asyncio.to_thread(self._bans().del_ban, address)
         except ProtectError as exc:
             raise ApiError(422, str(exc)) from None
         if not found:
@@ -374,15 +379,14 @@ class ApiV1:
         configured resolver finds for each (as the DNS page and ``dns
         check``)."""
         from postwarden import cli_dns
-        from postwarden.dkim_keys import KeyStore
 
         domain = request.path_params["domain"].strip().lower().rstrip(".")
         if domain not in await asyncio.to_thread(self.server.directory.list_domains):
             raise ApiError(404, f"{domain}: not a local domain")
-        store = KeyStore.for_data_dir(self.cfg.data_dir)
+        store = signing_keys(self.cfg)  # on PostgreSQL: the shared keys
+        expected = await asyncio.to_thread(cli_dns.expected_records, self.cfg, domain, store)
         records = [{"kind": r.kind, "name": r.name, "type": r.rtype, "value": r.value,
-                    "required": r.required}
-                   for r in cli_dns.expected_records(self.cfg, domain, store)]
+                    "required": r.required} for r in expected]
         body: dict[str, Any] = {"domain": domain, "records": records}
         if request.query_params.get("check") in ("1", "true", "yes"):
             try:

@@ -24,7 +24,9 @@ without our ``Received`` field.  Then:
 * when the account has a webhook, the event goes to the webhook outbox
   (``webadmin_webhook_outbox``), which the main process's
   :class:`~postwarden.web.webhooks.WebhookSender` posts, signed and
-  retried like the delivery events.
+  retried like the delivery events.  On PostgreSQL the outbox is shared
+  (:mod:`postwarden.storage.pg_admin`): a report accepted by a node that
+  does not deliver (``[queue] workers = 0``) is posted by a node that does.
 
 A report that is malformed or matches nothing changes nothing: one log
 line, the counter.
@@ -46,7 +48,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from postwarden.message import feedback
@@ -92,12 +93,15 @@ def sent_message(queue_id: str, events: list[DeliveryEvent], message_id: str) ->
 class Complaints:
     """Examines the feedback reports one process accepts."""
 
-    def __init__(self, queue: QueueStore, db_path: Path, metrics: Any,
+    def __init__(self, queue: QueueStore, store: SqliteAdminStore, metrics: Any,
                  clock: Callable[[], float] = time.time) -> None:
+        """``store``: the web admin's store of ``[storage]`` (the webhooks and
+        their outbox; on PostgreSQL the shared tables, so a report accepted
+        by any node reaches the webhook through the nodes that post)."""
         self.queue = queue
         self.metrics = metrics
         self.clock = clock
-        self.store = SqliteAdminStore(db_path)
+        self.store = store
         self._tasks: set[asyncio.Task[str]] = set()
 
     def received(self, report_id: str, data: bytes) -> None:

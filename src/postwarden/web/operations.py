@@ -29,9 +29,7 @@ from starlette.routing import BaseRoute, Route
 from postwarden import cli_dns, cli_quarantine
 from postwarden import config as _config
 from postwarden.cli_access import KINDS as ACCESS_KINDS
-from postwarden.dkim_keys import KeyStore
-from postwarden.storage.factory import open_quarantine
-from postwarden.storage.sqlite_access import AccessStore
+from postwarden.storage import factory
 from postwarden.storage.sqlite_protect import ProtectError
 from postwarden.web.store import Session
 
@@ -74,7 +72,7 @@ class OperationsPages:
 
     async def quarantine(self, request: Request, session: Session) -> Response:
         def read() -> list[Any]:
-            with open_quarantine(self.cfg) as q:
+            with factory.open_quarantine(self.cfg) as q:
                 q.expire(self.cfg.filters.quarantine_retention)
                 return q.list(limit=500)
 
@@ -85,7 +83,7 @@ class OperationsPages:
         form: FormData = request.state.form
         held_id = str(form.get("id", ""))
         release = request.url.path.endswith("/release")
-        with open_quarantine(self.cfg) as q:
+        with factory.open_quarantine(self.cfg) as q:
             try:
                 if release:
                     queue_id = await cli_quarantine.release(self.cfg, q, self.server.store,
@@ -111,13 +109,10 @@ class OperationsPages:
         def read() -> tuple[list[dict[str, str]], list[Any]]:
             rows = [{"listener": r["listener"], "kind": r["kind"], "value": r["value"],
                      "source": r["source"]} for r in _config_rows(self.cfg)]
-            store = AccessStore(self.cfg.db_path)
-            try:
+            with factory.open_access(self.cfg) as store:
                 rows += [{"listener": e.listener, "kind": e.kind.replace("_", "-"),
                           "value": e.value, "source": "database"} for e in store.entries()]
-            finally:
-                store.close()
-            return rows, self.server.protect.list_bans()
+            return rows, factory.ban_admin(self.cfg, self.server.protect).list_bans()
 
         rows, bans = await asyncio.to_thread(read)
         return self.web.render(request, "access.html", session, rows=rows, bans=bans,
@@ -143,12 +138,9 @@ class OperationsPages:
             return self.web.back(request, "/access")
 
         def change() -> bool:
-            store = AccessStore(self.cfg.db_path)
-            try:
+            with factory.open_access(self.cfg) as store:
                 return store.add(kind, value, listener) if add else \
                     store.delete(kind, value, listener)
-            finally:
-                store.close()
 
         changed = await asyncio.to_thread(change)
         await self.web.audit(session, f"access {'add' if add else 'del'}", value,
@@ -162,7 +154,7 @@ class OperationsPages:
         form: FormData = request.state.form
         address = str(form.get("address", "")).strip()
         add = request.url.path.endswith("/add")
-        protect = self.server.protect
+        protect = factory.ban_admin(self.cfg, self.server.protect)  # not closed
         try:
             if add:
                 hours_text = str(form.get("hours", "")).strip()
@@ -187,8 +179,11 @@ class OperationsPages:
 
     async def dns(self, request: Request, session: Session) -> Response:
         domains = await asyncio.to_thread(self.server.directory.list_domains)
-        store = KeyStore.for_data_dir(self.cfg.data_dir)
-        records = {d: cli_dns.expected_records(self.cfg, d, store) for d in domains}
+        # The keys this node signs with: on PostgreSQL its copy of the
+        # shared keys, current within a second (storage.pg_dkim).
+        store = factory.signing_keys(self.cfg)
+        records = await asyncio.to_thread(  # (PostgreSQL: the directory read in a thread)
+            lambda: {d: cli_dns.expected_records(self.cfg, d, store) for d in domains})
         hosts = cli_dns.host_records(self.cfg)
         checked = request.query_params.get("check", "")
         results = None
