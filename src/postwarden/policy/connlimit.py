@@ -17,6 +17,7 @@ is bounded (windows of idle clients are dropped by a periodic sweep).
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import math
 import mmap
@@ -41,10 +42,17 @@ SWEEP_INTERVAL = 60.0
 
 def client_key(peer_ip: str, settings: ConnectionsConfig) -> str:
     """The network a client is counted in, e.g. ``192.0.2.0/24``."""
+    return _network(peer_ip, settings.ipv4_prefix, settings.ipv6_prefix)
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(peer_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    # Cached: parsing a network costs more than the rest of the check, and
+    # the same clients keep connecting.
     addr = client_address(peer_ip)
     if addr is None:
         return peer_ip
-    prefix = settings.ipv4_prefix if addr.version == 4 else settings.ipv6_prefix
+    prefix = ipv4_prefix if addr.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
