@@ -72,11 +72,14 @@ def unfold(value: bytes) -> bytes:
     return value.replace(b"\r", b"").replace(b"\n", b"")
 
 
-# The last message parsed, with its result: DKIM, ARC and DMARC each parse
-# the header of the same message object one after the other.  Only for
-# messages up to this size, so that no big message is kept alive by it.
+# The last header parsed, with its result.  One message's header is parsed
+# by several stages, each holding its own bytes object: the header block
+# alone (forged Authentication-Results), the message as received (DKIM,
+# ARC, DMARC), the message as queued (filters).  The parse stops at the
+# empty line, so its result holds for any data that starts with the same
+# bytes up to and including that line.  Only for headers up to this size.
 _MEMO_MAX = 1 << 20
-_memo: tuple[bytes, HeaderBlock] | None = None
+_memo: tuple[bytes, HeaderBlock] | None = None  # (data up to the body, block)
 
 
 def parse_header(data: bytes) -> HeaderBlock:
@@ -84,11 +87,12 @@ def parse_header(data: bytes) -> HeaderBlock:
     CRLF or bare LF line ends) into fields."""
     global _memo
     memo = _memo
-    if memo is not None and memo[0] is data:
+    if memo is not None and data.startswith(memo[0]):
         return memo[1]
     block = _parse(data)
-    if type(data) is bytes and len(data) <= _MEMO_MAX:
-        _memo = (data, block)
+    # Remembered only when the empty line was found (the answer is final).
+    if block.end < block.body_start <= _MEMO_MAX:
+        _memo = (bytes(data[:block.body_start]), block)
     return block
 
 
