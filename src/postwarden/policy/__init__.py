@@ -93,23 +93,34 @@ class Policy:
 
     async def emit(self, event: Event, ctx: CheckContext, **data: object) -> R.Reply | None:
         """Tell every handler; the first reply a handler returns ends the
-        session.  A failing handler is logged and ignored (events only count)."""
+        session.  A failing handler is logged and ignored (events only count);
+        all of them together get CHECK_TIMEOUT seconds."""
         handlers = self.handlers[event]
         if not handlers:
             return None
         first: R.Reply | None = None
-        for handler in handlers:
-            try:
-                async with asyncio.timeout(CHECK_TIMEOUT):
-                    reply = await handler(ctx, **data)
-            except Exception as exc:
-                log.error("event_handler_failed", on=event.value,
-                          handler=getattr(handler, "__name__", repr(handler)),
-                          session=ctx.conn.session_id, error=f"{type(exc).__name__}: {exc}")
-                continue
-            if reply is not None and first is None:
-                first = reply
+        handler: Handler | None = None
+        try:
+            # One deadline for all the handlers, as for the checks of a stage.
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                for handler in handlers:
+                    try:
+                        reply = await handler(ctx, **data)
+                    except Exception as exc:
+                        self._handler_failed(event, handler, ctx, exc)
+                        continue
+                    if reply is not None and first is None:
+                        first = reply
+        except TimeoutError as exc:
+            self._handler_failed(event, handler, ctx, exc)
         return first
+
+    @staticmethod
+    def _handler_failed(event: Event, handler: Handler | None, ctx: CheckContext,
+                        exc: BaseException) -> None:
+        log.error("event_handler_failed", on=event.value,
+                  handler=getattr(handler, "__name__", repr(handler)),
+                  session=ctx.conn.session_id, error=f"{type(exc).__name__}: {exc}")
 
     async def run(self, stage: Stage, ctx: CheckContext) -> R.Verdict:
         checks = self.checks[stage]
