@@ -105,14 +105,11 @@ def _new_password(args: argparse.Namespace, cfg: _config.Config) -> tuple[str, b
 
     A password given on standard input must pass ``[passwords]`` rules
     (:mod:`postwarden.auth.password_policy`); generated ones always do."""
-    if args.password_stdin:
-        password = _read_password(sys.stdin)
-        try:
-            password_policy.check_password(password, cfg.passwords)
-        except password_policy.PasswordRejected as exc:
-            raise CliError(str(exc)) from None
-        return password, False
-    return passwords.generate_password(), True
+    given = _read_password(sys.stdin) if args.password_stdin else ""
+    try:
+        return password_policy.given_or_generated(given, cfg.passwords)
+    except password_policy.PasswordRejected as exc:
+        raise CliError(str(exc)) from None
 
 
 def _show_password(address: str, password: str) -> None:

@@ -34,16 +34,15 @@ def _store(cfg: _config.Config) -> SqliteAdminStore:
 
 
 def _password(cfg: _config.Config, args: argparse.Namespace) -> tuple[str, bool]:
+    line = ""
     if args.password_stdin:
         line = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
         if not line or any(ord(c) < 32 or ord(c) == 127 for c in line):
             raise AdminError("give one line of printable characters on standard input")
-        try:
-            password_policy.check_password(line, cfg.passwords)
-        except password_policy.PasswordRejected as exc:
-            raise AdminError(str(exc)) from None
-        return line, False
-    return passwords.generate_password(), True
+    try:
+        return password_policy.given_or_generated(line, cfg.passwords)
+    except password_policy.PasswordRejected as exc:
+        raise AdminError(str(exc)) from None
 
 
 def _show(name: str, password: str) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from functools import lru_cache
 
 from postwarden import reply as R
+from postwarden.auth import passwords
 from postwarden.config import PasswordsConfig
 from postwarden.observe.log import get_logger
 
@@ -63,6 +64,16 @@ def check_password(password: str, rules: PasswordsConfig) -> None:
         raise PasswordRejected(
             "password refused: it is on the list of common passwords; choose another "
             "(or omit --password-stdin to have one generated)")
+
+
+def given_or_generated(given: str, rules: PasswordsConfig) -> tuple[str, bool]:
+    """The password to set, and whether it was generated (so must be shown
+    once): ``given`` when there is one, checked against the rules
+    (:class:`PasswordRejected`), else a generated one, which always passes."""
+    if given:
+        check_password(given, rules)
+        return given, False
+    return passwords.generate_password(), True
 
 
 def is_expired(changed_at: float | None, rules: PasswordsConfig,

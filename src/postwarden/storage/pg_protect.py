@@ -46,6 +46,7 @@ from postwarden.storage.sqlite_protect import (
     active_bans,
     ban_from_row,
     parse_network,
+    window_estimate,
 )
 
 T = TypeVar("T")
@@ -169,10 +170,7 @@ class PgProtectStore:
         rows = await self.pool.fetch("SELECT window_start, count FROM protect_rates "
                                      "WHERE key = $1 AND window_start >= $2",
                                      key, start - window)
-        current = sum(int(r[1]) for r in rows if r[0] == start)
-        previous = sum(int(r[1]) for r in rows if r[0] == start - window)
-        overlap = 1.0 - (now - start) / window
-        return current + previous * overlap
+        return window_estimate(rows, now, window)
 
     async def add_rate(self, key: str, window: int, amount: int = 1) -> None:
         await self.add_rates([(key, amount)], window)

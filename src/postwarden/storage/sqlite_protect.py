@@ -283,10 +283,7 @@ class SqliteProtectStore(SharedTables):
         start = int(now // window) * window
         rows = self._query("SELECT window_start, count FROM protect_rates WHERE key = ?"
                            " AND window_start >= ?", (key, start - window))
-        current = sum(int(str(c)) for s, c in rows if s == start)
-        previous = sum(int(str(c)) for s, c in rows if s == start - window)
-        overlap = 1.0 - (now - start) / window
-        return current + previous * overlap
+        return window_estimate(rows, now, window)
 
     async def add_rate(self, key: str, window: int, amount: int = 1) -> None:
         await self.add_rates([(key, amount)], window)
@@ -312,6 +309,20 @@ class SqliteProtectStore(SharedTables):
         db.execute("DELETE FROM protect_locks WHERE until < ?", (now,))
         db.execute("DELETE FROM protect_events WHERE at < ?", (now - 86400,))
         db.execute("DELETE FROM protect_rates WHERE window_start < ?", (now - 2 * 86400,))
+
+
+def window_estimate(rows: Iterable[Any], now: float, window: int) -> float:
+    """A rate counter's sliding-window estimate from its (window_start,
+    count) rows: the current window's count plus the previous one's,
+    weighted by how much of it still overlaps the last ``window`` seconds."""
+    start = int(now // window) * window
+    current = previous = 0
+    for window_start, count in rows:
+        if window_start == start:
+            current += int(count)
+        elif window_start == start - window:
+            previous += int(count)
+    return current + previous * (1.0 - (now - start) / window)
 
 
 def active_bans(rows: Iterable[Any]) -> list[tuple[Network, Ban]]:

@@ -150,12 +150,8 @@ class AdminsApi:
 
     async def _password(self, data: dict[str, Any]) -> tuple[str, str, bool]:
         """(password, its hash, generated)"""
-        password = text_field(data, "password", required=False, limit=1024)
-        generated = not password
-        if generated:
-            password = passwords.generate_password()
-        else:
-            password_policy.check_password(password, self.cfg.passwords)
+        password, generated = password_policy.given_or_generated(
+            text_field(data, "password", required=False, limit=1024), self.cfg.passwords)
         return password, await asyncio.to_thread(passwords.hash_password, password), generated
 
     async def admins(self, request: Request, key: ApiKey) -> Response:

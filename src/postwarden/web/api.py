@@ -199,12 +199,8 @@ class ApiV1:
     async def account_add(self, request: Request, key: ApiKey) -> Response:
         data = await read_json(request)
         address = text_field(data, "address", limit=254)
-        password = text_field(data, "password", required=False, limit=1024)
-        generated = not password
-        if generated:
-            password = passwords.generate_password()
-        else:
-            password_policy.check_password(password, self.cfg.passwords)
+        password, generated = password_policy.given_or_generated(
+            text_field(data, "password", required=False, limit=1024), self.cfg.passwords)
         hashed = await asyncio.to_thread(passwords.hash_password, password)
         d = self.server.directory
         address = await asyncio.to_thread(d.add_user, address, hashed)

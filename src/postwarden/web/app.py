@@ -366,11 +366,8 @@ class WebAdmin:
     def password_of(self, form: FormData) -> tuple[str, bool]:
         """The password a form gives (checked against the policy), or a
         generated one: (password, generated)."""
-        given = str(form.get("password", ""))
-        if given:
-            password_policy.check_password(given, self.cfg.passwords)
-            return given, False
-        return passwords.generate_password(), True
+        return password_policy.given_or_generated(str(form.get("password", "")),
+                                                  self.cfg.passwords)
 
     async def account_add(self, request: Request, session: Session) -> Response:
         d = self.server.directory
