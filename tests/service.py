@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,13 +34,32 @@ def kill_leftovers() -> None:
             proc.wait(10)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """``n`` distinct ports free on 127.0.0.1 for a server started later.
+
+    Taken below the kernel's ephemeral range: a port the kernel hands out
+    for binding to port 0 can be handed out again, before the server binds
+    it, as the local port of some client connection (to PostgreSQL, say),
+    and the server then fails with "Address already in use"."""
+    low = _ephemeral_low()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(10000, low) if low > 11000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
