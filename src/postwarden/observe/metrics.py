@@ -57,7 +57,40 @@ def prepare_multiprocess(data_dir: Path, *, main: bool) -> Path:
         shutil.rmtree(path, ignore_errors=True)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ[MULTIPROC_ENV] = str(path)
+    _cache_pid_for_values()
     return path
+
+
+_pid = [os.getpid()]
+
+
+def _process_id() -> int:
+    return _pid[0]
+
+
+def _cache_pid_for_values() -> None:
+    """Multiprocess values look up the process id at every ``inc()`` (a
+    getpid(2) each time, several per message) to notice a fork; the id is
+    cached here and refreshed in a forked child (``os.register_at_fork``),
+    which keeps prometheus-client's rule that simultaneously running
+    processes get distinct ids."""
+    from prometheus_client import values
+
+    _pid[0] = os.getpid()
+    current = values.ValueClass
+    if not getattr(current, "_multiprocess", False) or getattr(
+            current, "_postwarden_cached_pid", False):
+        return  # imported before the directory was named, or done already
+    cls = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
+    cls._postwarden_cached_pid = True
+    values.ValueClass = cls
+
+
+def _after_fork() -> None:
+    _pid[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def process_dead(pid: int) -> None:
@@ -193,6 +226,7 @@ class Metrics:
         self._delivery_seconds: dict[str, Any] = {}
         self._residence: dict[str, Any] = {}
         self._dns: dict[str, Any] = {}
+        self._filter_verdicts: dict[tuple[str, str], Any] = {}
         self.collectors: list[Any] = []
 
     # -- bound children -----------------------------------------------------
@@ -238,7 +272,11 @@ class Metrics:
             self.dns_failures.labels(rdtype, outcome).inc()
 
     def filter_verdict(self, name: str, verdict: str) -> None:
-        self.filter_verdicts.labels(name, verdict).inc()
+        child = self._filter_verdicts.get((name, verdict))
+        if child is None:
+            child = self._filter_verdicts[(name, verdict)] = self.filter_verdicts.labels(
+                name, verdict)
+        child.inc()
 
     # -- exposition -----------------------------------------------------------
 

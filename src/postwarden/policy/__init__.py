@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from postwarden import reply as R
 from postwarden.config import Config, ListenerConfig
@@ -28,6 +30,60 @@ from postwarden.storage.base import Directory
 log = get_logger("policy")
 
 CHECK_TIMEOUT = 30.0
+
+T = TypeVar("T")
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, T], first: Any) -> Generator[Any, Any, T]:
+    """Await the rest of ``coro``, which has already yielded ``first`` to
+    its first ``send`` (what ``yield from`` does after its first step):
+    values go up to the task, results and exceptions (cancellation) down."""
+    value = first
+    while True:
+        try:
+            sent = yield value
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                value = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+
+async def bounded(awaitable: Awaitable[T], deadline: list[float]) -> T:
+    """Await a check or handler under a shared deadline, without arming a
+    timer for one that finishes without waiting.
+
+    Most checks answer from memory or a local database and never suspend;
+    an ``asyncio.timeout`` around each stage cost a timer, a context
+    manager and two task look-ups per stage (several per message).  The
+    coroutine is run to its first suspension here; only one that waits
+    (DNS, a socket) continues under ``asyncio.timeout_at``.  ``deadline``
+    holds the stage's deadline once one is needed (empty before): all the
+    checks of a stage share one CHECK_TIMEOUT, counted from the first
+    wait."""
+    coro = awaitable if isinstance(awaitable, types.CoroutineType) else None
+    if coro is None:  # not a native coroutine: the general path
+        if not deadline:
+            deadline.append(asyncio.get_running_loop().time() + CHECK_TIMEOUT)
+        async with asyncio.timeout_at(deadline[0]):
+            return await awaitable
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    if not deadline:
+        deadline.append(asyncio.get_running_loop().time() + CHECK_TIMEOUT)
+    async with asyncio.timeout_at(deadline[0]):
+        return await _resume(coro, first)
 
 
 class Stage(enum.Enum):
@@ -99,20 +155,19 @@ class Policy:
         if not handlers:
             return None
         first: R.Reply | None = None
-        handler: Handler | None = None
-        try:
-            # One deadline for all the handlers, as for the checks of a stage.
-            async with asyncio.timeout(CHECK_TIMEOUT):
-                for handler in handlers:
-                    try:
-                        reply = await handler(ctx, **data)
-                    except Exception as exc:
-                        self._handler_failed(event, handler, ctx, exc)
-                        continue
-                    if reply is not None and first is None:
-                        first = reply
-        except TimeoutError as exc:
-            self._handler_failed(event, handler, ctx, exc)
+        # One deadline for all the handlers, as for the checks of a stage.
+        deadline: list[float] = []
+        for handler in handlers:
+            try:
+                reply = await bounded(handler(ctx, **data), deadline)
+            except Exception as exc:
+                self._handler_failed(event, handler, ctx, exc)
+                if isinstance(exc, TimeoutError) and deadline and (
+                        asyncio.get_running_loop().time() >= deadline[0]):
+                    break  # the shared deadline has passed: no more handlers
+                continue
+            if reply is not None and first is None:
+                first = reply
         return first
 
     @staticmethod
@@ -127,17 +182,17 @@ class Policy:
         if not checks:
             return self.defaults[stage]
         current: Check | None = None
+        # One deadline for the whole stage, not one timer per check.
+        deadline: list[float] = []
         try:
-            # One deadline for the whole stage, not one timer per check.
-            async with asyncio.timeout(CHECK_TIMEOUT):
-                for current in checks:
-                    verdict = await current(ctx)
-                    if verdict.final:
-                        if verdict.outcome is not R.Outcome.ACCEPT and verdict.reply is None:
-                            return R.Verdict(verdict.outcome, R.TEMP_FAILURE if verdict.outcome
-                                             is R.Outcome.TEMPFAIL else R.ACCESS_DENIED,
-                                             verdict.reason)
-                        return verdict
+            for current in checks:
+                verdict = await bounded(current(ctx), deadline)
+                if verdict.final:
+                    if verdict.outcome is not R.Outcome.ACCEPT and verdict.reply is None:
+                        return R.Verdict(verdict.outcome, R.TEMP_FAILURE if verdict.outcome
+                                         is R.Outcome.TEMPFAIL else R.ACCESS_DENIED,
+                                         verdict.reason)
+                    return verdict
         except TimeoutError:
             name = getattr(current, "__name__", repr(current))
             log.warning("check_timeout", check=name, session=ctx.conn.session_id)

@@ -171,7 +171,9 @@ class Session:
                 await self.ctx.policy.emit(Event.DISCONNECT, self._check_context())
             self.writer.close()
             with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
-                await asyncio.wait_for(self.writer.wait_closed(), 5)
+                # asyncio.timeout, not wait_for: no task per connection.
+                async with asyncio.timeout(5):
+                    await self.writer.wait_closed()
             log.info("disconnect", session=c.session_id, client=c.peer_ip,
                      accepted=self.accepted, errors=self.proto.errors,
                      commands=self.proto.commands,
