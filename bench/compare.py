@@ -128,6 +128,7 @@ class Run:
     accept_s: float = 0.0  # load start -> last 250 after DATA
     e2e_s: float | None = None  # load start -> last message at the sink / in the Maildir
     cpu_s: float = 0.0  # server CPU over the load (and delivery)
+    cpu_system_s: float = 0.0  # the part of cpu_s spent in the kernel
     rss: int = 0  # peak sum of VmRSS, bytes
     pss: int = 0  # peak sum of Pss, bytes
     processes: int = 0  # peak number of server processes
@@ -268,6 +269,7 @@ class Bench:
         sampler.stop()
         run.dns = self.dns.take_counts()
         run.cpu_s = sampler.cpu
+        run.cpu_system_s = sampler.cpu_system
         run.rss, run.pss, run.processes = (sampler.peak.rss, sampler.peak.pss,
                                            sampler.peak.processes)
         if not case.end_to_end:
@@ -457,6 +459,25 @@ def results_table(runs: list[Run]) -> list[str]:
     return [fmt(head), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)]
 
 
+def cpu_split_lines(runs: list[Run]) -> list[str]:
+    """Where each server's CPU went, per message: its own code (user) and
+    the kernel (system calls, page faults), medians over the repetitions."""
+    lines = []
+    for (case, size, sess), pf, pw in grouped(runs):
+        cells = []
+        for server, done in (("postfix", pf), ("postwarden", pw)):
+            if not done:
+                continue
+            user = statistics.median((r.cpu_s - r.cpu_system_s) * 1000 / r.count for r in done)
+            system = statistics.median(r.cpu_system_s * 1000 / r.count for r in done)
+            cells.append(f"{server} {user:.2f} + {system:.2f}")
+        if cells:
+            lines.append(f"  {CASES[case].title + ',':26s} {size // KB:3d} KB, {sess:2d} sessions: "
+                         + "; ".join(cells))
+    return ["", "CPU seconds per 1,000 messages, user + system (the server's own code + "
+            "the kernel working for it):", *lines] if lines else []
+
+
 def dns_lines(runs: list[Run]) -> list[str]:
     """DNS queries per message, per case and server (all to the loopback stub)."""
     lines = []
@@ -512,6 +533,7 @@ def report(bench: Bench, facts: dict[str, str], reps: int, quick: bool) -> list[
         cpu = statistics.median(r.client_cpu_s * 1000 / r.count for r in tls
                                 if r.client_cpu_s is not None)
         lines += ["", f"STARTTLS load generator (Python) CPU: {cpu:.2f} s per 1,000 messages."]
+    lines += cpu_split_lines(bench.runs)
     lines += dns_lines(bench.runs)
     if bench.idle is not None:
         lines += ["", *idle_lines(bench.idle)]

@@ -65,12 +65,20 @@ def live_members(pgid: int) -> list[int]:
 
 def group_cpu(pgid: int) -> float:
     """CPU seconds used so far by the group (live and reaped processes)."""
-    ticks = 0
+    return sum(group_cpu_split(pgid))
+
+
+def group_cpu_split(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by the group: time in the
+    processes' own code, and in the kernel on their behalf (system calls:
+    sockets, files, fsync, locks; page faults)."""
+    user = system = 0
     for pid in group_members(pgid):
         fields = _stat(pid)
-        if fields is not None:
-            ticks += sum(int(x) for x in fields[11:15])
-    return ticks / CLK_TCK
+        if fields is not None:  # utime, stime, cutime, cstime (proc(5))
+            user += int(fields[11]) + int(fields[13])
+            system += int(fields[12]) + int(fields[14])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def _rss(pid: int) -> int:
@@ -113,7 +121,8 @@ class Sampler:
         self.interval = interval
         self.peak = Memory()
         self.cpu = 0.0
-        self._cpu0 = 0.0
+        self.cpu_system = 0.0  # the kernel's part of ``cpu``
+        self._cpu0 = (0.0, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
@@ -128,13 +137,15 @@ class Sampler:
             self._sample()
 
     def start(self) -> Sampler:
-        self._cpu0 = group_cpu(self.pgid)
+        self._cpu0 = group_cpu_split(self.pgid)
         self._sample()
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self.cpu = group_cpu(self.pgid) - self._cpu0
+        user, system = group_cpu_split(self.pgid)
+        self.cpu = user + system - sum(self._cpu0)
+        self.cpu_system = system - self._cpu0[1]
         self._sample()
         self._stop.set()
         with contextlib.suppress(RuntimeError):
