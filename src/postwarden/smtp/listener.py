@@ -14,7 +14,6 @@ the session starts, with the handshake timeout from :mod:`postwarden.limits`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 
 from postwarden.config import ListenerConfig
@@ -75,10 +74,8 @@ class Listener:
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: asyncio's and uvloop's TCP transports set it
+        # on every connection (a reply is one write, sent at once).
         try:
             await Session(self.ctx, self.config, reader, writer).run()
         except Exception as exc:  # a session bug must not take the listener down
