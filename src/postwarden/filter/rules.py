@@ -89,7 +89,11 @@ class RulesFilter:
         self.scores = dict(DEFAULT_SCORES)
         self.scores.update(settings.scores)
         self.dnsbl_score = dnsbl_score
-        self._header_rules = [r for r in settings.custom if r.where != "body"]
+        # Custom header rules with the field name each searches (None for
+        # all header fields), encoded once here rather than per message.
+        self._header_rules = [(r, None if r.where == "headers"
+                               else r.where.encode("ascii", "replace"))
+                              for r in settings.custom if r.where != "body"]
         self._body_rules = [r for r in settings.custom if r.where == "body"]
 
     def check(self, message: FilterMessage) -> FilterVerdict | Awaitable[FilterVerdict]:
@@ -111,27 +115,19 @@ class RulesFilter:
         data = message.data
         head = message.header
         scores = self.scores
+        by_name = head.by_name
         fired: list[tuple[str, float]] = []
-        date = mid = 0
-        froms: list[bytes] = []
-        for f in head.fields:
-            ln = f.lname
-            if ln == b"date":
-                date += 1
-            elif ln == b"message-id":
-                mid += 1
-            elif ln == b"from":
-                froms.append(f.value(data))
-        if not date:
+        if b"date" not in by_name:
             fired.append(("MISSING_DATE", scores["MISSING_DATE"]))
-        if not mid:
+        if b"message-id" not in by_name:
             fired.append(("MISSING_MESSAGE_ID", scores["MISSING_MESSAGE_ID"]))
+        froms = by_name.get(b"from")
         if not froms:
             fired.append(("MISSING_FROM", scores["MISSING_FROM"]))
         else:
             if len(froms) > 1:
                 fired.append(("MULTIPLE_FROM", scores["MULTIPLE_FROM"]))
-            if _ADDR.search(froms[0]) is None:
+            if _ADDR.search(froms[0].value(data)) is None:
                 fired.append(("MALFORMED_FROM", scores["MALFORMED_FROM"]))
         if data.find(GTUBE, head.body_start, head.body_start + BODY_SCAN_MAX) >= 0:
             fired.append(("GTUBE", scores["GTUBE"]))
@@ -142,8 +138,13 @@ class RulesFilter:
                 if name and name not in seen:
                     seen.add(name)
                     fired.append((name, scores[name]))
-        for rule in self._header_rules:
-            if self._header_match(rule, message):
+        for rule, field_name in self._header_rules:
+            if field_name is None:
+                hit = rule.pattern.search(data, 0, head.end) is not None
+            else:
+                hit = any(rule.pattern.search(f.value(data))
+                          for f in by_name.get(field_name, ()))
+            if hit:
                 fired.append((rule.name, rule.score))
         if self._body_rules:
             body = data[head.body_start:head.body_start + BODY_SCAN_MAX]
@@ -151,15 +152,6 @@ class RulesFilter:
                 if rule.pattern.search(body):
                     fired.append((rule.name, rule.score))
         return fired
-
-    @staticmethod
-    def _header_match(rule: CustomRule, message: FilterMessage) -> bool:
-        data = message.data
-        head = message.header
-        if rule.where == "headers":
-            return rule.pattern.search(data, 0, head.end) is not None
-        name = rule.where.encode("ascii", "replace")
-        return any(rule.pattern.search(f.value(data)) for f in head.fields if f.lname == name)
 
     def decide(self, fired: list[tuple[str, float]]) -> FilterVerdict:
         s = self.settings
