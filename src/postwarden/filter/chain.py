@@ -90,7 +90,9 @@ class FilterChain:
                 continue
             try:
                 answer = flt.check(message)
-                if inspect.isawaitable(answer):
+                if type(answer) is FilterVerdict:  # a built-in filter: no await
+                    verdict = answer
+                elif inspect.isawaitable(answer):
                     async with asyncio.timeout(self.timeout):
                         verdict = await answer
                 else:
