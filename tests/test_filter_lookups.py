@@ -131,7 +131,10 @@ RULES = RulesFilter(RulesSettings(custom=(
 )))
 ATTACHMENTS = (AttachmentsFilter(AttachmentSettings()),
                AttachmentsFilter(AttachmentSettings(kinds=())))
-AUTH = st.sampled_from([b"", b"spf=fail dkim=fail dmarc=pass", b"spf=softfail spf=fail"])
+AUTH = st.sampled_from([
+    b"", b"spf=fail dkim=fail dmarc=pass", b"spf=softfail spf=fail", b"spf=pass dkim=none",
+    b"dmarc=fail", b"spf=failed dkim=fail2", b"SPF=FAIL", b"spf=dkim=fail", b"x; dkim=softfail",
+    b"Authentication-Results: mx; spf=none smtp.mailfrom=fail.example; dmarc=none"])
 
 
 @settings(max_examples=1500, deadline=None)
@@ -147,3 +150,16 @@ def test_lookups_rules_and_quick_accept_match_the_scans(data: bytes, auth: bytes
         expected = (FilterVerdict(Action.ACCEPT) if scan_quick_accept(flt, message)
                     else flt.check_parts(message))
         assert flt.check(message) == expected
+
+
+_THRESHOLDS = st.sampled_from([0.0, 5.0, 15.0, -1.0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(_THRESHOLDS, _THRESHOLDS, _THRESHOLDS)
+def test_the_verdict_when_no_rule_fires_is_the_general_one(tag: float, quarantine: float,
+                                                           reject: float) -> None:
+    """The rules filter decides the no-rule verdict once, at start."""
+    flt = RulesFilter(RulesSettings(tag=tag, quarantine=quarantine, reject=reject))
+    assert flt.decide([]) == flt._decide([])
+    assert flt.decide([("X", 1.0)]) == flt._decide([("X", 1.0)])

@@ -18,9 +18,12 @@ Rules (names as they appear in headers and logs):
 - custom rules: a regular expression searched in one header field, all
   header fields, or the body, with a score of its own.
 
-Cost: the header block is parsed once with :mod:`postwarden.message.rawheaders`;
+Cost: the header block is parsed once with :mod:`postwarden.message.rawheaders`
+and its fields are looked up by name;
 the body is searched only for GTUBE (one substring search) and only read
-further when a custom body rule exists.
+further when a custom body rule exists; the Authentication-Results are
+parsed only when they contain "fail"; the verdict when nothing fires is
+decided once, when the filter is built.
 
 Security exposure: runs patterns over untrusted content.  Custom patterns
 are the administrator's; each is searched over at most
@@ -95,6 +98,9 @@ class RulesFilter:
                                else r.where.encode("ascii", "replace"))
                               for r in settings.custom if r.where != "body"]
         self._body_rules = [r for r in settings.custom if r.where == "body"]
+        # The verdict when no rule fires (most mail): it depends only on
+        # the settings, so it is decided once.
+        self._none_fired = self._decide([])
 
     def check(self, message: FilterMessage) -> FilterVerdict | Awaitable[FilterVerdict]:
         fired = self.fired(message)
@@ -131,7 +137,9 @@ class RulesFilter:
                 fired.append(("MALFORMED_FROM", scores["MALFORMED_FROM"]))
         if data.find(GTUBE, head.body_start, head.body_start + BODY_SCAN_MAX) >= 0:
             fired.append(("GTUBE", scores["GTUBE"]))
-        if message.auth_results:
+        # Every sender-authentication rule needs a result of "fail" or
+        # "softfail": without that word none can fire.
+        if b"fail" in message.auth_results:
             seen = set()
             for method, result in _AUTH.findall(message.auth_results):
                 name = _auth_rule(method, result)
@@ -154,6 +162,12 @@ class RulesFilter:
         return fired
 
     def decide(self, fired: list[tuple[str, float]]) -> FilterVerdict:
+        """The verdict for the rules that fired, against the thresholds."""
+        if not fired:
+            return self._none_fired
+        return self._decide(fired)
+
+    def _decide(self, fired: list[tuple[str, float]]) -> FilterVerdict:
         s = self.settings
         total = round(sum(score for _, score in fired), 2)
         names = tuple(name for name, _ in fired)
