@@ -160,6 +160,8 @@ class FilterService:
             new_body = self._rewrite_subject(data, result.subject, body)
             if new_body is not None:
                 return Decision(headers=headers, body=new_body, summary=summary)
+        if not headers and not summary:
+            return GO_ON  # a plain accept (the same value, no new object)
         return Decision(headers=headers, summary=summary)
 
     async def _hold(self, conn: ConnectionInfo, direction: str, envelope: Envelope,
