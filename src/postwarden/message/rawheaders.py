@@ -109,6 +109,13 @@ def parse_header(data: bytes) -> HeaderBlock:
     return block
 
 
+def parse_part_header(data: bytes) -> HeaderBlock:
+    """As :func:`parse_header`, without the memo: for the header of a MIME
+    part, which must not displace the message's header from the memo (and
+    is read once)."""
+    return _parse(data)
+
+
 def _parse(data: bytes) -> HeaderBlock:
     fields: list[Field] = []
     malformed = 0
