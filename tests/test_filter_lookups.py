@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import re
+from typing import cast
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +23,11 @@ from postwarden.filter.rules import (
     RulesSettings,
     _auth_rule,
 )
+from postwarden.filter.service import FilterService
+from postwarden.filter.settings import FilterSettings
 from postwarden.filter.verdict import Action, FilterMessage, FilterVerdict
+from postwarden.storage.base import BodyWriter, QueueStore
+from postwarden.storage.sqlite_quarantine import QuarantineStore
 
 _FIELDS = st.sampled_from([
     b"From: Alice <alice@example.org>\r\n", b"FROM: nobody\r\n", b"from : b@example.net\r\n",
@@ -163,3 +169,39 @@ def test_the_verdict_when_no_rule_fires_is_the_general_one(tag: float, quarantin
     flt = RulesFilter(RulesSettings(tag=tag, quarantine=quarantine, reject=reject))
     assert flt.decide([]) == flt._decide([])
     assert flt.decide([("X", 1.0)]) == flt._decide([("X", 1.0)])
+
+
+class _Body:
+    def __init__(self) -> None:
+        self.data = b""
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _Queue:
+    def new_body(self) -> _Body:
+        return _Body()
+
+
+@pytest.mark.parametrize(("message", "rewritten"), [
+    (b"From: a@example.org\r\nsubject: old\r\n  folded\r\nTo: b@example.test\r\n\r\nhi\r\n",
+     b"From: a@example.org\r\nSubject: *** SPAM *** old\r\nTo: b@example.test\r\n\r\nhi\r\n"),
+    (b"Subject: one\r\nSubject: two\r\n\r\nhi\r\n",
+     b"Subject: *** SPAM *** old\r\nSubject: two\r\n\r\nhi\r\n"),
+    (b"From: a@example.org\r\n\r\nSubject: in the body\r\n",
+     b"Subject: *** SPAM *** old\r\nFrom: a@example.org\r\n\r\nSubject: in the body\r\n"),
+])
+def test_the_subject_rewrite_replaces_the_first_subject(message: bytes, rewritten: bytes
+                                                        ) -> None:
+    service = FilterService(FilterSettings(), hostname="mx.example.test",
+                            queue=cast(QueueStore, _Queue()),
+                            quarantine=cast(QuarantineStore, None),
+                            postmaster="postmaster@example.test")
+    old = _Body()
+    new = service._rewrite_subject(message, "*** SPAM *** old", cast(BodyWriter, old))
+    assert isinstance(new, _Body) and new.data == rewritten and old.aborted

@@ -243,14 +243,9 @@ class FilterService:
     def _rewrite_subject(self, data: bytes, subject: str, old: BodyWriter) -> BodyWriter | None:
         from postwarden.message import rawheaders
 
-        head = rawheaders.parse_header(data)
-        fields = [f for f in head.fields if f.lname == b"subject"]
         line = f"Subject: {_one_line(subject)}\r\n".encode()
-        if fields:
-            f = fields[0]
-            new = data[:f.start] + line + data[f.end:]
-        else:
-            new = line + data
+        f = rawheaders.parse_header(data).first(b"subject")  # the first Subject
+        new = line + data if f is None else data[:f.start] + line + data[f.end:]
         try:
             body = self.queue.new_body()
             body.write(new)
