@@ -46,3 +46,62 @@ def test_the_memo_never_changes_an_answer(first: bytes, tail: bytes, cut: int) -
     second = first[:cut] + tail
     assert parse_header(second) == _parse(second)
     rawheaders._memo = None
+
+
+def _reference_parse(data: bytes) -> tuple[list[tuple[bytes, int, int, int]], int, int, int]:
+    """The splitter as first written (slices each line), kept as the oracle
+    for the faster one: (fields, end, body_start, malformed)."""
+    fields: list[tuple[bytes, int, int, int]] = []
+    malformed = pos = 0
+    size = len(data)
+    current: tuple[bytes, int, int] | None = None
+    while pos < size:
+        nl = data.find(b"\n", pos)
+        line_end = size if nl < 0 else nl + 1
+        line = data[pos:line_end]
+        if line in (b"\r\n", b"\n"):
+            if current is not None:
+                fields.append((current[0], current[1], pos, current[2]))
+            return fields, pos, line_end, malformed
+        if line[:1] in (b" ", b"\t"):
+            if current is None:
+                malformed += 1
+        else:
+            if current is not None:
+                fields.append((current[0], current[1], pos, current[2]))
+                current = None
+            m = rawheaders._NAME.match(line)
+            if m is None:
+                malformed += 1
+            else:
+                current = (m.group(1), pos, pos + m.end())
+        pos = line_end
+    if current is not None:
+        fields.append((current[0], current[1], size, current[2]))
+    return fields, size, size, malformed
+
+
+_PIECES = st.sampled_from([
+    b"From", b"fROM", b"Subject", b"X-A", b"to", b":", b" :", b": ", b" ", b"\t", b"\r", b"\n",
+    b"\r\n", b"v", b"\xff", b"@", b"a b"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_PIECES, max_size=30).map(b"".join), st.booleans())
+def test_the_splitter_and_its_index_agree_with_the_reference(data: bytes, mutable: bool
+                                                             ) -> None:
+    """Fields, offsets and counts are those of the reference splitter; the
+    index by lower-cased name holds the same fields in the same order."""
+    subject = bytearray(data) if mutable else data
+    block = _parse(subject)
+    assert ([(f.name, f.start, f.end, f.value_start) for f in block.fields],
+            block.end, block.body_start, block.malformed) == _reference_parse(subject)
+    index: dict[bytes, list[rawheaders.Field]] = {}
+    for f in block.fields:
+        assert f.lname == f.name.lower()
+        index.setdefault(f.name.lower(), []).append(f)
+    assert block.by_name == index
+    for name in (b"from", b"FROM", b"subject", b"x-a", b"to", b"missing"):
+        expected = [f for f in block.fields if f.name.lower() == name.lower()]
+        assert block.named(name) == expected
+        assert block.first(name.lower()) == (expected[0] if expected else None)

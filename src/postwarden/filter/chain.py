@@ -61,6 +61,8 @@ class ChainResult:
         return [rule for _, v in self.verdicts for rule in v.rules]
 
     def header_bytes(self) -> bytes:
+        if not self.headers:
+            return b""
         return "".join(f"{k}: {_one_line(v)}\r\n" for k, v in self.headers).encode("utf-8")
 
 
@@ -90,7 +92,9 @@ class FilterChain:
                 continue
             try:
                 answer = flt.check(message)
-                if inspect.isawaitable(answer):
+                if type(answer) is FilterVerdict:  # a built-in filter: no await
+                    verdict = answer
+                elif inspect.isawaitable(answer):
                     async with asyncio.timeout(self.timeout):
                         verdict = await answer
                 else:

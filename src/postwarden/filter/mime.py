@@ -177,7 +177,7 @@ def walk(data: bytes, header: rawheaders.HeaderBlock | None = None) -> Structure
             body_start = header.body_start
         else:
             first = False
-            head = rawheaders.parse_header(data[start:min(end, start + PART_HEADER_MAX)])
+            head = rawheaders.parse_part_header(data[start:min(end, start + PART_HEADER_MAX)])
             body_start = start + head.body_start
             if head.body_start >= PART_HEADER_MAX:
                 out.defects += 1

@@ -18,9 +18,12 @@ Rules (names as they appear in headers and logs):
 - custom rules: a regular expression searched in one header field, all
   header fields, or the body, with a score of its own.
 
-Cost: the header block is parsed once with :mod:`postwarden.message.rawheaders`;
+Cost: the header block is parsed once with :mod:`postwarden.message.rawheaders`
+and its fields are looked up by name;
 the body is searched only for GTUBE (one substring search) and only read
-further when a custom body rule exists.
+further when a custom body rule exists; the Authentication-Results are
+parsed only when they contain "fail"; the verdict when nothing fires is
+decided once, when the filter is built.
 
 Security exposure: runs patterns over untrusted content.  Custom patterns
 are the administrator's; each is searched over at most
@@ -89,8 +92,15 @@ class RulesFilter:
         self.scores = dict(DEFAULT_SCORES)
         self.scores.update(settings.scores)
         self.dnsbl_score = dnsbl_score
-        self._header_rules = [r for r in settings.custom if r.where != "body"]
+        # Custom header rules with the field name each searches (None for
+        # all header fields), encoded once here rather than per message.
+        self._header_rules = [(r, None if r.where == "headers"
+                               else r.where.encode("ascii", "replace"))
+                              for r in settings.custom if r.where != "body"]
         self._body_rules = [r for r in settings.custom if r.where == "body"]
+        # The verdict when no rule fires (most mail): it depends only on
+        # the settings, so it is decided once.
+        self._none_fired = self._decide([])
 
     def check(self, message: FilterMessage) -> FilterVerdict | Awaitable[FilterVerdict]:
         fired = self.fired(message)
@@ -111,39 +121,38 @@ class RulesFilter:
         data = message.data
         head = message.header
         scores = self.scores
+        by_name = head.by_name
         fired: list[tuple[str, float]] = []
-        date = mid = 0
-        froms: list[bytes] = []
-        for f in head.fields:
-            ln = f.lname
-            if ln == b"date":
-                date += 1
-            elif ln == b"message-id":
-                mid += 1
-            elif ln == b"from":
-                froms.append(f.value(data))
-        if not date:
+        if b"date" not in by_name:
             fired.append(("MISSING_DATE", scores["MISSING_DATE"]))
-        if not mid:
+        if b"message-id" not in by_name:
             fired.append(("MISSING_MESSAGE_ID", scores["MISSING_MESSAGE_ID"]))
+        froms = by_name.get(b"from")
         if not froms:
             fired.append(("MISSING_FROM", scores["MISSING_FROM"]))
         else:
             if len(froms) > 1:
                 fired.append(("MULTIPLE_FROM", scores["MULTIPLE_FROM"]))
-            if _ADDR.search(froms[0]) is None:
+            if _ADDR.search(froms[0].value(data)) is None:
                 fired.append(("MALFORMED_FROM", scores["MALFORMED_FROM"]))
         if data.find(GTUBE, head.body_start, head.body_start + BODY_SCAN_MAX) >= 0:
             fired.append(("GTUBE", scores["GTUBE"]))
-        if message.auth_results:
+        # Every sender-authentication rule needs a result of "fail" or
+        # "softfail": without that word none can fire.
+        if b"fail" in message.auth_results:
             seen = set()
             for method, result in _AUTH.findall(message.auth_results):
                 name = _auth_rule(method, result)
                 if name and name not in seen:
                     seen.add(name)
                     fired.append((name, scores[name]))
-        for rule in self._header_rules:
-            if self._header_match(rule, message):
+        for rule, field_name in self._header_rules:
+            if field_name is None:
+                hit = rule.pattern.search(data, 0, head.end) is not None
+            else:
+                hit = any(rule.pattern.search(f.value(data))
+                          for f in by_name.get(field_name, ()))
+            if hit:
                 fired.append((rule.name, rule.score))
         if self._body_rules:
             body = data[head.body_start:head.body_start + BODY_SCAN_MAX]
@@ -152,16 +161,13 @@ class RulesFilter:
                     fired.append((rule.name, rule.score))
         return fired
 
-    @staticmethod
-    def _header_match(rule: CustomRule, message: FilterMessage) -> bool:
-        data = message.data
-        head = message.header
-        if rule.where == "headers":
-            return rule.pattern.search(data, 0, head.end) is not None
-        name = rule.where.encode("ascii", "replace")
-        return any(rule.pattern.search(f.value(data)) for f in head.fields if f.lname == name)
-
     def decide(self, fired: list[tuple[str, float]]) -> FilterVerdict:
+        """The verdict for the rules that fired, against the thresholds."""
+        if not fired:
+            return self._none_fired
+        return self._decide(fired)
+
+    def _decide(self, fired: list[tuple[str, float]]) -> FilterVerdict:
         s = self.settings
         total = round(sum(score for _, score in fired), 2)
         names = tuple(name for name, _ in fired)

@@ -40,6 +40,8 @@ from postwarden.storage.sqlite_quarantine import HeldMessage, QuarantineStore, n
 log = get_logger("filter")
 
 EXPIRE_EVERY = 3600.0
+# The action names the metrics count (``Action.name`` is a slow lookup).
+_ACTION_NAMES = {action: action.name.lower() for action in Action}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,18 +118,22 @@ class FilterService:
             return GO_ON
         message = FilterMessage(
             data=data, direction=direction, client_ip=conn.peer_ip, helo=conn.helo,
-            sender=str(envelope.sender or ""), recipients=tuple(str(r.address)
-                                                                for r in recipients),
+            sender=str(envelope.sender or ""),
+            recipients=tuple([str(r.address) for r in recipients]),
             auth_user=conn.auth_user, hostname=self.hostname, auth_results=prepended)
         result = await chain.run(message)
-        if self.on_verdict is not None:
+        on_verdict = self.on_verdict
+        if on_verdict is not None:
             for name, verdict in result.verdicts:
-                self.on_verdict(name, verdict.action.name.lower())
-        if result.verdicts and (result.action is not Action.ACCEPT or result.rules):
+                on_verdict(name, _ACTION_NAMES[verdict.action])
+        rules = result.rules
+        explained = bool(result.verdicts) and (result.action is not Action.ACCEPT
+                                               or bool(rules))
+        if explained:
             log.info("filtered", session=conn.session_id, client=conn.peer_ip,
                      direction=direction, action=result.action.name.lower(),
                      sender=message.sender, reasons=result.reasons or None,
-                     rules=result.rules[:50] or None,
+                     rules=rules[:50] or None,
                      scores={n: v.score for n, v in result.verdicts if v.score is not None}
                      or None)
         if result.reply is not None:
@@ -137,14 +143,14 @@ class FilterService:
             return Decision(reply=result.reply)
         headers = result.header_bytes()
         summary = ""
-        if result.verdicts and (result.action is not Action.ACCEPT or result.rules):
+        if explained:
             # What the filters said, when it was more than a plain accept.
             summary = ",".join(
                 f"{n}:{v.action.name.lower()}" + (f"({v.score:g})" if v.score is not None
                                                   else "")
                 for n, v in result.verdicts)
-            if result.rules:
-                summary += "|" + ",".join(result.rules[:20])
+            if rules:
+                summary += "|" + ",".join(rules[:20])
         if result.notify:
             await self._notify(conn, message, result)
         if result.action is Action.QUARANTINE:
@@ -154,6 +160,8 @@ class FilterService:
             new_body = self._rewrite_subject(data, result.subject, body)
             if new_body is not None:
                 return Decision(headers=headers, body=new_body, summary=summary)
+        if not headers and not summary:
+            return GO_ON  # a plain accept (the same value, no new object)
         return Decision(headers=headers, summary=summary)
 
     async def _hold(self, conn: ConnectionInfo, direction: str, envelope: Envelope,
@@ -235,14 +243,9 @@ class FilterService:
     def _rewrite_subject(self, data: bytes, subject: str, old: BodyWriter) -> BodyWriter | None:
         from postwarden.message import rawheaders
 
-        head = rawheaders.parse_header(data)
-        fields = [f for f in head.fields if f.lname == b"subject"]
         line = f"Subject: {_one_line(subject)}\r\n".encode()
-        if fields:
-            f = fields[0]
-            new = data[:f.start] + line + data[f.end:]
-        else:
-            new = line + data
+        f = rawheaders.parse_header(data).first(b"subject")  # the first Subject
+        new = line + data if f is None else data[:f.start] + line + data[f.end:]
         try:
             body = self.queue.new_body()
             body.write(new)

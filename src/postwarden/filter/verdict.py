@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
@@ -84,23 +84,26 @@ class FilterMessage:
     queue_id: str = ""
     # Authentication-Results this server added (SPF, DKIM, DMARC outcome).
     auth_results: bytes = b""
+    _header: rawheaders.HeaderBlock | None = field(default=None, init=False, repr=False,
+                                                   compare=False)
 
     @property
     def size(self) -> int:
         return len(self.data)
 
-    @cached_property
+    @property
     def header(self) -> rawheaders.HeaderBlock:
-        return rawheaders.parse_header(self.data)
+        """The header fields (parsed once, on first use; every filter reads
+        them, so this is a plain attribute check afterwards)."""
+        head = self._header
+        if head is None:
+            head = self._header = rawheaders.parse_header(self.data)
+        return head
 
     def field_value(self, name: bytes) -> bytes | None:
         """The first field called ``name`` (unfolded, stripped), or None."""
-        lname = name.lower()
-        data = self.data
-        for f in self.header.fields:
-            if f.lname == lname:
-                return f.value(data).strip()
-        return None
+        f = self.header.first(name.lower())
+        return None if f is None else f.value(self.data).strip()
 
     @property
     def body(self) -> bytes:
