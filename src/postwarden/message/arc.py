@@ -54,6 +54,8 @@ Cv = Literal["none", "pass", "fail"]
 
 _ARC_SIGNED = (b"arc-seal", b"arc-message-signature")
 _ARC_ALL = (*_ARC_SIGNED, b"arc-authentication-results")
+# The (lower-case) names of the fields of an ARC set.
+ARC_FIELDS = frozenset(_ARC_ALL)
 _INSTANCE = re.compile(rb"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 
 
