@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tests.dns_server import LoopbackDns
 from tests.test_dkim_verify import RFC8463_MESSAGE, RFC8463_ZONES
@@ -391,3 +391,32 @@ def test_remove_forged_quick_scan_equals_the_split(fields: list[bytes], rest: by
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(authresults, "_QUICK_SCAN", -1)
         assert remove_forged(block, ID) == quick
+
+
+def _fold_reference(first: str, entries: list[list[str]]) -> bytes:
+    """_fold() as first written: every word placed one at a time."""
+    lines = [first + (";" if entries else "; none")]
+    for n, words in enumerate(entries):
+        line = "\t" + words[0]
+        for word in words[1:]:
+            if len(line) + 1 + len(word) > authresults.LINE_LENGTH:
+                lines.append(line)
+                line = "\t  " + word
+            else:
+                line += " " + word
+        lines.append(line + (";" if n < len(entries) - 1 else ""))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.text(alphabet="ab=é.", min_size=1, max_size=40),
+                                   st.integers(1, 80).map(lambda n: "w" * n)),
+                         min_size=1, max_size=6), max_size=5))
+# A line of exactly LINE_LENGTH characters, and one over (tab included).
+@example([["x" * 77]])
+@example([["x" * 78]])
+@example([["a" * 38, "b" * 38], ["c"]])
+@example([["a" * 38, "b" * 39], ["c"]])
+def test_fold_equals_word_by_word_folding(entries: list[list[str]]) -> None:
+    first = "Authentication-Results: mail.example.test"
+    assert authresults._fold(first, entries) == _fold_reference(first, entries)

@@ -454,3 +454,12 @@ def test_cached_only_evaluation_equals_the_full_one(
     assert got == want
     if all_cached:
         assert cached.queries == []  # nothing was asked that was cached
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(max_size=400), st.text(alphabet=" ~a\x1f\x7f\x80é\t", max_size=20)),
+       st.integers(min_value=3, max_value=400))
+def test_printable_equals_the_substitution(text: str, limit: int) -> None:
+    clean = spf._NOT_PRINTABLE.sub("?", text)
+    want = clean if len(clean) <= limit else clean[:limit - 3] + "..."
+    assert spf._printable(text, limit) == want

@@ -149,6 +149,10 @@ def _fold(first: str, entries: list[list[str]]) -> bytes:
     ``LINE_LENGTH`` with deeper indentation (RFC 5322 2.2.3 folding)."""
     lines = [first + (";" if entries else "; none")]
     for n, words in enumerate(entries):
+        line = "\t" + " ".join(words)
+        if len(line) <= LINE_LENGTH:  # fits on one line: nothing to wrap
+            lines.append(line + (";" if n < len(entries) - 1 else ""))
+            continue
         line = "\t" + words[0]
         for word in words[1:]:
             if len(line) + 1 + len(word) > LINE_LENGTH:

@@ -469,9 +469,12 @@ _NOT_DOMAIN_CHAR = re.compile(r"[^!-~]|\\")  # visible ASCII but the backslash
 _NOT_PRINTABLE = re.compile(r"[^ -~]")
 
 
+@functools.lru_cache(maxsize=1024)
 def _initial_domain(domain: str) -> str | None:
     """RFC 7208 4.3: the <domain> of check_host, or None when it is
-    malformed, not multi-label, or an address literal."""
+    malformed, not multi-label, or an address literal.  Remembered for the
+    last domains seen (MAIL FROM and HELO domains repeat; the answer
+    depends on the text alone)."""
     name = domain[:-1] if domain.endswith(".") else domain
     if not name.isascii():
         try:
@@ -507,7 +510,9 @@ def _in_subdomain(name: str, domain: str) -> bool:
 
 
 def _printable(text: str, limit: int = MAX_COMMENT) -> str:
-    clean = _NOT_PRINTABLE.sub("?", text)
+    # Printable ASCII already (the usual case): nothing to replace.
+    clean = (text if text.isascii() and text.isprintable()
+             else _NOT_PRINTABLE.sub("?", text))
     return clean if len(clean) <= limit else clean[:limit - 3] + "..."
 
 
