@@ -111,7 +111,9 @@ def _resinfo(method: str, result: str, props: Sequence[tuple[str, str]],
         words.append(comment(note))
     if reason:
         words.append(f"reason={quote(_clean(reason, MAX_REASON))}")
-    words += [f"{name}={value(v)}" for name, v in props if v]
+    for name, v in props:
+        if v:
+            words.append(f"{name}={value(v)}")
     return words
 
 
@@ -296,7 +298,7 @@ async def authenticate(message: bytes, resolver: TxtResolver, *, authserv_id: st
     default that of ``mail_from``, or ``helo`` for the null sender.
     """
     spf = SpfOutcome(spf_result, mail_from, helo, spf_comment)
-    names = {f.lname for f in parse_header(message).fields}
+    names = {f.name.lower() for f in parse_header(message).fields}  # Field.lname
     signed = b"dkim-signature" in names
     if signed and any(n.startswith(b"arc-") for n in names):
         # Both look up keys: at the same time.

@@ -293,8 +293,7 @@ def _lexed_address_domains(value: str) -> list[str]:
 def from_domain(message: bytes) -> str:
     """The single author domain of ``message`` (header block or whole
     message), or :class:`FromError` (see the module docstring)."""
-    block = parse_header(message)
-    fields = block.named(b"from")
+    fields = [f for f in parse_header(message).fields if f.name.lower() == b"from"]
     if not fields:
         raise FromError("no From field")
     if len(fields) > 1:

@@ -31,7 +31,6 @@ ASCII and shortened before it can reach an SMTP reply or a log line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import re
@@ -193,8 +192,11 @@ async def _evaluate(ev: _Evaluator, name: str, ip: str, timeout: float,
     time) bounds the lookups; None for a cached-only evaluator, which never
     waits."""
     try:
-        async with _time_limit(deadline):
+        if deadline is None:
             outcome = await ev.check(name)
+        else:
+            async with asyncio.timeout_at(deadline):
+                outcome = await ev.check(name)
     except TimeoutError:
         return ev.result("temperror", name, f"no result within {timeout:g} s")
     except _TempError as exc:
@@ -206,18 +208,16 @@ async def _evaluate(ev: _Evaluator, name: str, ip: str, timeout: float,
         explanation = default_explanation(name, ip)
         if outcome.exp is not None:
             try:
-                async with _time_limit(deadline):
+                if deadline is None:
                     explanation = await ev.explain(outcome.exp, outcome.domain) or explanation
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        explanation = (await ev.explain(outcome.exp, outcome.domain)
+                                       or explanation)
             except TimeoutError:
                 pass
     return ev.result(outcome.result, name, outcome.comment, mechanism=outcome.mechanism,
                      explanation=explanation)
-
-
-def _time_limit(deadline: float | None) -> contextlib.AbstractAsyncContextManager[object]:
-    if deadline is None:
-        return contextlib.nullcontext()
-    return asyncio.timeout_at(deadline)
 
 
 _T = TypeVar("_T")
@@ -551,9 +551,10 @@ class _Evaluator:
 
     def result(self, result: Result, domain: str, comment: str, *, mechanism: str = "",
                explanation: str = "") -> SpfResult:
-        return SpfResult(result, _printable(explanation, MAX_EXPLANATION),
-                         _printable(mechanism), _printable(f"{domain}: {comment}"), domain,
-                         self.dns_terms)
+        # (Most results have no explanation or mechanism: "" stays "".)
+        return SpfResult(result, _printable(explanation, MAX_EXPLANATION) if explanation else "",
+                         _printable(mechanism) if mechanism else "",
+                         _printable(f"{domain}: {comment}"), domain, self.dns_terms)
 
     # DNS ------------------------------------------------------------------------
 
