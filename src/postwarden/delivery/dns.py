@@ -12,6 +12,10 @@ configured), and turns DNS outcomes into delivery decisions:
 * timeouts, SERVFAIL and unreachable nameservers raise :class:`DnsTemporary`
   (4.4.3): temporary unless proven permanent.
 
+Answers (and, for their RFC 2308 time, NXDOMAIN and NODATA) are cached in
+front of dnspython; :meth:`Resolver.cached` tells a caller synchronously
+what :meth:`Resolver.query` would answer from that cache.
+
 Errors::
 
     DnsError                  dsn, text

@@ -14,7 +14,10 @@ DNS layer.  Here every lookup is an ``await`` on the shared resolver
 (:class:`postwarden.delivery.dns.Resolver`, or anything with its ``query``),
 so thousands of sessions can evaluate SPF at once, and the whole evaluation
 is bounded by count (RFC 7208 4.6.4) and by time (``timeout``, 20 s by
-default, then "temperror").
+default, then "temperror").  When the resolver can say what it has cached
+(``Resolver.cached``), the evaluation is first tried from the cache alone:
+nothing waits, so it runs to its end at once without a timer; the first
+answer that is not cached hands over to the evaluation that queries.
 
 Security exposure: the records evaluated are published by whoever controls
 the sender's domain, i.e. by the attacker.  They can make us send DNS
