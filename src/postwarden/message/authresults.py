@@ -65,10 +65,12 @@ def quote(text: str) -> str:
     return f'"{escaped}"'
 
 
+@functools.lru_cache(maxsize=256)
 def value(text: str) -> str:
     """A property value (RFC 8601 2.2 pvalue): a token or a domain as is,
     ``local-part@domain`` as is when the local part is a dot-atom,
-    otherwise a quoted-string."""
+    otherwise a quoted-string.  The last values written are remembered
+    (senders, From domains and client addresses repeat)."""
     text = _clean(text, MAX_VALUE)
     if not text.isascii():  # RFC 6532 3.2: UTF-8 only inside quoted-strings
         return quote(text)
