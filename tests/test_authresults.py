@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tests.dns_server import LoopbackDns
 from tests.test_dkim_verify import RFC8463_MESSAGE, RFC8463_ZONES
 
 from postwarden.config import DnsConfig
 from postwarden.delivery.dns import Resolver
+from postwarden.message import authresults
 from postwarden.message.arc import ArcResult
 from postwarden.message.authresults import (
     SpfOutcome,
@@ -336,3 +338,85 @@ def test_authenticate_spoofed_from_fails_dmarc(dns: LoopbackDns) -> None:
         mail_from="x@evil.example", spf_result="pass", rng=random.Random(1)))
     assert (outcome.dmarc.result, outcome.dmarc.disposition) == ("fail", "reject")
     assert parse_ar(outcome.header)[1][1] == {"method": "dkim", "result": "none"}
+
+
+# --- quick paths held to the general ones ----------------------------------------
+
+_CTL_REF = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _value_reference(text: str) -> str:
+    """value() as first written: every check by regular expression."""
+    text = _CTL_REF.sub("", text)[:authresults.MAX_VALUE]
+    if not text.isascii():
+        return authresults.quote(text)
+    if authresults._TOKEN.match(text) or authresults._DOMAIN.match(text):
+        return text
+    local, at, domain = text.rpartition("@")
+    if at and authresults._DOT_ATOM.match(local) and authresults._DOMAIN.match(domain):
+        return text
+    return authresults.quote(text)
+
+
+def _quote_reference(text: str) -> str:
+    escaped = (_CTL_REF.sub("", text)[:authresults.MAX_VALUE]
+               .replace("\\", "\\\\").replace('"', '\\"'))
+    return f'"{escaped}"'
+
+
+VALUE_TEXT = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet="ab-_.@\"\\ \t\r\n\x7f\x85é()", max_size=30),
+    st.from_regex(r"[a-z0-9._-]{0,70}(@[a-z0-9._-]{0,70})?", fullmatch=True),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(VALUE_TEXT)
+def test_value_and_quote_equal_the_regex_only_versions(text: str) -> None:
+    assert authresults.value(text) == _value_reference(text)
+    assert authresults.quote(text) == _quote_reference(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(KEEP + FORGED + [
+    b"garbage\r\n", b" cont\r\n", b"X-Authentication-Results: mail.example.test;\r\n",
+    b"Authentication-Result: mail.example.test;\r\n", b"aUtHeNtIcAtIoN-rEsUlTs: x;\r\n"]),
+    max_size=8), st.sampled_from([b"\r\nbody\r\n", b"", b"\r\nAuthentication-Results: x\r\n"]))
+def test_remove_forged_quick_scan_equals_the_split(fields: list[bytes], rest: bytes) -> None:
+    """Without the name scan (every block split into fields) the answer is
+    the same."""
+    block = b"".join(fields) + rest
+    quick = remove_forged(block, ID)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(authresults, "_QUICK_SCAN", -1)
+        assert remove_forged(block, ID) == quick
+
+
+def _fold_reference(first: str, entries: list[list[str]]) -> bytes:
+    """_fold() as first written: every word placed one at a time."""
+    lines = [first + (";" if entries else "; none")]
+    for n, words in enumerate(entries):
+        line = "\t" + words[0]
+        for word in words[1:]:
+            if len(line) + 1 + len(word) > authresults.LINE_LENGTH:
+                lines.append(line)
+                line = "\t  " + word
+            else:
+                line += " " + word
+        lines.append(line + (";" if n < len(entries) - 1 else ""))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.text(alphabet="ab=é.", min_size=1, max_size=40),
+                                   st.integers(1, 80).map(lambda n: "w" * n)),
+                         min_size=1, max_size=6), max_size=5))
+# A line of exactly LINE_LENGTH characters, and one over (tab included).
+@example([["x" * 77]])
+@example([["x" * 78]])
+@example([["a" * 38, "b" * 38], ["c"]])
+@example([["a" * 38, "b" * 39], ["c"]])
+def test_fold_equals_word_by_word_folding(entries: list[list[str]]) -> None:
+    first = "Authentication-Results: mail.example.test"
+    assert authresults._fold(first, entries) == _fold_reference(first, entries)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
+import dns.rdata as dns_rdata
+import dns.rdataclass as dns_rdataclass
+import dns.rdatatype as dns_rdatatype
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.dns_server import LoopbackDns
 
 from postwarden.config import DnsConfig
-from postwarden.delivery.dns import Resolver
+from postwarden.delivery.dns import CachedAnswer, DnsPermanent, DnsTemporary, Resolver
 from postwarden.message.dkim_verify import DkimResult
 from postwarden.policy.dmarc import (
     DmarcResult,
@@ -410,3 +413,72 @@ def test_the_quick_from_path_agrees_with_the_full_parser(value: str) -> None:
     "x <a@b..c>", "Bob <a@b.c> (c)", "a@b.c, d@e.f", '"Bob" <bob@example.com>'])
 def test_from_forms_agree(value: str) -> None:
     assert _outcome(address_domains, value) == _outcome(_lexed_address_domains, value)
+
+
+# --- discovery from the resolver's cache -----------------------------------------
+
+class ZoneTxt:
+    """TXT records in memory (``None``: the name exists without TXT);
+    names not in the zone are NXDOMAIN; ``temp`` names fail temporarily."""
+
+    def __init__(self, zone: dict[str, list[str] | None], temp: set[str]) -> None:
+        self.zone = zone
+        self.temp = temp
+
+    def _answer(self, name: str) -> tuple[bool, list[Any] | None]:
+        key = name.lower().rstrip(".")
+        if key not in self.zone:
+            return True, None
+        texts = self.zone[key]
+        if texts is None:
+            return False, None
+        return False, [dns_rdata.from_text(dns_rdataclass.IN, dns_rdatatype.TXT, f'"{t}"')
+                       for t in texts]
+
+    async def query(self, name: str, rdtype: str) -> Any:
+        if name.lower().rstrip(".") in self.temp:
+            raise DnsTemporary(f"timeout on {name}")
+        nxdomain, records = self._answer(name) if rdtype == "TXT" else (False, None)
+        if nxdomain:
+            raise DnsPermanent(f"domain {name} not found")
+        return records
+
+
+class CachedZoneTxt(ZoneTxt):
+    """The same zone, with Resolver.cached: each name in ``cached`` (never
+    the failing ones: failures are not cached) answered from the cache."""
+
+    def __init__(self, zone: dict[str, list[str] | None], temp: set[str],
+                 cached: set[str]) -> None:
+        super().__init__(zone, temp)
+        self.cached_names = cached - temp
+
+    def cached(self, name: str, rdtype: str) -> CachedAnswer | None:
+        key = name.lower().rstrip(".")
+        if key not in self.cached_names or rdtype != "TXT":
+            return None
+        nxdomain, records = self._answer(name)
+        return CachedAnswer(float("inf"), cast(Any, records), False, nxdomain)
+
+
+DMARC_NAMES = ["_dmarc.a.example.org", "_dmarc.example.org", "_dmarc.b.example.co.uk",
+               "_dmarc.example.co.uk"]
+DMARC_TXT = st.sampled_from(["v=DMARC1; p=reject", "v=DMARC1; p=none; sp=quarantine",
+                             "v=DMARC1; p=bogus", "v=DMARC1; p=bogus; rua=mailto:a@b.c",
+                             "v=spf1 -all", "v=DMARC1;p=quarantine;pct=50;adkim=s"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(DMARC_NAMES),
+                       st.one_of(st.none(), st.lists(DMARC_TXT, max_size=3))),
+       st.sets(st.sampled_from(DMARC_NAMES)), st.sets(st.sampled_from(DMARC_NAMES)),
+       st.sampled_from(["a.example.org", "example.org", "b.example.co.uk", "x.example.co.uk"]),
+       st.sampled_from(["pass", "fail", "temperror"]))
+def test_discovery_from_the_cache_equals_the_lookups(
+        zone: dict[str, list[str] | None], temp: set[str], cached: set[str],
+        author: str, spf_result: str) -> None:
+    async def run(resolver: ZoneTxt) -> DmarcResult:
+        return await evaluate(resolver, author, spf_result=spf_result,
+                              spf_domain="example.org", dkim=(), rng=FixedDraw(70))
+    want = asyncio.run(run(ZoneTxt(zone, temp)))
+    assert asyncio.run(run(CachedZoneTxt(zone, temp, cached))) == want

@@ -230,6 +230,36 @@ def test_negative_answers_are_cached_for_the_soa_minimum() -> None:
         asyncio.run(lookups())
 
 
+def test_cached_reports_what_query_would_answer_without_asking() -> None:
+    with LoopbackDns({"here.example": {"TXT": ["v=spf1 -all"], "A": ["127.0.0.9"]},
+                      "broken.example": "SERVFAIL"}) as dns:
+        dns.negative_ttl = 1
+        r = caching(dns)
+
+        async def lookups() -> None:
+            assert r.cached("here.example", "TXT") is None  # not asked yet
+            answer = await r.query("here.example", "TXT")
+            hit = r.cached("HERE.example.", "TXT")
+            assert hit is not None and hit.answer is answer and not hit.nxdomain
+            assert await r.query("here.example", "MX") is None  # NODATA
+            hit = r.cached("here.example", "MX")
+            assert hit is not None and hit.answer is None and not hit.nxdomain
+            with pytest.raises(DnsPermanent):
+                await r.query("gone.example", "TXT")
+            hit = r.cached("gone.example", "TXT")
+            assert hit is not None and hit.answer is None and hit.nxdomain
+            with pytest.raises(DnsTemporary):
+                await r.query("broken.example", "TXT")
+            assert r.cached("broken.example", "TXT") is None  # failures are not kept
+            await asyncio.sleep(1.1)  # the negative answers expire
+            assert r.cached("gone.example", "TXT") is None
+            assert r.cached("here.example", "MX") is None
+            assert r.cached("here.example", "TXT") is not None  # its own TTL
+
+        asyncio.run(lookups())
+        assert asked(dns, "here.example") == 2 and asked(dns, "gone.example") == 1
+
+
 def test_negative_answers_without_soa_and_failures_are_not_cached() -> None:
     with LoopbackDns({"broken.example": "SERVFAIL"}) as dns:
         r = caching(dns)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import dns.rdata
 import dns.rdataclass
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tests.dns_server import LoopbackDns
 
 from postwarden.config import DnsConfig
-from postwarden.delivery.dns import Resolver
+from postwarden.delivery.dns import CachedAnswer, DnsPermanent, Resolver
 from postwarden.policy import spf
 from postwarden.policy.spf import SpfLimits, check_helo, check_host, check_mail_from
 
@@ -348,3 +348,118 @@ def test_fuzz_any_record_gives_a_result(terms: list[str], ip: str) -> None:
     assert all(" " <= ch <= "~" for ch in got.comment + got.explanation)
     # Every include/redirect of itself ends at the limit, never in recursion.
     assert got.dns_terms <= spf.MAX_DNS_TERMS + 1
+
+
+# --- Cached-only evaluation (answers from the resolver's cache) ----------------------
+
+class ZoneDns:
+    """The ``DnsQuery`` seam over a small zone: ``{(name, type): records}``,
+    ``None`` for NODATA; names not in it are NXDOMAIN (a name with any
+    records exists).  With ``cached``, the names (all when None) whose
+    answers the ``cached`` method (Resolver.cached) reports as cached."""
+
+    def __init__(self, zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None]) -> None:
+        self.zone = zone
+        self.names = {name for name, _ in zone}
+        self.queries: list[tuple[str, str]] = []
+
+    def _answer(self, name: str, rdtype: str) -> tuple[bool, list[dns.rdata.Rdata] | None]:
+        key = name.lower().rstrip(".")
+        if key not in self.names:
+            return True, None
+        return False, self.zone.get((key, rdtype))
+
+    async def query(self, name: str, rdtype: str) -> Iterable[dns.rdata.Rdata] | None:
+        self.queries.append((name.lower().rstrip("."), rdtype))
+        nxdomain, records = self._answer(name, rdtype)
+        if nxdomain:
+            raise DnsPermanent(f"domain {name} not found")
+        return records
+
+
+class CachedZoneDns(ZoneDns):
+    def __init__(self, zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None],
+                 cached: set[tuple[str, str]] | None = None) -> None:
+        super().__init__(zone)
+        self.cached_keys = cached
+
+    def cached(self, name: str, rdtype: str) -> CachedAnswer | None:
+        key = (name.lower().rstrip("."), rdtype)
+        if self.cached_keys is not None and key not in self.cached_keys:
+            return None
+        nxdomain, records = self._answer(name, rdtype)
+        return CachedAnswer(float("inf"), cast(Any, records), False, nxdomain)
+
+
+def _rr(rdtype: str, text: str) -> dns.rdata.Rdata:
+    return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), text)
+
+
+NAMES = ["fuzz.test", "a.test", "b.test", "mx1.test", "mx2.test", "e.test", "nx.test",
+         "1.2.0.192.in-addr.arpa", "1.2.0.192.c.test"]
+ZONE_TERMS = st.sampled_from([
+    "all", "-all", "~all", "?all", "include:a.test", "include:b.test", "include:nx.test",
+    "a", "a:a.test", "a:mx1.test/24", "a:nx.test", "mx", "mx:a.test", "mx:b.test//64",
+    "ptr", "ptr:a.test", "ptr:%{d}", "exists:%{i}.c.test", "exists:%{ir}.%{v}.arpa",
+    "exists:%{p}.c.test", "ip4:192.0.2.0/24", "ip4:198.51.100.1", "ip6:2001:db8::/32",
+    "redirect=a.test", "redirect=b.test", "redirect=nx.test", "exp=e.test", "exp=nx.test",
+    "a:%{l}.%{o}", "%{x}", "a:x..y",
+])
+SPF_RECORDS = st.lists(ZONE_TERMS, max_size=6).map(lambda terms: "v=spf1 " + " ".join(terms))
+
+
+@st.composite
+def zones(draw: st.DrawFn) -> dict[tuple[str, str], list[dns.rdata.Rdata] | None]:
+    zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None] = {}
+    for name in ("fuzz.test", "a.test", "b.test"):
+        if draw(st.booleans()) or name == "fuzz.test":
+            zone[(name, "TXT")] = [_rr("TXT", f'"{draw(SPF_RECORDS)}"')]
+        if draw(st.booleans()):
+            zone[(name, "A")] = [_rr("A", draw(st.sampled_from(
+                ["192.0.2.1", "198.51.100.1", "192.0.2.200"])))]
+        if draw(st.booleans()):
+            zone[(name, "MX")] = [_rr("MX", f"{i} {h}") for i, h in enumerate(
+                draw(st.lists(st.sampled_from(["mx1.test.", "mx2.test.", "nx.test.", "."]),
+                              max_size=3)))]
+        if draw(st.booleans()):
+            zone[(name, "AAAA")] = None  # exists, no such records
+    for host in ("mx1.test", "mx2.test"):
+        zone[(host, "A")] = [_rr("A", draw(st.sampled_from(["192.0.2.1", "198.51.100.9"])))]
+    zone[("e.test", "TXT")] = [_rr("TXT", draw(st.sampled_from(
+        ['"denied %{s} from %{i}"', '"bad %{"', '"one" "two"'])))]
+    if draw(st.booleans()):
+        zone[("1.2.0.192.in-addr.arpa", "PTR")] = [_rr("PTR", draw(st.sampled_from(
+            ["a.test.", "mx1.test.", "b.test."])))]
+    if draw(st.booleans()):
+        zone[("1.2.0.192.c.test", "A")] = [_rr("A", "127.0.0.2")]
+    return zone
+
+
+@settings(max_examples=400, deadline=None)
+@given(zones(), st.sets(st.tuples(st.sampled_from(NAMES),
+                                  st.sampled_from(["TXT", "A", "AAAA", "MX", "PTR"]))),
+       st.booleans(), st.sampled_from(["192.0.2.1", "2001:db8::1"]))
+def test_cached_only_evaluation_equals_the_full_one(
+        zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None],
+        some_cached: set[tuple[str, str]], all_cached: bool, ip: str) -> None:
+    """An evaluation answered from the resolver's cache (all of it, or in
+    part: then the full evaluation takes over) gives exactly the result of
+    the evaluation that queries."""
+    async def run(dns_query: ZoneDns) -> spf.SpfResult:
+        return await check_host(ip, "fuzz.test", "u@fuzz.test", "h.test", dns_query,
+                                receiver="mx.test", clock=lambda: 1234567890.0)
+    want = asyncio.run(run(ZoneDns(zone)))
+    cached = CachedZoneDns(zone, None if all_cached else some_cached)
+    got = asyncio.run(run(cached))
+    assert got == want
+    if all_cached:
+        assert cached.queries == []  # nothing was asked that was cached
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(max_size=400), st.text(alphabet=" ~a\x1f\x7f\x80é\t", max_size=20)),
+       st.integers(min_value=3, max_value=400))
+def test_printable_equals_the_substitution(text: str, limit: int) -> None:
+    clean = spf._NOT_PRINTABLE.sub("?", text)
+    want = clean if len(clean) <= limit else clean[:limit - 3] + "..."
+    assert spf._printable(text, limit) == want

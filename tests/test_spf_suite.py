@@ -173,3 +173,32 @@ def test_rfc7208_suite(case: tuple[str, dict[str, Any], dict[str, Any]] | None,
             domain = str(test["mailfrom"]).rpartition("@")[2] or str(test["helo"])
             want = spf.default_explanation(domain, str(test["host"]))
         assert result.explanation == want, result
+
+
+@pytest.mark.parametrize("case", _params())
+def test_rfc7208_suite_from_the_cache(case: tuple[str, dict[str, Any], dict[str, Any]] | None,
+                                      server: _Server) -> None:
+    """Each case again through a caching resolver: the first check fills
+    the cache, the second is answered from it (no lookup waits) and must
+    give exactly the same result."""
+    if case is None:
+        _missing()
+        return
+    description, zones, test = case
+    server.serve(description, zones)
+    server.dns.negative_ttl = 300  # negative answers cacheable too (RFC 2308 5)
+    try:
+        resolver = Resolver(DnsConfig(nameservers=server.dns.nameservers,
+                                      timeout=DNS_TIMEOUT), cache=1000)
+
+        async def twice() -> tuple[spf.SpfResult, spf.SpfResult]:
+            args = (str(test["host"]), str(test["mailfrom"]), str(test["helo"]), resolver)
+            first = await spf.check_mail_from(*args, clock=lambda: 1.0e9)
+            second = await spf.check_mail_from(*args, clock=lambda: 1.0e9)
+            return first, second
+        first, second = asyncio.run(twice())
+    finally:
+        server.dns.negative_ttl = None
+    assert second == first
+    expected = test["result"] if isinstance(test["result"], list) else [test["result"]]
+    assert second.result in expected, second

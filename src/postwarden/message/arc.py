@@ -54,6 +54,8 @@ Cv = Literal["none", "pass", "fail"]
 
 _ARC_SIGNED = (b"arc-seal", b"arc-message-signature")
 _ARC_ALL = (*_ARC_SIGNED, b"arc-authentication-results")
+# The (lower-case) names of the fields of an ARC set.
+ARC_FIELDS = frozenset(_ARC_ALL)
 _INSTANCE = re.compile(rb"(?:^|;)\s*i\s*=\s*(\d+)", re.IGNORECASE)
 
 
@@ -67,6 +69,10 @@ class ArcResult:
     instance: int = 0
     domain: str = ""
     temperror: bool = False
+
+
+# The result for a message without any ARC header field (most of them).
+NO_ARC = ArcResult("none", "no ARC sets", 0, "")
 
 
 class _Arc(PrefetchedKeys, dkim.ARC):  # type: ignore[misc]
@@ -123,11 +129,10 @@ def _validate(message: bytes, keys: dict[str, KeyLookup]) -> tuple[Cv, str]:
 async def verify_arc(message: bytes, resolver: TxtResolver, *,
                      dns_timeout: float = DNS_TIMEOUT, max_keys: int = MAX_KEYS) -> ArcResult:
     """Validate the ARC chain of ``message`` (the raw message as received)."""
-    highest, names, domain = _chain_names(message)
-    if highest == 0 and not names and not any(
-            f.lname in _ARC_ALL for f in parse_header(message).fields):
+    if not any(f.lname in _ARC_ALL for f in parse_header(message).fields):
         # No ARC set at all (RFC 8617 5.2): cv=none, no worker thread.
-        return ArcResult("none", "no ARC sets", 0, "")
+        return NO_ARC
+    highest, names, domain = _chain_names(message)
     if highest > MAX_INSTANCES:
         return ArcResult("fail", f"more than {MAX_INSTANCES} ARC sets", highest, domain)
     keys = await fetch_keys(resolver, names[:max_keys], dns_timeout)

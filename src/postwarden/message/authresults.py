@@ -28,12 +28,13 @@ too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from postwarden.message.arc import ArcResult, verify_arc
+from postwarden.message.arc import ARC_FIELDS, NO_ARC, ArcResult, verify_arc
 from postwarden.message.dkim_verify import DkimReport, DkimResult, TxtResolver, verify_dkim
 from postwarden.message.rawheaders import parse_header, unfold
 from postwarden.policy.dmarc import DmarcResult, check_message
@@ -53,6 +54,8 @@ _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=
 
 
 def _clean(text: str, limit: int) -> str:
+    if text.isprintable():  # no control character (the usual case): no regex
+        return text[:limit]
     return _CTL.sub("", text)[:limit]
 
 
@@ -62,14 +65,17 @@ def quote(text: str) -> str:
     return f'"{escaped}"'
 
 
+@functools.lru_cache(maxsize=256)
 def value(text: str) -> str:
     """A property value (RFC 8601 2.2 pvalue): a token or a domain as is,
     ``local-part@domain`` as is when the local part is a dot-atom,
-    otherwise a quoted-string."""
+    otherwise a quoted-string.  The last values written are remembered
+    (senders, From domains and client addresses repeat)."""
     text = _clean(text, MAX_VALUE)
     if not text.isascii():  # RFC 6532 3.2: UTF-8 only inside quoted-strings
         return quote(text)
-    if _TOKEN.match(text) or _DOMAIN.match(text):
+    # A domain is a token too (its characters are not tspecials).
+    if _TOKEN.match(text):
         return text
     local, at, domain = text.rpartition("@")
     if at and _DOT_ATOM.match(local) and _DOMAIN.match(domain):
@@ -107,7 +113,9 @@ def _resinfo(method: str, result: str, props: Sequence[tuple[str, str]],
         words.append(comment(note))
     if reason:
         words.append(f"reason={quote(_clean(reason, MAX_REASON))}")
-    words += [f"{name}={value(v)}" for name, v in props if v]
+    for name, v in props:
+        if v:
+            words.append(f"{name}={value(v)}")
     return words
 
 
@@ -145,6 +153,10 @@ def _fold(first: str, entries: list[list[str]]) -> bytes:
     ``LINE_LENGTH`` with deeper indentation (RFC 5322 2.2.3 folding)."""
     lines = [first + (";" if entries else "; none")]
     for n, words in enumerate(entries):
+        line = "\t" + " ".join(words)
+        if len(line) <= LINE_LENGTH:  # fits on one line: nothing to wrap
+            lines.append(line + (";" if n < len(entries) - 1 else ""))
+            continue
         line = "\t" + words[0]
         for word in words[1:]:
             if len(line) + 1 + len(word) > LINE_LENGTH:
@@ -180,7 +192,14 @@ def build(authserv_id: str, *, spf: SpfOutcome | None = None,
         entries.append(_dmarc(dmarc))
     if arc is not None:
         entries.append(_arc(arc, remote_ip))
-    return _fold(f"{FIELD.decode()}: {value(authserv_id)}", entries)
+    return _fold(_first_words(authserv_id), entries)
+
+
+@functools.lru_cache(maxsize=8)
+def _first_words(authserv_id: str) -> str:
+    """``Authentication-Results: <authserv-id>``: the same for every message
+    (the id is our host name)."""
+    return f"{FIELD.decode()}: {value(authserv_id)}"
 
 
 # --- forged fields (RFC 8601 5) ---------------------------------------------
@@ -228,11 +247,20 @@ def parse_authserv_id(field_value: bytes) -> str | None:
     return found or None
 
 
+# remove_forged looks for the field name in a header block up to this size
+# before splitting it into fields (a bigger one is split at once).
+_QUICK_SCAN = 1 << 16
+_FIELD_LOWER = FIELD.lower()
+
+
 def remove_forged(header_block: bytes, our_id: str) -> tuple[bytes, int]:
     """``header_block`` (or a whole message: the body is kept as it is)
     without the Authentication-Results fields whose authserv-id is
     ``our_id``, and how many were removed."""
     ours = our_id.strip().lower().rstrip(".")
+    if len(header_block) <= _QUICK_SCAN and _FIELD_LOWER not in header_block.lower():
+        # No field of that name can be there: no need to split the header.
+        return header_block, 0
     block = parse_header(header_block)
     drop = [f for f in block.named(FIELD)
             if parse_authserv_id(header_block[f.value_start:f.end]) == ours]
@@ -272,14 +300,17 @@ async def authenticate(message: bytes, resolver: TxtResolver, *, authserv_id: st
     default that of ``mail_from``, or ``helo`` for the null sender.
     """
     spf = SpfOutcome(spf_result, mail_from, helo, spf_comment)
-    names = {f.lname for f in parse_header(message).fields}
-    if b"dkim-signature" in names and any(n.startswith(b"arc-") for n in names):
+    names = {f.name.lower() for f in parse_header(message).fields}  # Field.lname
+    signed = b"dkim-signature" in names
+    if signed and any(n.startswith(b"arc-") for n in names):
         # Both look up keys: at the same time.
         dkim_report, arc_result = await asyncio.gather(verify_dkim(message, resolver),
                                                        verify_arc(message, resolver))
     else:  # at most one of them has DNS work: no tasks needed
-        dkim_report = await verify_dkim(message, resolver)
-        arc_result = await verify_arc(message, resolver)
+        # Without their fields the answers are known: dkim=none, arc=none.
+        dkim_report = await verify_dkim(message, resolver) if signed else DkimReport()
+        arc_result = (await verify_arc(message, resolver) if not names.isdisjoint(ARC_FIELDS)
+                      else NO_ARC)
     dmarc_result = await check_message(
         resolver, message, spf_result=spf_result,
         spf_domain=spf_domain if spf_domain is not None else spf.domain,

@@ -449,13 +449,13 @@ async def verify_dkim(message: bytes, resolver: TxtResolver, *,
     received, before any header is added or removed)."""
     block = parse_header(message)
     sig_fields = block.named(b"dkim-signature")
+    if not sig_fields:  # unsigned: nothing to look up or verify
+        return DkimReport()
     names: list[str] = []
     for f in sig_fields[:max_signatures]:
         name = _wanted_key(f.value(message))
         if name is not None:
             names.append(name)
     keys = await fetch_keys(resolver, names, dns_timeout)
-    if not sig_fields:
-        return DkimReport()
     results = await asyncio.to_thread(_verify_all, message, keys, max_signatures)
     return DkimReport(tuple(results), max(0, len(sig_fields) - max_signatures))

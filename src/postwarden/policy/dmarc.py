@@ -49,13 +49,13 @@ import functools
 import itertools
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from publicsuffixlist import PublicSuffixList
 
-from postwarden.delivery.dns import DnsPermanent, DnsTemporary
+from postwarden.delivery.dns import CachedAnswer, DnsPermanent, DnsTemporary
 from postwarden.message.dkim_verify import DkimResult, TxtResolver
 from postwarden.message.rawheaders import parse_header
 
@@ -86,15 +86,26 @@ def default_psl() -> PublicSuffixList:
 async def _loaded_psl(psl: PublicSuffixList | None) -> PublicSuffixList:
     """``psl``, or the default list, read in a worker thread the first time
     (parsing it takes a fifth of a second: not on the event loop)."""
+    global _default_psl
     if psl is not None:
         return psl
-    if default_psl.cache_info().currsize:
-        return default_psl()
-    return await asyncio.to_thread(default_psl)
+    if _default_psl is None:
+        if default_psl.cache_info().currsize:
+            _default_psl = default_psl()
+        else:
+            _default_psl = await asyncio.to_thread(default_psl)
+    return _default_psl
 
 
+# default_psl() once it is known to be read (no cache_info() per message).
+_default_psl: PublicSuffixList | None = None
+
+
+@functools.lru_cache(maxsize=1024)
 def normalize_domain(value: str) -> str | None:
-    """A lower-case ASCII (A-label) domain name, or None when not one."""
+    """A lower-case ASCII (A-label) domain name, or None when not one.
+    Remembered for the last names seen: the same authors and signers keep
+    coming, and the answer depends on the text alone."""
     value = value.strip().lower()
     if not value.isascii():
         try:
@@ -110,7 +121,13 @@ def normalize_domain(value: str) -> str | None:
 def organizational_domain(domain: str, psl: PublicSuffixList | None = None) -> str:
     """RFC 7489 3.2: the public suffix plus one label (the domain itself
     when it is a public suffix)."""
-    found = (psl or default_psl()).privatesuffix(domain)
+    return _organizational_domain(domain, psl or default_psl())
+
+
+@functools.lru_cache(maxsize=1024)
+def _organizational_domain(domain: str, psl: PublicSuffixList) -> str:
+    # Remembered per list (the list is never changed once read).
+    found = psl.privatesuffix(domain)
     return str(found) if found else domain
 
 
@@ -276,8 +293,7 @@ def _lexed_address_domains(value: str) -> list[str]:
 def from_domain(message: bytes) -> str:
     """The single author domain of ``message`` (header block or whole
     message), or :class:`FromError` (see the module docstring)."""
-    block = parse_header(message)
-    fields = block.named(b"from")
+    fields = [f for f in parse_header(message).fields if f.name.lower() == b"from"]
     if not fields:
         raise FromError("no From field")
     if len(fields) > 1:
@@ -385,10 +401,19 @@ class DmarcResult:
 
 async def _records_at(resolver: TxtResolver, domain: str) -> list[str]:
     """The v=DMARC1 TXT records at ``_dmarc.<domain>`` (DnsTemporary passes)."""
-    try:
-        answer = await resolver.query(f"_dmarc.{domain}", "TXT")
-    except DnsPermanent:
-        return []
+    name = f"_dmarc.{domain}"
+    cached: Callable[[str, str], CachedAnswer | None] | None = getattr(resolver, "cached",
+                                                                        None)
+    hit = cached(name, "TXT") if cached is not None else None
+    if hit is not None:
+        # What query() would answer from the resolver's cache, without the
+        # NXDOMAIN exception (most _dmarc names do not exist).
+        answer = None if hit.nxdomain else hit.answer
+    else:
+        try:
+            answer = await resolver.query(name, "TXT")
+        except DnsPermanent:
+            return []
     if answer is None:
         return []
     texts = [b"".join(getattr(rr, "strings", ())).decode("utf-8", "replace")

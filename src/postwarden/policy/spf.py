@@ -14,7 +14,10 @@ DNS layer.  Here every lookup is an ``await`` on the shared resolver
 (:class:`postwarden.delivery.dns.Resolver`, or anything with its ``query``),
 so thousands of sessions can evaluate SPF at once, and the whole evaluation
 is bounded by count (RFC 7208 4.6.4) and by time (``timeout``, 20 s by
-default, then "temperror").
+default, then "temperror").  When the resolver can say what it has cached
+(``Resolver.cached``), the evaluation is first tried from the cache alone:
+nothing waits, so it runs to its end at once without a timer; the first
+answer that is not cached hands over to the evaluation that queries.
 
 Security exposure: the records evaluated are published by whoever controls
 the sender's domain, i.e. by the attacker.  They can make us send DNS
@@ -36,9 +39,9 @@ import ipaddress
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import dns.exception
 import dns.name
@@ -50,7 +53,7 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.reversename
 
-from postwarden.delivery.dns import DnsError, DnsPermanent, DnsTemporary
+from postwarden.delivery.dns import CachedAnswer, DnsError, DnsPermanent, DnsTemporary
 from postwarden.netaddr import client_address
 
 Result = Literal["pass", "fail", "softfail", "neutral", "none", "permerror", "temperror"]
@@ -167,12 +170,36 @@ async def check_host(ip: str, domain: str, sender: str, helo: str, resolver: Dns
     local, at, sender_domain = sender.rpartition("@")
     if not at:
         sender_domain = sender
+    cached: Callable[[str, str], CachedAnswer | None] | None = getattr(resolver, "cached",
+                                                                        None)
+    if cached is not None:
+        # Every answer already in the resolver's cache (the same senders
+        # keep coming): the same evaluation, run to its end at once, with
+        # no timer to arm; it cannot wait, so the time limit cannot expire.
+        try:
+            return _run_at_once(_evaluate(
+                _Evaluator(addr, local or "postmaster", sender_domain, helo, resolver, limits,
+                           receiver, clock, cached=cached), name, ip, timeout, None))
+        except _NotCached:
+            pass  # some answer is not cached: the evaluation that waits
     ev = _Evaluator(addr, local or "postmaster", sender_domain, helo, resolver, limits,
                     receiver, clock)
     deadline = asyncio.get_running_loop().time() + timeout
+    return await _evaluate(ev, name, ip, timeout, deadline)
+
+
+async def _evaluate(ev: _Evaluator, name: str, ip: str, timeout: float,
+                    deadline: float | None) -> SpfResult:
+    """check_host() of ``name`` once the arguments are checked: the result,
+    and the explanation of a "fail" (RFC 7208 6.2).  ``deadline`` (loop
+    time) bounds the lookups; None for a cached-only evaluator, which never
+    waits."""
     try:
-        async with asyncio.timeout_at(deadline):
+        if deadline is None:
             outcome = await ev.check(name)
+        else:
+            async with asyncio.timeout_at(deadline):
+                outcome = await ev.check(name)
     except TimeoutError:
         return ev.result("temperror", name, f"no result within {timeout:g} s")
     except _TempError as exc:
@@ -184,12 +211,30 @@ async def check_host(ip: str, domain: str, sender: str, helo: str, resolver: Dns
         explanation = default_explanation(name, ip)
         if outcome.exp is not None:
             try:
-                async with asyncio.timeout_at(deadline):
+                if deadline is None:
                     explanation = await ev.explain(outcome.exp, outcome.domain) or explanation
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        explanation = (await ev.explain(outcome.exp, outcome.domain)
+                                       or explanation)
             except TimeoutError:
                 pass
     return ev.result(outcome.result, name, outcome.comment, mechanism=outcome.mechanism,
                      explanation=explanation)
+
+
+_T = TypeVar("_T")
+
+
+def _run_at_once(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run a coroutine that never waits (a cached-only evaluation) to its
+    end, now.  Raises :class:`_NotCached` if it would wait after all."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(_T, done.value)
+    coro.close()
+    raise _NotCached("the evaluation waited")
 
 
 # --- Errors that end the evaluation ------------------------------------------
@@ -200,6 +245,11 @@ class _PermError(Exception):
 
 class _TempError(Exception):
     """A DNS timeout or server failure: "temperror" (RFC 7208 2.6.6)."""
+
+
+class _NotCached(Exception):
+    """A cached-only evaluation needs an answer that is not cached: it
+    stops, and the evaluation is done again with lookups."""
 
 
 # --- Macro strings (RFC 7208 7) ------------------------------------------------
@@ -422,9 +472,12 @@ _NOT_DOMAIN_CHAR = re.compile(r"[^!-~]|\\")  # visible ASCII but the backslash
 _NOT_PRINTABLE = re.compile(r"[^ -~]")
 
 
+@functools.lru_cache(maxsize=1024)
 def _initial_domain(domain: str) -> str | None:
     """RFC 7208 4.3: the <domain> of check_host, or None when it is
-    malformed, not multi-label, or an address literal."""
+    malformed, not multi-label, or an address literal.  Remembered for the
+    last domains seen (MAIL FROM and HELO domains repeat; the answer
+    depends on the text alone)."""
     name = domain[:-1] if domain.endswith(".") else domain
     if not name.isascii():
         try:
@@ -460,7 +513,9 @@ def _in_subdomain(name: str, domain: str) -> bool:
 
 
 def _printable(text: str, limit: int = MAX_COMMENT) -> str:
-    clean = _NOT_PRINTABLE.sub("?", text)
+    # Printable ASCII already (the usual case): nothing to replace.
+    clean = (text if text.isascii() and text.isprintable()
+             else _NOT_PRINTABLE.sub("?", text))
     return clean if len(clean) <= limit else clean[:limit - 3] + "..."
 
 
@@ -480,7 +535,8 @@ class _Evaluator:
 
     def __init__(self, ip: IPAddress, local: str, sender_domain: str, helo: str,
                  resolver: DnsQuery, limits: SpfLimits, receiver: str,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *,
+                 cached: Callable[[str, str], CachedAnswer | None] | None = None) -> None:
         self.ip = ip
         self.local = local
         self.sender_domain = sender_domain
@@ -492,12 +548,16 @@ class _Evaluator:
         self.dns_terms = 0
         self.voids = 0
         self._validated: list[str] | None = None
+        # Cached-only: answers come from the resolver's cache (its
+        # ``cached``), a missing one raises _NotCached, nothing waits.
+        self.cached = cached
 
     def result(self, result: Result, domain: str, comment: str, *, mechanism: str = "",
                explanation: str = "") -> SpfResult:
-        return SpfResult(result, _printable(explanation, MAX_EXPLANATION),
-                         _printable(mechanism), _printable(f"{domain}: {comment}"), domain,
-                         self.dns_terms)
+        # (Most results have no explanation or mechanism: "" stays "".)
+        return SpfResult(result, _printable(explanation, MAX_EXPLANATION) if explanation else "",
+                         _printable(mechanism) if mechanism else "",
+                         _printable(f"{domain}: {comment}"), domain, self.dns_terms)
 
     # DNS ------------------------------------------------------------------------
 
@@ -506,12 +566,20 @@ class _Evaluator:
         """Records, or None when there are none (NXDOMAIN, NOERROR without
         records).  A timeout or server failure raises :class:`_TempError`."""
         text = name.to_text() if isinstance(name, dns.name.Name) else _query_text(name)
-        try:
-            answer = await self.resolver.query(text, rdtype)
-        except DnsPermanent:
-            return None
-        except DnsTemporary as exc:
-            raise _TempError(exc.text) from None
+        answer: Iterable[dns.rdata.Rdata] | None
+        if self.cached is not None:
+            # What the resolver's query would answer from its cache.
+            hit = self.cached(text, rdtype)
+            if hit is None:
+                raise _NotCached(f"{rdtype} of {text}")
+            answer = None if hit.nxdomain else hit.answer
+        else:
+            try:
+                answer = await self.resolver.query(text, rdtype)
+            except DnsPermanent:
+                return None
+            except DnsTemporary as exc:
+                raise _TempError(exc.text) from None
         records = list(answer) if answer is not None else []
         return records or None
 
@@ -550,6 +618,24 @@ class _Evaluator:
                 return True
         return False
 
+    async def _each_addresses(self, hosts: list[dns.name.Name]
+                              ) -> list[list[IPAddress] | BaseException]:
+        """:meth:`_addresses` of every host, concurrently, a failure in
+        place of its list; one after the other when cached-only (no lookup
+        waits, and no task may outlive a stopped evaluation)."""
+        if self.cached is None:
+            return await asyncio.gather(*(self._addresses(h) for h in hosts),
+                                        return_exceptions=True)
+        found: list[list[IPAddress] | BaseException] = []
+        for host in hosts:
+            try:
+                found.append(await self._addresses(host))
+            except _NotCached:
+                raise
+            except Exception as exc:
+                found.append(exc)
+        return found
+
     async def _ptr_names(self) -> list[dns.name.Name]:
         """The first names the client's address maps back to (RFC 7208
         4.6.4: at most 10); a DNS error means none (5.5)."""
@@ -564,8 +650,7 @@ class _Evaluator:
     async def _validate(self, names: list[dns.name.Name]) -> list[str]:
         """RFC 7208 5.5: the names whose addresses include the client's; a
         name whose lookup fails is skipped."""
-        found = await asyncio.gather(*(self._addresses(n) for n in names),
-                                     return_exceptions=True)
+        found = await self._each_addresses(names)
         valid = []
         for name, addresses in zip(names, found, strict=True):
             if isinstance(addresses, _TempError):
@@ -652,8 +737,7 @@ class _Evaluator:
                              "(RFC 7208 4.6.4)")
         hosts = [rr.exchange for rr in records if isinstance(rr, dns.rdtypes.ANY.MX.MX)
                  and rr.exchange != dns.name.root]  # a null MX (RFC 7505) has no address
-        found = await asyncio.gather(*(self._addresses(h) for h in hosts),
-                                     return_exceptions=True)
+        found = await self._each_addresses(hosts)
         error: BaseException | None = None
         for addresses in found:
             if isinstance(addresses, BaseException):
