@@ -463,3 +463,43 @@ def test_printable_equals_the_substitution(text: str, limit: int) -> None:
     clean = spf._NOT_PRINTABLE.sub("?", text)
     want = clean if len(clean) <= limit else clean[:limit - 3] + "..."
     assert spf._printable(text, limit) == want
+
+
+def test_the_at_once_entry_points_answer_only_from_the_cache() -> None:
+    """check_mail_from_cached / check_helo_cached (the session's way to
+    skip a task when the answers are cached): the result of the querying
+    check when every answer is cached, None (and no query) otherwise."""
+    zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None] = {
+        ("fuzz.test", "TXT"): [_rr("TXT", '"v=spf1 ip4:192.0.2.0/24 -all"')],
+        ("h.test", "TXT"): [_rr("TXT", '"v=spf1 -all"')]}
+
+    async def full(kind: str) -> spf.SpfResult:
+        if kind == "mail":
+            return await spf.check_mail_from("192.0.2.1", "u@fuzz.test", "h.test",
+                                             ZoneDns(zone), receiver="mx.test")
+        if kind == "null":
+            return await spf.check_mail_from("192.0.2.1", "", "h.test", ZoneDns(zone),
+                                             receiver="mx.test")
+        return await spf.check_helo("192.0.2.1", "h.test", ZoneDns(zone), receiver="mx.test")
+
+    def at_once(kind: str, dns_query: ZoneDns) -> spf.SpfResult | None:
+        if kind == "mail":
+            return spf.check_mail_from_cached("192.0.2.1", "u@fuzz.test", "h.test",
+                                              dns_query, receiver="mx.test")
+        if kind == "null":
+            return spf.check_mail_from_cached("192.0.2.1", "", "h.test", dns_query,
+                                              receiver="mx.test")
+        return spf.check_helo_cached("192.0.2.1", "h.test", dns_query, receiver="mx.test")
+
+    for kind, want in (("mail", "pass"), ("null", "fail"), ("helo", "fail")):
+        expected = asyncio.run(full(kind))
+        assert expected.result == want
+        warm = CachedZoneDns(zone)
+        assert at_once(kind, warm) == expected and warm.queries == []
+        cold = CachedZoneDns(zone, cached=set())
+        assert at_once(kind, cold) is None and cold.queries == []
+    # Not a domain: answered at once whatever is cached (RFC 7208 4.3).
+    got = spf.check_helo_cached("192.0.2.1", "[192.0.2.1]", ZoneDns(zone))
+    assert got is not None and got.result == "none"
+    with pytest.raises(ValueError):
+        spf.check_helo_cached("not-an-ip", "h.test", CachedZoneDns(zone))

@@ -160,32 +160,70 @@ async def check_host(ip: str, domain: str, sender: str, helo: str, resolver: Dns
     ``%{r}``, ``clock`` for ``%{t}``.  Raises :class:`ValueError` when ``ip``
     is not an IP address; every other problem is a result.
     """
+    done = check_host_cached(ip, domain, sender, helo, resolver, limits=limits,
+                             timeout=timeout, receiver=receiver, clock=clock)
+    if done is not None:
+        return done
+    addr = _client_ip(ip)
+    name = _initial_domain(domain)
+    assert name is not None  # check_host_cached answered the invalid ones
+    local, sender_domain = _sender_parts(sender)
+    ev = _Evaluator(addr, local, sender_domain, helo, resolver, limits, receiver, clock)
+    deadline = asyncio.get_running_loop().time() + timeout
+    return await _evaluate(ev, name, ip, timeout, deadline)
+
+
+def check_host_cached(ip: str, domain: str, sender: str, helo: str, resolver: DnsQuery, *,
+                      limits: SpfLimits = DEFAULT_LIMITS, timeout: float = DEFAULT_TIMEOUT,
+                      receiver: str = "unknown",
+                      clock: Callable[[], float] = time.time) -> SpfResult | None:
+    """:func:`check_host` when it can answer at once: an invalid domain, or
+    every answer already in the resolver's cache (the same senders keep
+    coming).  The same evaluation, run to its end now, with no timer to arm;
+    None when some answer is not cached (then :func:`check_host` queries)."""
     addr = _client_ip(ip)
     name = _initial_domain(domain)
     if name is None:
         # RFC 7208 4.3: a malformed or single-label domain gives "none".
         return SpfResult("none", comment=_printable(f"not a valid domain: {domain!r}"),
                          domain=_printable(domain))
-    # RFC 7208 4.3: a sender without a local-part is "postmaster@domain".
+    cached: Callable[[str, str], CachedAnswer | None] | None = getattr(resolver, "cached",
+                                                                        None)
+    if cached is None:
+        return None
+    local, sender_domain = _sender_parts(sender)
+    try:
+        return _run_at_once(_evaluate(
+            _Evaluator(addr, local, sender_domain, helo, resolver, limits,
+                       receiver, clock, cached=cached), name, ip, timeout, None))
+    except _NotCached:
+        return None  # some answer is not cached: the evaluation that waits
+
+
+def check_mail_from_cached(ip: str, mail_from: str, helo: str, resolver: DnsQuery, *,
+                           receiver: str = "unknown") -> SpfResult | None:
+    """:func:`check_mail_from` when it can answer at once (see
+    :func:`check_host_cached`), else None."""
+    if not mail_from:
+        return check_helo_cached(ip, helo, resolver, receiver=receiver)
+    return check_host_cached(ip, mail_from.rpartition("@")[2], mail_from, helo, resolver,
+                             receiver=receiver)
+
+
+def check_helo_cached(ip: str, helo: str, resolver: DnsQuery, *,
+                      receiver: str = "unknown") -> SpfResult | None:
+    """:func:`check_helo` when it can answer at once, else None."""
+    return check_host_cached(ip, helo, f"postmaster@{helo}", helo, resolver,
+                             receiver=receiver)
+
+
+def _sender_parts(sender: str) -> tuple[str, str]:
+    """(local-part, domain) of ``sender``; RFC 7208 4.3: a sender without a
+    local-part is "postmaster@domain"."""
     local, at, sender_domain = sender.rpartition("@")
     if not at:
         sender_domain = sender
-    cached: Callable[[str, str], CachedAnswer | None] | None = getattr(resolver, "cached",
-                                                                        None)
-    if cached is not None:
-        # Every answer already in the resolver's cache (the same senders
-        # keep coming): the same evaluation, run to its end at once, with
-        # no timer to arm; it cannot wait, so the time limit cannot expire.
-        try:
-            return _run_at_once(_evaluate(
-                _Evaluator(addr, local or "postmaster", sender_domain, helo, resolver, limits,
-                           receiver, clock, cached=cached), name, ip, timeout, None))
-        except _NotCached:
-            pass  # some answer is not cached: the evaluation that waits
-    ev = _Evaluator(addr, local or "postmaster", sender_domain, helo, resolver, limits,
-                    receiver, clock)
-    deadline = asyncio.get_running_loop().time() + timeout
-    return await _evaluate(ev, name, ip, timeout, deadline)
+    return local or "postmaster", sender_domain
 
 
 async def _evaluate(ev: _Evaluator, name: str, ip: str, timeout: float,

@@ -23,6 +23,7 @@ import contextlib
 import os
 import ssl
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,8 +103,8 @@ class _Transaction:
         self.head_done = False
         self.original_head = b""  # as received (what DKIM verifies)
         self.cleaned_len = 0  # length of the header block as written
-        self.spf: asyncio.Task[spf_mod.SpfResult] | None = None
-        self.spf_helo: asyncio.Task[spf_mod.SpfResult] | None = None
+        self.spf: asyncio.Future[spf_mod.SpfResult] | None = None
+        self.spf_helo: asyncio.Future[spf_mod.SpfResult] | None = None
         # The sender authentication results, for the message's log line.
         self.auth_log: dict[str, object] = {}
 
@@ -111,6 +112,24 @@ class _Transaction:
         for task in (self.spf, self.spf_helo):
             if task is not None and not task.done():
                 task.cancel()
+
+
+def _started(at_once: Callable[[], spf_mod.SpfResult | None],
+             waiting: Callable[[], Coroutine[Any, Any, spf_mod.SpfResult]]
+             ) -> asyncio.Future[spf_mod.SpfResult]:
+    """An SPF check's result to await later: answered now when every DNS
+    answer is cached (no task), else a task that queries meanwhile."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[spf_mod.SpfResult] = loop.create_future()
+    try:
+        result = at_once()
+    except Exception as exc:  # reported where the result is awaited
+        done.set_exception(exc)
+        return done
+    if result is None:
+        return asyncio.create_task(waiting())
+    done.set_result(result)
+    return done
 
 
 class Session:
@@ -400,14 +419,17 @@ class Session:
             if self._verifies:
                 # RFC 7208 2.4: SPF for MAIL FROM (the HELO identity for <>),
                 # running while the client sends RCPT and DATA.
-                assert self.ctx.resolver is not None
-                self.tx.spf = asyncio.create_task(spf_mod.check_mail_from(
-                    self.conn.peer_ip, sender, self.conn.helo, self.ctx.resolver,
-                    receiver=self.cfg.hostname))
+                resolver = self.ctx.resolver
+                assert resolver is not None
+                ip, helo, me = self.conn.peer_ip, self.conn.helo, self.cfg.hostname
+                self.tx.spf = _started(
+                    lambda: spf_mod.check_mail_from_cached(ip, sender, helo, resolver,
+                                                           receiver=me),
+                    lambda: spf_mod.check_mail_from(ip, sender, helo, resolver, receiver=me))
                 if sender:  # RFC 7208 2.3: the HELO identity too
-                    self.tx.spf_helo = asyncio.create_task(spf_mod.check_helo(
-                        self.conn.peer_ip, self.conn.helo, self.ctx.resolver,
-                        receiver=self.cfg.hostname))
+                    self.tx.spf_helo = _started(
+                        lambda: spf_mod.check_helo_cached(ip, helo, resolver, receiver=me),
+                        lambda: spf_mod.check_helo(ip, helo, resolver, receiver=me))
         self.proto.respond(reply)
 
     @property
