@@ -498,6 +498,12 @@ def test_the_at_once_entry_points_answer_only_from_the_cache() -> None:
         assert at_once(kind, warm) == expected and warm.queries == []
         cold = CachedZoneDns(zone, cached=set())
         assert at_once(kind, cold) is None and cold.queries == []
+    # After a None, the session asks with cached_first=False: straight to
+    # the lookups (even a warm cache is not consulted again), same result.
+    warm = CachedZoneDns(zone)
+    again = asyncio.run(spf.check_mail_from("192.0.2.1", "u@fuzz.test", "h.test", warm,
+                                            receiver="mx.test", cached_first=False))
+    assert again == asyncio.run(full("mail")) and warm.queries == [("fuzz.test", "TXT")]
     # Not a domain: answered at once whatever is cached (RFC 7208 4.3).
     got = spf.check_helo_cached("192.0.2.1", "[192.0.2.1]", ZoneDns(zone))
     assert got is not None and got.result == "none"

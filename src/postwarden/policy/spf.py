@@ -128,44 +128,50 @@ def default_explanation(domain: str, ip: str) -> str:
 async def check_mail_from(ip: str, mail_from: str, helo: str, resolver: DnsQuery, *,
                           limits: SpfLimits = DEFAULT_LIMITS,
                           timeout: float = DEFAULT_TIMEOUT, receiver: str = "unknown",
-                          clock: Callable[[], float] = time.time) -> SpfResult:
+                          clock: Callable[[], float] = time.time,
+                          cached_first: bool = True) -> SpfResult:
     """SPF for the MAIL FROM identity (RFC 7208 2.4): its domain, or for the
     null reverse-path ``<>`` the HELO name, as ``postmaster@<helo>``.  The
     options are those of :func:`check_host`."""
     if not mail_from:
         return await check_helo(ip, helo, resolver, limits=limits, timeout=timeout,
-                                receiver=receiver, clock=clock)
+                                receiver=receiver, clock=clock, cached_first=cached_first)
     domain = mail_from.rpartition("@")[2]
     return await check_host(ip, domain, mail_from, helo, resolver, limits=limits,
-                            timeout=timeout, receiver=receiver, clock=clock)
+                            timeout=timeout, receiver=receiver, clock=clock,
+                            cached_first=cached_first)
 
 
 async def check_helo(ip: str, helo: str, resolver: DnsQuery, *,
                      limits: SpfLimits = DEFAULT_LIMITS, timeout: float = DEFAULT_TIMEOUT,
-                     receiver: str = "unknown",
-                     clock: Callable[[], float] = time.time) -> SpfResult:
+                     receiver: str = "unknown", clock: Callable[[], float] = time.time,
+                     cached_first: bool = True) -> SpfResult:
     """SPF for the HELO identity (RFC 7208 2.3): ``postmaster@<helo>``.  A
     HELO that is an address literal or not a domain name gives "none"."""
     return await check_host(ip, helo, f"postmaster@{helo}", helo, resolver, limits=limits,
-                            timeout=timeout, receiver=receiver, clock=clock)
+                            timeout=timeout, receiver=receiver, clock=clock,
+                            cached_first=cached_first)
 
 
 async def check_host(ip: str, domain: str, sender: str, helo: str, resolver: DnsQuery, *,
                      limits: SpfLimits = DEFAULT_LIMITS, timeout: float = DEFAULT_TIMEOUT,
-                     receiver: str = "unknown",
-                     clock: Callable[[], float] = time.time) -> SpfResult:
+                     receiver: str = "unknown", clock: Callable[[], float] = time.time,
+                     cached_first: bool = True) -> SpfResult:
     """RFC 7208 4 ``check_host(<ip>, <domain>, <sender>)``.
 
     ``helo`` is for the ``%{h}`` macro, ``receiver`` (our host name) for
     ``%{r}``, ``clock`` for ``%{t}``.  Raises :class:`ValueError` when ``ip``
     is not an IP address; every other problem is a result.
+    ``cached_first=False``: the caller has just tried
+    :func:`check_host_cached` and got None; go straight to the lookups.
     """
-    done = check_host_cached(ip, domain, sender, helo, resolver, limits=limits,
-                             timeout=timeout, receiver=receiver, clock=clock)
-    if done is not None:
-        return done
     addr = _client_ip(ip)
     name = _initial_domain(domain)
+    if cached_first or name is None:
+        done = check_host_cached(ip, domain, sender, helo, resolver, limits=limits,
+                                 timeout=timeout, receiver=receiver, clock=clock)
+        if done is not None:
+            return done
     assert name is not None  # check_host_cached answered the invalid ones
     local, sender_domain = _sender_parts(sender)
     ev = _Evaluator(addr, local, sender_domain, helo, resolver, limits, receiver, clock)

@@ -119,15 +119,16 @@ def _started(at_once: Callable[[], spf_mod.SpfResult | None],
              ) -> asyncio.Future[spf_mod.SpfResult]:
     """An SPF check's result to await later: answered now when every DNS
     answer is cached (no task), else a task that queries meanwhile."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[spf_mod.SpfResult] = loop.create_future()
+    done: asyncio.Future[spf_mod.SpfResult]
     try:
         result = at_once()
     except Exception as exc:  # reported where the result is awaited
+        done = asyncio.get_running_loop().create_future()
         done.set_exception(exc)
         return done
     if result is None:
         return asyncio.create_task(waiting())
+    done = asyncio.get_running_loop().create_future()
     done.set_result(result)
     return done
 
@@ -425,11 +426,13 @@ class Session:
                 self.tx.spf = _started(
                     lambda: spf_mod.check_mail_from_cached(ip, sender, helo, resolver,
                                                            receiver=me),
-                    lambda: spf_mod.check_mail_from(ip, sender, helo, resolver, receiver=me))
+                    lambda: spf_mod.check_mail_from(ip, sender, helo, resolver, receiver=me,
+                                                    cached_first=False))
                 if sender:  # RFC 7208 2.3: the HELO identity too
                     self.tx.spf_helo = _started(
                         lambda: spf_mod.check_helo_cached(ip, helo, resolver, receiver=me),
-                        lambda: spf_mod.check_helo(ip, helo, resolver, receiver=me))
+                        lambda: spf_mod.check_helo(ip, helo, resolver, receiver=me,
+                                                   cached_first=False))
         self.proto.respond(reply)
 
     @property
