@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from postwarden import reply as R
+from postwarden.background import cancel_and_wait
 from postwarden.config import Config
 from postwarden.envelope import Address, Envelope, Recipient
 from postwarden.observe.log import get_logger
@@ -331,10 +332,7 @@ class AlertEngine:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

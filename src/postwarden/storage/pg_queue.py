@@ -59,6 +59,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from postwarden import limits
+from postwarden.background import cancel_and_wait
 from postwarden.envelope import Envelope, MailParams
 from postwarden.ids import new_queue_id
 from postwarden.observe.log import get_logger
@@ -251,10 +252,7 @@ class PgQueueStore:
         close the pool."""
         self._closed = True
         beat, self._heartbeat = self._heartbeat, None
-        if beat is not None:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+        await cancel_and_wait(beat)
         if self._lane_tasks:
             await asyncio.gather(*self._lane_tasks, return_exceptions=True)
         pool, self._pool = self._pool, None

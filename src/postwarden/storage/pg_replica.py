@@ -22,11 +22,11 @@ tables hold: password hashes, private keys).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any, Generic, TypeVar
 
 import asyncpg
 
+from postwarden.background import cancel_and_wait
 from postwarden.observe.log import Logger
 
 D = TypeVar("D")
@@ -80,7 +80,4 @@ class VersionedReplica(Generic[D]):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)

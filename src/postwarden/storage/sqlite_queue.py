@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from postwarden import limits
+from postwarden.background import cancel_and_wait
 from postwarden.envelope import Envelope, MailParams
 from postwarden.ids import new_queue_id
 from postwarden.observe.log import get_logger
@@ -295,10 +296,7 @@ class SqliteQueueStore:
     async def close(self) -> None:
         """Finish queued writes, then close everything."""
         gc_task, self._gc_task = self._gc_task, None
-        if gc_task is not None:
-            gc_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gc_task
+        await cancel_and_wait(gc_task)
         self._closed = True
         writer, self._writer = self._writer, None
         if writer is not None and writer.is_alive():

@@ -36,6 +36,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from postwarden.background import cancel_and_wait
 from postwarden.delivery.smtp_client import client_tls_context
 from postwarden.observe.alerts import sign
 from postwarden.observe.log import get_logger
@@ -117,11 +118,8 @@ class WebhookSender:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:
