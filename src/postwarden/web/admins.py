@@ -69,21 +69,25 @@ class AdminsPages:
             self.web.flash(session, "secret", secret)
         return self.web.back(request, "/admins")
 
-    def _password(self, session: Session, form: FormData) -> tuple[str, bool] | None:
+    async def _password(self, session: Session, form: FormData
+                        ) -> tuple[str, str, bool] | None:
+        """(password, its hash, whether it was generated), or None with the
+        policy's refusal flashed."""
         try:
-            return self.web.password_of(form)
+            password, generated = self.web.password_of(form)
         except password_policy.PasswordRejected as exc:
             self.web.flash(session, "error", str(exc))
             return None
+        hashed = await asyncio.to_thread(passwords.hash_password, password)
+        return password, hashed, generated
 
     async def add(self, request: Request, session: Session) -> Response:
         form: FormData = request.state.form
         name, role = str(form.get("name", "")).strip(), str(form.get("role", "admin"))
-        chosen = self._password(session, form)
+        chosen = await self._password(session, form)
         if chosen is None:
             return self.web.back(request, "/admins")
-        password, generated = chosen
-        hashed = await asyncio.to_thread(passwords.hash_password, password)
+        password, hashed, generated = chosen
         return await self._change(
             request, session, "admin add", name,
             lambda: self.store.add(name, hashed, role), f"Created admin {name} ({role}).",
@@ -105,11 +109,10 @@ class AdminsPages:
             self.web.flash(session, "error", "Give your own new password (a generated one "
                                              "would end this session before you saw it).")
             return self.web.back(request, "/admins")
-        chosen = self._password(session, form)
+        chosen = await self._password(session, form)
         if chosen is None:
             return self.web.back(request, "/admins")
-        password, generated = chosen
-        hashed = await asyncio.to_thread(passwords.hash_password, password)
+        password, hashed, generated = chosen
         return await self._change(
             request, session, "admin passwd", name,
             lambda: self.store.set_password(name, hashed),
