@@ -176,6 +176,14 @@ class CachedAnswer:
     nxdomain: bool
 
 
+def _from_cache(hit: CachedAnswer, name: str) -> tuple[dns.resolver.Answer | None, bool]:
+    """What a lookup answers from a live cache entry: the answer (None for
+    NODATA) and its AD bit, or the cached NXDOMAIN raised again."""
+    if hit.nxdomain:
+        raise DnsPermanent(f"domain {name} not found")
+    return hit.answer, hit.secure
+
+
 def _negative_ttl(response: object) -> float:
     """RFC 2308 5: a negative answer is cached for the smaller of the SOA's
     TTL and its MINIMUM field; without a SOA it is not cached."""
@@ -234,9 +242,7 @@ class Resolver:
         hit = self.cached(name, rdtype)
         if hit is None:
             return (await self.query_secure(name, rdtype))[0]
-        if hit.nxdomain:
-            raise DnsPermanent(f"domain {name} not found")
-        return hit.answer
+        return _from_cache(hit, name)[0]
 
     def cached(self, name: str, rdtype: str) -> CachedAnswer | None:
         """The unexpired cache entry that :meth:`query` would answer from
@@ -258,14 +264,11 @@ class Resolver:
         """:meth:`query`, and whether the answer (or the proof that there
         are no such records) was DNSSEC-validated by the resolver: its AD
         bit, when this resolver was made with ``dnssec=True``."""
+        hit = self.cached(name, rdtype)
+        if hit is not None:
+            return _from_cache(hit, name)
         key = (name.lower().rstrip("."), rdtype)
-        cached = self._cache.get(key)
-        if cached is not None:
-            if cached.expires > time.monotonic():
-                if cached.nxdomain:
-                    raise DnsPermanent(f"domain {name} not found")
-                return cached.answer, cached.secure
-            del self._cache[key]
+        self._cache.pop(key, None)  # expired, if there at all
         qname = _absolute(name)
         start = time.monotonic()
         outcome = "ok"
