@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 import zlib
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from postwarden.envelope import Address, Envelope, MailParams, RcptParams, Recip
 from postwarden.storage.base import (
     CommitMeta,
     DeliveryEvent,
+    QueuedMessage,
     RcptStatus,
     RecipientResult,
     StorageError,
@@ -228,6 +230,33 @@ def test_concurrent_commits_share_transactions(tmp_path: Path, backend: Backend)
         for queue_id, data in zip(ids, bodies, strict=True):
             assert await read_all(store, queue_id) == PREPEND + data
         assert len(await store.list()) == 200
+        await store.close()
+
+    run(main)
+
+
+def test_each_committed_message_is_handed_over_as_due_returns_it(tmp_path: Path) -> None:
+    """The queue runner of the committing process starts deliveries from
+    what ``on_queued`` hands it: the same message, recipient ids included
+    (record_results goes by them), as a read of the queue would give."""
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=4096)
+        handed: list[QueuedMessage] = []
+        store.on_queued.append(handed.append)
+        params = MailParams(size=900, body="8BITMIME", ret="HDRS", envid="e1")
+        envs = [Envelope(Address.parse_simple("alice@example.test"), params,
+                         [Recipient(Address.parse_simple(f"r{i}-{j}@example.test"),
+                                    RcptParams(notify=("FAILURE",), orcpt=f"rfc822;x{j}@y"))
+                          for j in range(1 + i % 4)])
+                for i in range(40)]
+        # Committed together: they share transactions, ids interleave there.
+        ids = await asyncio.gather(*(commit(store, b"m\r\n" * (1 + i), env)
+                                     for i, env in enumerate(envs)))
+        assert store.stats.transactions < 40
+        assert sorted(m.queue_id for m in handed) == sorted(ids)
+        due = {m.queue_id: m for m in await store.due(time.time() + 1, 100)}
+        for msg in handed:
+            assert msg == due[msg.queue_id]
         await store.close()
 
     run(main)

@@ -339,6 +339,34 @@ def test_workers_bound_concurrency_and_never_share_a_message(tmp_path: Path) -> 
         assert len(env.delivered(f"user{i}@example.test")) == 1
 
 
+def test_messages_committed_while_every_worker_is_busy_are_delivered_once(
+        tmp_path: Path) -> None:
+    """Handed over at commit: with its workers busy the runner leaves them
+    to the scan that follows a delivery (which also finds those in flight),
+    and never starts one twice."""
+    env = Env(tmp_path)
+    tracking = TrackingMaildir(env.mail)
+
+    async def main() -> None:
+        store = await env.open()
+        runner = env.runner(QueueConfig(scan_interval=3600.0, workers=2), maildir=tracking)
+        done = results_counter(runner, 30)
+        await runner.start()
+        for burst in range(3):
+            await asyncio.gather(*(env.commit(b"m\r\n", f"user{burst * 10 + i}@example.test")
+                                   for i in range(10)))
+        await asyncio.wait_for(done.wait(), 10)
+        await runner.stop()
+        assert await store.list() == []
+        await store.close()
+
+    run(main)
+    assert tracking.max_total == 2
+    assert tracking.max_same == 1
+    for i in range(30):
+        assert len(env.delivered(f"user{i}@example.test")) == 1
+
+
 @pytest.mark.parametrize(("attempts", "delay"), [
     (1, 60.0), (2, 120.0), (3, 240.0), (4, 480.0), (5, 960.0), (6, 1920.0),
     (7, 3600.0), (8, 3600.0), (5000, 3600.0), (0, 60.0),

@@ -4,8 +4,12 @@ and records the results.
 
 * On start it delivers everything due, so after a restart every queued,
   undelivered message resumes.
-* It wakes as soon as a message is committed (``store.on_commit``) and
-  otherwise scans every ``scan_interval`` seconds.
+* A message committed in this process is handed over as it is committed
+  (``store.on_queued``) and its delivery starts at once, without reading it
+  back; a commit it only hears of (``store.on_commit``, or a worker
+  process's, see :meth:`QueueRunner.wake`) starts a scan of the store for
+  due messages.  It also scans every ``scan_interval`` seconds, and when a
+  delivery ends while due messages were left waiting for a free worker.
 * Up to ``workers`` messages are delivered concurrently; a message is never
   delivered by two workers at once.  Within a message, recipients that
   share a next hop (``Nexthop.key``) go in one :class:`DeliveryJob` (one
@@ -37,7 +41,7 @@ import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from postwarden.config import QueueConfig
 from postwarden.delivery.result import DeliveryResult, DeliveryStatus
@@ -76,6 +80,14 @@ class CommitNotifier(Protocol):
     on_commit: list[Callable[[str], None]]
 
 
+@runtime_checkable
+class HandOver(Protocol):
+    """A store that hands each message it commits to the runner (as
+    :meth:`~postwarden.storage.base.QueueStore.due` would return it)."""
+
+    on_queued: list[Callable[[QueuedMessage], None]]
+
+
 class QueueRunner:
     """Delivers the queue.  ``transports`` maps ``Nexthop.kind`` to the
     transport for it; ``hostname`` names us in DSNs (Reporting-MTA, From:
@@ -97,6 +109,14 @@ class QueueRunner:
         # Called on the loop after each message's results are recorded.
         self.on_results: list[ResultHook] = []
         self._wake = asyncio.Event()
+        # Checked once: isinstance() against a Protocol walks its attributes.
+        self._leasing = isinstance(store, LeasingStore)
+        # Handed over at commit (not for a shared queue: there, due work is
+        # claimed with a lease, whichever node committed it).
+        self._handed = isinstance(store, HandOver) and not self._leasing
+        # Due messages may be waiting for a free worker: scan again when a
+        # delivery ends.
+        self._backlog = False
         self._in_flight: dict[str, asyncio.Task[bool]] = {}
         self._releasing: set[asyncio.Future[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -108,7 +128,10 @@ class QueueRunner:
         if self._task is not None:
             return
         self._stopping = False
-        if isinstance(self.store, CommitNotifier):
+        if self._handed:
+            assert isinstance(self.store, HandOver)
+            self.store.on_queued.append(self.hand_over)
+        elif isinstance(self.store, CommitNotifier):
             self.store.on_commit.append(self.wake)
         self._task = asyncio.create_task(self._run(), name="queue-runner")
 
@@ -116,7 +139,11 @@ class QueueRunner:
         """Stop taking work; wait up to ``timeout`` for deliveries in flight
         (those cancelled stay queued and are retried after the restart)."""
         self._stopping = True
-        if isinstance(self.store, CommitNotifier):
+        if self._handed:
+            assert isinstance(self.store, HandOver)
+            with contextlib.suppress(ValueError):
+                self.store.on_queued.remove(self.hand_over)
+        elif isinstance(self.store, CommitNotifier):
             with contextlib.suppress(ValueError):
                 self.store.on_commit.remove(self.wake)
         task, self._task = self._task, None
@@ -141,6 +168,22 @@ class QueueRunner:
         """Look for due messages now (call on the event loop)."""
         self._wake.set()
 
+    def hand_over(self, msg: QueuedMessage) -> None:
+        """A message just committed: deliver it now if a worker is free,
+        else leave it to the scan that follows (it is in the store).
+
+        Called from the commit, in the first turn of the event loop after
+        the transaction: a scan may have started the message meanwhile (it
+        is then in flight and skipped here), but no delivery can have ended
+        within that turn, so it is never started twice."""
+        if self._stopping or self._task is None:
+            return
+        if len(self._in_flight) < self.config.workers and msg.queue_id not in self._in_flight:
+            self._start(msg)
+        else:
+            self._backlog = True
+            self._wake.set()
+
     # -- scheduling -------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -152,31 +195,41 @@ class QueueRunner:
                 log.error("queue_scan_failed", error=str(exc) or repr(exc))
             if self._stopping:
                 break
+            # asyncio.timeout, not wait_for: no task per wait.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.scan_interval)
+                async with asyncio.timeout(self.config.scan_interval):
+                    await self._wake.wait()
 
     async def dispatch(self) -> int:
         """Start deliveries for due messages, up to the free workers."""
         free = self.config.workers - len(self._in_flight)
         if free <= 0:
+            self._backlog = True
             return 0
-        if isinstance(self.store, LeasingStore):
+        if self._leasing:
             # A shared queue: claim (lease) no more than we start now.
-            due = await self.store.claim(self.clock(), free)
+            due = await cast(LeasingStore, self.store).claim(self.clock(), free)
+            self._backlog = len(due) >= free
         else:
             # Messages in flight are still due until their results are stored.
-            due = await self.store.due(self.clock(), self.config.workers + len(self._in_flight))
+            limit = self.config.workers + len(self._in_flight)
+            due = await self.store.due(self.clock(), limit)
+            self._backlog = len(due) >= limit
         started = 0
         for msg in due:
-            if started >= free or self._stopping:
-                break
             if msg.queue_id in self._in_flight:
                 continue
-            task = asyncio.create_task(self._deliver_message(msg), name=f"deliver-{msg.queue_id}")
-            self._in_flight[msg.queue_id] = task
-            task.add_done_callback(functools.partial(self._done, msg.queue_id))
+            if started >= free or self._stopping:
+                self._backlog = True  # due, and no worker for it now
+                break
+            self._start(msg)
             started += 1
         return started
+
+    def _start(self, msg: QueuedMessage) -> None:
+        task = asyncio.create_task(self._deliver_message(msg), name=f"deliver-{msg.queue_id}")
+        self._in_flight[msg.queue_id] = task
+        task.add_done_callback(functools.partial(self._done, msg.queue_id))
 
     def _done(self, queue_id: str, task: asyncio.Task[bool]) -> None:
         self._in_flight.pop(queue_id, None)
@@ -185,20 +238,20 @@ class QueueRunner:
         exc = task.exception()
         if exc is not None:  # a bug: the message stays queued, retried at the next scan
             log.error("delivery_crashed", queue_id=queue_id, error=repr(exc))
-        if (exc is not None or not task.result()) and isinstance(self.store, LeasingStore):
+        if (exc is not None or not task.result()) and self._leasing:
             # Its lease would otherwise be renewed as long as we run.
             release = asyncio.ensure_future(self._release(queue_id))
             self._releasing.add(release)
             release.add_done_callback(self._releasing.discard)
-        elif exc is None and task.result():
-            # Refill the freed worker now; not after a failed record, when
+        elif exc is None and task.result() and (self._backlog or not self._handed):
+            # Refill the freed worker now, if messages may be waiting for it
+            # (handed-over ones never do); not after a failed record, when
             # the message is still due and would be retried in a tight loop.
             self._wake.set()
 
     async def _release(self, queue_id: str) -> None:
-        assert isinstance(self.store, LeasingStore)
         try:
-            await self.store.release(queue_id)
+            await cast(LeasingStore, self.store).release(queue_id)
         except Exception as exc:  # the lease expires by itself
             log.error("release_failed", queue_id=queue_id, error=str(exc) or repr(exc))
 

@@ -131,7 +131,9 @@ class SqliteQueueStore:
     Use ``await store.start()`` (or ``await SqliteQueueStore.open(...)``)
     before anything else and ``await store.close()`` at the end.  Callbacks
     in :attr:`on_commit` are called on the event loop with the queue id of
-    each committed message (the queue runner wakes on them).
+    each committed message; those in :attr:`on_queued` with the message
+    itself, as :meth:`due` would return it (the queue runner of this process
+    starts its delivery without reading it back).
     """
 
     def __init__(self, db_path: Path, spool_dir: Path,
@@ -142,6 +144,7 @@ class SqliteQueueStore:
         self.inline_max = inline_max
         self.stats = StoreStats()
         self.on_commit: list[Callable[[str], None]] = []
+        self.on_queued: list[Callable[[QueuedMessage], None]] = []
         self.events_keep = EVENTS_KEEP  # [trace] retention
         self._clock = clock
         self._writer: GroupCommitWriter | None = None
@@ -347,7 +350,7 @@ class SqliteQueueStore:
         queued_text = (f"from=<{sender}>, size={size}, nrcpt={len(rcpts)}"
                        + (f", client={meta.client_ip}" if meta.client_ip else ""))
 
-        def apply(conn: sqlite3.Connection) -> str:
+        def apply(conn: sqlite3.Connection) -> tuple[str, int]:
             for _ in range(1 if given else 8):
                 queue_id = given or new_queue_id()
                 try:
@@ -364,6 +367,9 @@ class SqliteQueueStore:
                 conn.executemany(
                     "INSERT INTO recipients (queue_id, address, params) VALUES (?, ?, ?)",
                     [(queue_id, addr, params) for addr, params in rcpts])
+                # One writer holds the lock: the rows got consecutive ids (an
+                # INTEGER PRIMARY KEY takes the largest id + 1).
+                last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 # The trace: one "queued" event per recipient (searchable by
                 # sender, recipient and Message-ID); the first says how it came.
                 conn.executemany(
@@ -372,7 +378,7 @@ class SqliteQueueStore:
                     [(received_at, queue_id, addr, queued_text if i == 0 else "", sender,
                       meta.message_id, meta.detail if i == 0 else "")
                      for i, (addr, _) in enumerate(rcpts)])
-                return queue_id
+                return queue_id, last - len(rcpts) + 1
             raise StorageError(f"queue id {queue_id} is taken")
 
         def after_commit(_value: Any) -> None:
@@ -385,7 +391,9 @@ class SqliteQueueStore:
         except StorageError:
             body.discard()
             raise
-        queue_id: str = await future
+        queue_id: str
+        first_id: int
+        queue_id, first_id = await future
         log.debug("queued", queue_id=queue_id, session=meta.session_id or None,
                  sender=f"<{sender}>", size=size, nrcpt=len(rcpts),
                  inline=inline is not None)
@@ -394,6 +402,18 @@ class SqliteQueueStore:
                 hook(queue_id)
             except Exception as exc:
                 log.error("on_commit_failed", queue_id=queue_id, error=repr(exc))
+        if self.on_queued:
+            msg = QueuedMessage(
+                queue_id, sender, params,
+                [QueuedRecipient(first_id + i, addr, r.params)
+                 for i, ((addr, _), r) in enumerate(zip(rcpts, envelope.recipients,
+                                                         strict=True))],
+                received_at, size, meta.client_ip, meta.helo, meta.auth_user, meta.listener)
+            for queued in list(self.on_queued):
+                try:
+                    queued(msg)
+                except Exception as exc:
+                    log.error("on_queued_failed", queue_id=queue_id, error=repr(exc))
         return queue_id
 
     async def record_results(self, queue_id: str, results: list[RecipientResult],
