@@ -437,6 +437,11 @@ def test_due_returns_the_longest_waiting_messages_however_many_recipients(
         assert [m.queue_id for m in due] == everything[:8]
         assert all(len(m.recipients) == (30 if m.queue_id in crowded else 1) for m in due)
         assert [m.queue_id for m in await store.due(now, 100)] == everything
+        # Those in flight are left out, and as many others come instead.
+        in_flight = {everything[0], everything[3], everything[4]}
+        rest = [q for q in everything if q not in in_flight]
+        assert [m.queue_id for m in await store.due(now, 8, in_flight)] == rest[:8]
+        assert [m.queue_id for m in await store.due(now, 100, set(everything))] == []
         await store.close()
 
     run(main)

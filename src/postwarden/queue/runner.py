@@ -211,10 +211,10 @@ class QueueRunner:
             due = await cast(LeasingStore, self.store).claim(self.clock(), free)
             self._backlog = len(due) >= free
         else:
-            # Messages in flight are still due until their results are stored.
-            limit = self.config.workers + len(self._in_flight)
-            due = await self.store.due(self.clock(), limit)
-            self._backlog = len(due) >= limit
+            # Messages in flight are still due until their results are
+            # stored: left out, not read again.
+            due = await self.store.due(self.clock(), free, self._in_flight.keys())
+            self._backlog = len(due) >= free
         started = 0
         for msg in due:
             if msg.queue_id in self._in_flight:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -167,8 +167,12 @@ class QueueStore(Protocol):
         fsync'ed/committed.  Raises :class:`StorageError` (nothing committed).
         """
 
-    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        """Messages with at least one recipient due for an attempt at ``now``."""
+    async def due(self, now: float, limit: int,
+                  skip: Collection[str] = ()) -> list[QueuedMessage]:
+        """Up to ``limit`` messages with at least one recipient due for an
+        attempt at ``now``, leaving out those whose queue id is in ``skip``
+        (the runner's deliveries in flight: still due until their results
+        are stored, and not worth reading again)."""
 
     async def get(self, queue_id: str) -> QueuedMessage | None: ...
 

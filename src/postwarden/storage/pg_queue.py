@@ -51,7 +51,7 @@ import secrets
 import socket
 import time
 import zlib
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -835,9 +835,11 @@ class PgQueueStore:
                 *args, limit, offset)]
             return int(total), await self._load(conn, ids)
 
-    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+    async def due(self, now: float, limit: int,
+                  skip: Collection[str] = ()) -> list[QueuedMessage]:
         """Active, unheld messages with recipients due at ``now`` (only
-        those), the longest-waiting first; nothing is claimed."""
+        those), the longest-waiting first, none in ``skip``; nothing is
+        claimed."""
         async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                              readonly=True):
             ids = [r[0] for r in await conn.fetch(
@@ -845,8 +847,8 @@ class PgQueueStore:
                 f"WHERE r.status IN {PENDING} AND r.next_attempt <= $1 "
                 "AND NOT m.held AND m.state = $2 "
                 "GROUP BY r.queue_id ORDER BY MIN(r.next_attempt), r.queue_id LIMIT $3",
-                now, STATE_ACTIVE, limit)]
-            return await self._load(conn, ids, due=now)
+                now, STATE_ACTIVE, limit + len(skip))]
+            return await self._load(conn, [i for i in ids if i not in skip][:limit], due=now)
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",

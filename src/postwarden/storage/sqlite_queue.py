@@ -59,7 +59,7 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -538,9 +538,10 @@ class SqliteQueueStore:
                   ) -> list[QueuedMessage]:
         return [message_from_row(row, rcpts[row[0]]) for row in rows]
 
-    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+    async def due(self, now: float, limit: int,
+                  skip: Collection[str] = ()) -> list[QueuedMessage]:
         """Active, unheld messages with recipients due at ``now`` (only those
-        recipients), the longest-waiting first."""
+        recipients), the longest-waiting first, but none in ``skip``."""
         conn = self._read()
         try:
             conn.execute("BEGIN")
@@ -550,7 +551,7 @@ class SqliteQueueStore:
             # grouping of the whole backlog at every call: with thousands
             # queued that cost milliseconds per call).  The first row of each
             # message is its earliest due recipient.
-            rows_wanted = limit * DUE_ROWS_PER_MESSAGE
+            rows_wanted = (limit + len(skip)) * DUE_ROWS_PER_MESSAGE
             while True:
                 found = [r[0] for r in conn.execute(
                     "SELECT r.queue_id FROM recipients r INDEXED BY recipients_due "
@@ -559,7 +560,7 @@ class SqliteQueueStore:
                     "AND m.held = 0 AND m.state = ? "
                     "ORDER BY r.next_attempt, r.queue_id LIMIT ?",
                     (now, STATE_ACTIVE, rows_wanted))]
-                ids = list(dict.fromkeys(found))[:limit]
+                ids = [i for i in dict.fromkeys(found) if i not in skip][:limit]
                 if len(ids) >= limit or len(found) < rows_wanted:
                     break
                 rows_wanted *= 4  # messages with many due recipients: read further
