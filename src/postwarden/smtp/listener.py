@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
 from postwarden.config import ListenerConfig
 from postwarden.observe.log import get_logger
+from postwarden.smtp.connection import SessionIO
 from postwarden.smtp.session import ServerContext, Session
 
 log = get_logger("listener")
@@ -50,39 +52,44 @@ class Listener:
         return self.bound[0][1] if self.bound else 0
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         host: str | None = None if self.config.host == "*" else self.config.host
-        tls: dict[str, object] = {}
+        tls_context: ssl.SSLContext | None = None
+        handshake_timeout: float | None = None
         if self.config.implicit_tls:
             # RFC 8314 3.3: the TLS layer is in place before the first byte is
             # read, so the ClientHello can never land in the plaintext buffer.
-            tls = {"ssl": self.ctx.tls.server,
-                   "ssl_handshake_timeout": self.ctx.config.limits.tls_handshake_timeout}
+            tls_context = self.ctx.tls.server
+            handshake_timeout = self.ctx.config.limits.tls_handshake_timeout
+
+        def factory() -> SessionIO:
+            return SessionIO(self._connected)
+
         if self.inherited is not None:
             for sock in self.inherited:
-                self.servers.append(await asyncio.start_server(
-                    self._accepted, sock=sock, backlog=1024, limit=1024 * 1024,
-                    **tls))  # type: ignore[arg-type]
+                self.servers.append(await loop.create_server(
+                    factory, sock=sock, backlog=1024, ssl=tls_context,
+                    ssl_handshake_timeout=handshake_timeout))
         else:
-            self.servers.append(await asyncio.start_server(
-                self._accepted, host, self.config.port, reuse_address=True, backlog=1024,
-                limit=1024 * 1024, **tls))  # type: ignore[arg-type]
+            self.servers.append(await loop.create_server(
+                factory, host, self.config.port, reuse_address=True, backlog=1024,
+                ssl=tls_context, ssl_handshake_timeout=handshake_timeout))
         log.info("listening", listener=self.config.name, mode=self.config.mode,
                  addresses=[f"{h}:{p}" for h, p in self.bound])
 
-    async def _accepted(self, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _connected(self, io: SessionIO) -> None:
+        task = asyncio.get_running_loop().create_task(self._session(io))
         self.sessions.add(task)
+        task.add_done_callback(self.sessions.discard)
+
+    async def _session(self, io: SessionIO) -> None:
         # No TCP_NODELAY here: asyncio's and uvloop's TCP transports set it
         # on every connection (a reply is one write, sent at once).
         try:
-            await Session(self.ctx, self.config, reader, writer).run()
+            await Session(self.ctx, self.config, io).run()
         except Exception as exc:  # a session bug must not take the listener down
             log.error("session_crashed", listener=self.config.name,
                       error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self.sessions.discard(task)
 
     async def close(self) -> None:
         """Stop accepting new connections."""

@@ -27,6 +27,7 @@ import asyncio
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from postwarden.envelope import ConnectionInfo
 from postwarden.observe.log import get_logger
@@ -187,7 +188,15 @@ def parse(data: bytes) -> ProxyHeader:
 
 # ---- reading from a stream ---------------------------------------------------
 
-async def _read(reader: asyncio.StreamReader) -> ProxyHeader:
+class ExactReader(Protocol):
+    """What the header is read from (asyncio's StreamReader, or the
+    session's :class:`~postwarden.smtp.connection.SessionIO`): raises
+    :class:`asyncio.IncompleteReadError` at the end of the stream."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+async def _read(reader: ExactReader) -> ProxyHeader:
     first = await reader.readexactly(5)
     if first == V1_PREFIX[:5]:
         line = bytearray(first)
@@ -203,7 +212,7 @@ async def _read(reader: asyncio.StreamReader) -> ProxyHeader:
     raise ProxyError("no PROXY header")
 
 
-async def read_header(reader: asyncio.StreamReader, timeout: float = HEADER_TIMEOUT
+async def read_header(reader: ExactReader, timeout: float = HEADER_TIMEOUT
                       ) -> ProxyHeader:
     """Read exactly one header (v1 or v2) from ``reader``."""
     try:
@@ -226,7 +235,7 @@ def is_trusted(peer_ip: str, trusted: tuple[str, ...]) -> bool:
 
 
 async def accept_header(conn: ConnectionInfo, trusted: tuple[str, ...],
-                        reader: asyncio.StreamReader, timeout: float = HEADER_TIMEOUT) -> bool:
+                        reader: ExactReader, timeout: float = HEADER_TIMEOUT) -> bool:
     """For a ``proxy_protocol`` listener: read the header from a trusted
     proxy and put the real client into ``conn``.  False:
     the connection must be closed without a greeting."""

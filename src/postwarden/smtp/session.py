@@ -34,7 +34,7 @@ from postwarden.dkim_keys import KeyStore
 from postwarden.envelope import Address, ConnectionInfo, Envelope, RcptParams, Recipient
 from postwarden.filter.service import FilterService
 from postwarden.ids import new_session_id
-from postwarden.limits import HEADER_SCAN_MAX, READ_CHUNK
+from postwarden.limits import HEADER_SCAN_MAX
 from postwarden.message import authresults, cleanup
 from postwarden.observe.log import get_logger
 from postwarden.observe.metrics import NULL_METRICS
@@ -42,6 +42,7 @@ from postwarden.policy import CheckContext, Event, Policy, Stage, authentication
 from postwarden.policy import spf as spf_mod
 from postwarden.smtp import commit, proxy, sasl
 from postwarden.smtp import protocol as P
+from postwarden.smtp.connection import SessionIO
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage.base import (
     BodyWriter,
@@ -134,16 +135,14 @@ def _started(at_once: Callable[[], spf_mod.SpfResult | None],
 
 
 class Session:
-    def __init__(self, ctx: ServerContext, listener: ListenerConfig,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, ctx: ServerContext, listener: ListenerConfig, io: SessionIO) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
         self.listener = listener
         self.limits = ctx.config.limits
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername") or ("", 0)
-        sock = writer.get_extra_info("sockname") or ("", 0)
+        self.io = io
+        peer = io.get_extra_info("peername") or ("", 0)
+        sock = io.get_extra_info("sockname") or ("", 0)
         self.conn = ConnectionInfo(
             session_id=new_session_id(), listener=listener.name,
             peer_ip=str(peer[0]), peer_port=int(peer[1]),
@@ -163,7 +162,7 @@ class Session:
                  client=c.peer_ip, port=c.peer_port)
         try:
             if self.listener.proxy_protocol and not await proxy.accept_header(
-                    self.conn, self.listener.trusted_proxies, self.reader):
+                    self.conn, self.listener.trusted_proxies, self.io):
                 return  # not from a trusted proxy, or a bad header: no greeting
             if self.listener.implicit_tls:
                 self._tls_established()
@@ -176,24 +175,24 @@ class Session:
             log.info("connection_lost", session=c.session_id, error=type(exc).__name__)
         except asyncio.CancelledError:
             # Shutdown after the grace period: tell the client to come back.
-            if not self.writer.is_closing():
-                self.writer.write(R.SHUTTING_DOWN.to_bytes())
+            if not self.io.is_closing():
+                self.io.write(R.SHUTTING_DOWN.to_bytes())
         except Exception:
             # A bug: the client is told to try again later (never left
             # waiting for a reply), the listener logs it.
-            if not self.writer.is_closing():
+            if not self.io.is_closing():
                 mid = self.tx is not None or self.proto.state in _IN_TRANSACTION
-                self.writer.write((CRASHED_MID_TRANSACTION if mid else CRASHED).to_bytes())
+                self.io.write((CRASHED_MID_TRANSACTION if mid else CRASHED).to_bytes())
             raise
         finally:
             self._abort_transaction()
             with contextlib.suppress(Exception):
                 await self.ctx.policy.emit(Event.DISCONNECT, self._check_context())
-            self.writer.close()
+            self.io.close()
             with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
                 # asyncio.timeout, not wait_for: no task per connection.
                 async with asyncio.timeout(5):
-                    await self.writer.wait_closed()
+                    await self.io.wait_closed()
             log.info("disconnect", session=c.session_id, client=c.peer_ip,
                      accepted=self.accepted, errors=self.proto.errors,
                      commands=self.proto.commands,
@@ -216,7 +215,7 @@ class Session:
             await asyncio.sleep(self.listener.pregreet_wait)
         else:
             await asyncio.sleep(0)  # let what already arrived be read
-        if getattr(self.reader, "_buffer", b""):
+        if self.io.buffered:
             # RFC 5321 4.3.1: the client must wait for the greeting.
             log.info("pregreet", session=self.conn.session_id, client=self.conn.peer_ip)
             banned = await self.ctx.policy.emit(Event.PREGREET, self._check_context())
@@ -239,8 +238,10 @@ class Session:
     async def _flush(self) -> None:
         out = self.proto.data_to_send()
         if out:
-            self.writer.write(out)
-            await self.writer.drain()
+            io = self.io
+            io.write(out)
+            if io.must_drain:
+                await io.drain()
 
     def _watchdog(self) -> None:
         """One timer per session instead of one per read (RFC 5321 4.5.3.2):
@@ -252,10 +253,10 @@ class Session:
         self._timed_out = True
         log.info("timeout", session=self.conn.session_id, state=self.proto.state.value)
         self.proto.send(R.TIMEOUT)
-        transport = self.writer.transport
-        if not transport.is_closing():
-            transport.write(self.proto.data_to_send())
-            transport.close()  # the pending read sees EOF
+        io = self.io
+        if not io.is_closing():
+            io.write(self.proto.data_to_send())
+            io.close()  # the pending read sees EOF
 
     async def _loop(self) -> None:
         self._event_loop = asyncio.get_running_loop()
@@ -295,7 +296,7 @@ class Session:
                     self._deadline = self._loop_time() + (
                         self.limits.data_timeout if in_data else self.limits.command_timeout)
                 progress = False
-                data = await self.reader.read(READ_CHUNK)
+                data = await self.io.read()
                 if self._timed_out:
                     return
                 if not data:
@@ -313,24 +314,22 @@ class Session:
         if ctx is None:
             return False
         try:
-            await self.writer.start_tls(ctx, ssl_handshake_timeout=self.limits.
-                                        tls_handshake_timeout)
+            await self.io.start_tls(ctx, self.limits.tls_handshake_timeout)
         except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
             log.info("tls_failed", session=self.conn.session_id, error=str(exc)[:200])
             return False
         # RFC 3207 6: anything the client sent before the handshake completed
         # was plaintext pipelined after STARTTLS: discard it.
-        leftover: bytearray = getattr(self.reader, "_buffer", bytearray())  # no public API
+        leftover = self.io.discard()
         if leftover:
             log.warning("tls_injection_discarded", session=self.conn.session_id,
-                        bytes=len(leftover))
-            leftover.clear()
+                        bytes=leftover)
         self._tls_established()
         return True
 
     def _tls_established(self) -> None:
         self.proto.tls_active = True
-        obj = self.writer.get_extra_info("ssl_object")
+        obj = self.io.get_extra_info("ssl_object")
         if obj is not None:
             self.conn.tls_version = obj.version() or ""
             cipher = obj.cipher()
