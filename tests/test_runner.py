@@ -367,6 +367,32 @@ def test_messages_committed_while_every_worker_is_busy_are_delivered_once(
         assert len(env.delivered(f"user{i}@example.test")) == 1
 
 
+def test_a_late_hand_over_of_a_message_a_scan_delivered_is_ignored(tmp_path: Path) -> None:
+    """A worker's pipe line read after a scan already delivered the message
+    (the main process was behind): the message is not delivered twice."""
+    env = Env(tmp_path)
+
+    async def main() -> None:
+        store = await env.open()
+        # Before the runner: no hand-over.  Bob's copy is delivered, Dave's
+        # deferred (no "mx" transport here): the message stays queued.
+        await env.commit(b"once\r\n", "bob@example.test", "dave@remote.example")
+        [msg] = await store.due(time.time() + 1, 10)
+        runner = env.runner()
+        done = results_counter(runner, 1)
+        await runner.start()  # its first scan delivers it
+        await asyncio.wait_for(done.wait(), 10)
+        runner.hand_over(msg)  # the late line
+        await asyncio.sleep(0.3)
+        await runner.stop()
+        left = await store.get(msg.queue_id)
+        assert left is not None and left.recipients[1].attempts == 1
+        await store.close()
+
+    run(main)
+    assert env.delivered("bob@example.test") == [stored(b"once\r\n", "bob@example.test")]
+
+
 @pytest.mark.parametrize(("attempts", "delay"), [
     (1, 60.0), (2, 120.0), (3, 240.0), (4, 480.0), (5, 960.0), (6, 1920.0),
     (7, 3600.0), (8, 3600.0), (5000, 3600.0), (0, 60.0),

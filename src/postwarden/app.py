@@ -54,11 +54,13 @@ from postwarden.policy import (
 )
 from postwarden.policy.connlimit import ConnectionTable
 from postwarden.policy.dmarc import default_psl
-from postwarden.queue.runner import QueueRunner
+from postwarden.queue import handover
+from postwarden.queue.runner import HandOver, QueueRunner
 from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
+from postwarden.storage.base import QueuedMessage
 from postwarden.storage.factory import (
     admin_store,
     monitor_store,
@@ -70,7 +72,6 @@ from postwarden.storage.sqlite_directory import SqliteDirectory
 from postwarden.storage.sqlite_protect import SqliteProtectStore
 from postwarden.storage.sqlite_quarantine import QuarantineStore
 from postwarden.workers import (
-    CommitNotifier,
     WorkerArgs,
     WorkerPool,
     connection_table,
@@ -226,8 +227,12 @@ class Server:
             # not while the first message waits.
             await asyncio.to_thread(default_psl)
         if self.worker is not None:
-            # Deliveries are the main process's: tell it about new mail.
-            self.store.on_commit.append(CommitNotifier(self.worker.notify_fd))
+            # Deliveries are the main process's: hand it what we commit.
+            sender = handover.Sender(self.worker.notify_fd)
+            if isinstance(self.store, HandOver):
+                self.store.on_queued.append(sender.message)
+            else:  # a shared queue: the main process claims it by a scan
+                self.store.on_commit.append(sender.wake)
         elif cfg.queue.workers > 0:  # workers = 0: an accept-only node
             router = Router(self.directory.is_local_domain, self.directory.resolve,
                             cfg.delivery)
@@ -326,6 +331,11 @@ class Server:
         """Look for due deliveries now (``queue flush`` over the control socket)."""
         if self.runner is not None:
             self.runner.wake()
+
+    def hand_over(self, msg: QueuedMessage) -> None:
+        """A message a worker process committed: deliver it now."""
+        if self.runner is not None:
+            self.runner.hand_over(msg)
 
     def reload(self) -> None:
         """SIGHUP: pick up a renewed certificate; sessions in progress go on."""
@@ -427,7 +437,8 @@ async def _run(config: Config, worker: WorkerArgs | None) -> int:
             pool = WorkerPool(config.path, processes - 1,
                               {lst.config.name: lst.fds for lst in server.listeners},
                               server.wake, grace=SHUTDOWN_GRACE, table=table,
-                              table_fd=table_fd, on_exit=metrics_mod.process_dead)
+                              table_fd=table_fd, on_exit=metrics_mod.process_dead,
+                              on_message=server.hand_over)
             await pool.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -13,8 +13,9 @@ process and N - 1 workers:
   whichever process asks first, so a busy process does not take the next one.
 * Workers commit to the same queue database (SQLite in WAL mode: writers
   take its lock in turn, each process group-commits what arrived meanwhile).
-  After a commit a worker writes one byte on its pipe to the main process,
-  whose queue runner then looks for the new message at once.
+  After a commit a worker writes the message on its pipe to the main
+  process, whose queue runner starts its delivery at once
+  (:mod:`postwarden.queue.handover`).
 * State shared in the database (bans, rate limits, greylisting, access
   entries) is the same for every process.  Concurrent connections, in
   total and per client network (``[connections]``), are counted in shared
@@ -24,9 +25,10 @@ process and N - 1 workers:
   counted by each process, with the limit divided among them (rounded up).
 
 Security exposure: workers run with the same privileges and configuration
-as the main process; the pipes carry wake-ups only (no data is read from
-them); a worker's crash loses no committed mail (every 250 is in the
-database) and only its open sessions.
+as the main process; the pipes carry the envelopes of committed messages
+(a line that does not decode only starts a scan of the queue); a worker's
+crash loses no committed mail (every 250 is in the database) and only its
+open sessions.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from pathlib import Path
 
 from postwarden.observe.log import get_logger
 from postwarden.policy.connlimit import ConnectionTable
+from postwarden.queue import handover
+from postwarden.storage.base import QueuedMessage
 
 log = get_logger("workers")
 
@@ -125,41 +129,24 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-class CommitNotifier:
-    """In a worker: one byte to the main process after commits, at most one
-    per turn of the event loop."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        os.set_blocking(fd, False)
-        self._pending = False
-
-    def __call__(self, _queue_id: str) -> None:
-        if not self._pending:
-            self._pending = True
-            asyncio.get_running_loop().call_soon(self._send)
-
-    def _send(self) -> None:
-        self._pending = False
-        # A full pipe already holds a wake-up; a closed one means the main
-        # process is gone and its successor scans the queue at start.
-        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
-            os.write(self.fd, b"c")
-
-
 class WorkerPool:
     """In the main process: the workers (see module docstring)."""
 
     def __init__(self, config_path: Path, count: int,
                  sockets: dict[str, list[int]], on_commit: Callable[[], None],
                  grace: float, table: ConnectionTable, table_fd: int,
-                 on_exit: Callable[[int], None] | None = None) -> None:
+                 on_exit: Callable[[int], None] | None = None,
+                 on_message: Callable[[QueuedMessage], None] | None = None) -> None:
+        """``on_message``: a message a worker committed (see
+        :mod:`postwarden.queue.handover`); ``on_commit``: scan the queue."""
         self.config_path = config_path
         self.table = table
         self.table_fd = table_fd
         self.count = count
         self.sockets = sockets
         self.on_commit = on_commit
+        self.on_message = on_message or (lambda _msg: on_commit())
+        self._receivers: dict[int, handover.Receiver] = {}  # pipe fd -> its reader
         self.grace = grace
         self.on_exit = on_exit  # told the pid of a worker that ended
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -190,6 +177,7 @@ class WorkerPool:
         self._born[slot] = time.monotonic()
         self.started += 1
         os.set_blocking(read_fd, False)
+        self._receivers[read_fd] = handover.Receiver(self.on_message, self.on_commit)
         loop.add_reader(read_fd, self._notified, read_fd)
         log.info("worker_started", slot=slot, pid=proc.pid)
         task = asyncio.create_task(self._watch(slot, proc, read_fd))
@@ -198,19 +186,28 @@ class WorkerPool:
 
     def _notified(self, fd: int) -> None:
         try:
-            data = os.read(fd, 4096)
+            data = os.read(fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if data:
-            self.on_commit()
+        receiver = self._receivers.get(fd)
+        if data and receiver is not None:
+            receiver.feed(data)
 
     async def _watch(self, slot: int, proc: asyncio.subprocess.Process, read_fd: int) -> None:
         status = await proc.wait()
         loop = asyncio.get_running_loop()
         loop.remove_reader(read_fd)
-        self._notified(read_fd)  # what it said before it went
+        while True:  # what it said before it went
+            try:
+                data = os.read(read_fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            self._receivers[read_fd].feed(data)
+        self._receivers.pop(read_fd).close()
         os.close(read_fd)
         if self.procs.get(slot) is proc:
             del self.procs[slot]

@@ -63,6 +63,9 @@ from postwarden.storage.base import (
 log = get_logger("queue")
 
 STOP_TIMEOUT = 30.0
+# How long a finished delivery is remembered, so that a late hand-over of a
+# message a scan already delivered does not deliver it again (hand_over).
+FINISHED_KEEP = 120.0
 ROUTE_FAILED = DeliveryResult.deferred("4.3.0", "routing lookup failed", relay="none")
 NO_TRANSPORT = DeliveryResult.deferred("4.3.5", "no transport for this destination",
                                        relay="none")
@@ -117,6 +120,8 @@ class QueueRunner:
         # Due messages may be waiting for a free worker: scan again when a
         # delivery ends.
         self._backlog = False
+        # Deliveries ended lately (queue id -> time.monotonic()), oldest first.
+        self._finished: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[bool]] = {}
         self._releasing: set[asyncio.Future[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -169,16 +174,23 @@ class QueueRunner:
         self._wake.set()
 
     def hand_over(self, msg: QueuedMessage) -> None:
-        """A message just committed: deliver it now if a worker is free,
-        else leave it to the scan that follows (it is in the store).
+        """A message just committed, here or by a worker process: deliver
+        it now if a worker is free, else leave it to the scan that follows
+        (it is in the store).
 
-        Called from the commit, in the first turn of the event loop after
-        the transaction: a scan may have started the message meanwhile (it
-        is then in flight and skipped here), but no delivery can have ended
-        within that turn, so it is never started twice."""
+        A scan may have found the message first: it is then in flight, or
+        it ended less than FINISHED_KEEP seconds ago (remembered), and is
+        not started again.  A message handed over later than that after its
+        arrival is left to the scans (they deliver anything due)."""
         if self._stopping or self._task is None:
             return
-        if len(self._in_flight) < self.config.workers and msg.queue_id not in self._in_flight:
+        queue_id = msg.queue_id
+        if queue_id in self._in_flight or queue_id in self._finished:
+            return
+        if time.time() - msg.received_at > FINISHED_KEEP / 2:
+            self._wake.set()
+            return
+        if len(self._in_flight) < self.config.workers:
             self._start(msg)
         else:
             self._backlog = True
@@ -233,6 +245,8 @@ class QueueRunner:
 
     def _done(self, queue_id: str, task: asyncio.Task[bool]) -> None:
         self._in_flight.pop(queue_id, None)
+        if self._handed:
+            self._remember(queue_id)
         if task.cancelled():
             return
         exc = task.exception()
@@ -248,6 +262,18 @@ class QueueRunner:
             # (handed-over ones never do); not after a failed record, when
             # the message is still due and would be retried in a tight loop.
             self._wake.set()
+
+    def _remember(self, queue_id: str) -> None:
+        """Keep a finished delivery's id for FINISHED_KEEP seconds (see
+        :meth:`hand_over`)."""
+        now = time.monotonic()
+        finished = self._finished
+        finished[queue_id] = now
+        while finished:
+            oldest = next(iter(finished))
+            if now - finished[oldest] <= FINISHED_KEEP:
+                break
+            del finished[oldest]
 
     async def _release(self, queue_id: str) -> None:
         try:
