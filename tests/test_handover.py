@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 
 from postwarden.envelope import MailParams, RcptParams
 from postwarden.queue import handover
@@ -67,12 +68,21 @@ def read_pipe(fd: int) -> bytes:
         out += chunk
 
 
-def test_sender_batches_a_turn_and_too_long_lines_become_a_scan() -> None:
+def with_pipe(main: Callable[[int, int], Awaitable[None]]) -> None:
+    """Run ``main(read_fd, write_fd)`` on a new pipe (non-blocking reads)."""
     r, w = os.pipe()
     os.set_blocking(r, False)
+    try:
+        asyncio.run(main(r, w))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_sender_batches_a_turn_and_too_long_lines_become_a_scan() -> None:
     got = Collect()
 
-    async def main() -> None:
+    async def main(r: int, w: int) -> None:
         sender = handover.Sender(w)
         sender.message(message("A"))
         sender.message(message("B"))
@@ -81,22 +91,16 @@ def test_sender_batches_a_turn_and_too_long_lines_become_a_scan() -> None:
         await asyncio.sleep(0)
         got.receiver.feed(read_pipe(r))
 
-    try:
-        asyncio.run(main())
-    finally:
-        os.close(r)
-        os.close(w)
+    with_pipe(main)
     assert len(handover.encode(message("C", rcpts=400))) > handover.PIPE_BUF
     assert [m.queue_id for m in got.messages] == ["A", "B"]
     assert got.wakes == 1
 
 
 def test_a_full_pipe_turns_into_a_scan_once_it_drains() -> None:
-    r, w = os.pipe()
-    os.set_blocking(r, False)
     got = Collect()
 
-    async def main() -> None:
+    async def main(r: int, w: int) -> None:
         sender = handover.Sender(w)  # makes w non-blocking
         while True:  # the main process is behind: fill the pipe
             try:
@@ -111,10 +115,6 @@ def test_a_full_pipe_turns_into_a_scan_once_it_drains() -> None:
         await asyncio.sleep(handover.RETRY_DELAY * 3)
         got.receiver.feed(read_pipe(r))
 
-    try:
-        asyncio.run(main())
-    finally:
-        os.close(r)
-        os.close(w)
+    with_pipe(main)
     assert got.messages == []  # A stays in the queue, for the scan:
     assert got.wakes == 1

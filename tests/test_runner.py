@@ -314,6 +314,15 @@ class TrackingMaildir(MaildirDelivery):
             self.active[mailbox] -= 1
 
 
+def assert_each_once(env: Env, tracking: TrackingMaildir, n: int, workers: int) -> None:
+    """user0..user{n-1} got one copy each; ``workers`` deliveries ran at
+    once at most, never two of one message."""
+    assert tracking.max_total == workers
+    assert tracking.max_same == 1
+    for i in range(n):
+        assert len(env.delivered(f"user{i}@example.test")) == 1
+
+
 def test_workers_bound_concurrency_and_never_share_a_message(tmp_path: Path) -> None:
     env = Env(tmp_path)
     tracking = TrackingMaildir(env.mail)
@@ -333,10 +342,7 @@ def test_workers_bound_concurrency_and_never_share_a_message(tmp_path: Path) -> 
         await store.close()
 
     run(main)
-    assert tracking.max_total == 3
-    assert tracking.max_same == 1
-    for i in range(12):
-        assert len(env.delivered(f"user{i}@example.test")) == 1
+    assert_each_once(env, tracking, 12, workers=3)
 
 
 def test_messages_committed_while_every_worker_is_busy_are_delivered_once(
@@ -361,10 +367,7 @@ def test_messages_committed_while_every_worker_is_busy_are_delivered_once(
         await store.close()
 
     run(main)
-    assert tracking.max_total == 2
-    assert tracking.max_same == 1
-    for i in range(30):
-        assert len(env.delivered(f"user{i}@example.test")) == 1
+    assert_each_once(env, tracking, 30, workers=2)
 
 
 def test_a_late_hand_over_of_a_message_a_scan_delivered_is_ignored(tmp_path: Path) -> None:
