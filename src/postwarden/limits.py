@@ -33,8 +33,9 @@ HEADER_SCAN_MAX = 256 * 1024
 # Bodies up to this size are committed inline in the database; larger ones
 # go to a spool file (both fsync'ed before the 250).
 INLINE_BODY_MAX = 128 * 1024
-# Bytes read from a socket at a time.
-READ_CHUNK = 64 * 1024
+# Bytes received from a client and not yet read by its session above which
+# the connection stops reading (smtp/connection.py): TCP holds the client.
+SESSION_BUFFER_MAX = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
-# Bytes received and not yet read by the session above which the transport
-# stops reading (asyncio's StreamReader pauses at twice its limit).
-BUFFER_MAX = 1024 * 1024
+from postwarden.limits import SESSION_BUFFER_MAX as BUFFER_MAX
 
 
 class SessionIO(asyncio.Protocol):
