@@ -5,9 +5,10 @@ and records the results.
 * On start it delivers everything due, so after a restart every queued,
   undelivered message resumes.
 * A message committed in this process is handed over as it is committed
-  (``store.on_queued``) and its delivery starts at once, without reading it
-  back; a commit it only hears of (``store.on_commit``, or a worker
-  process's, see :meth:`QueueRunner.wake`) starts a scan of the store for
+  (``store.on_queued``), one a worker process committed comes over its
+  pipe (:mod:`postwarden.queue.handover`), and its delivery starts at once,
+  without reading it back.  A commit it only hears of (``store.on_commit``
+  of a store that cannot hand messages over) starts a scan of the store for
   due messages.  It also scans every ``scan_interval`` seconds, and when a
   delivery ends while due messages were left waiting for a free worker.
 * Up to ``workers`` messages are delivered concurrently; a message is never
@@ -268,6 +269,7 @@ class QueueRunner:
         :meth:`hand_over`)."""
         now = time.monotonic()
         finished = self._finished
+        finished.pop(queue_id, None)  # to the end: the dict stays oldest first
         finished[queue_id] = now
         while finished:
             oldest = next(iter(finished))
