@@ -66,6 +66,7 @@ def free_ports(n: int) -> list[int]:
 class Service:
     def __init__(self, config_path: Path, log_path: Path) -> None:
         self.config_path = config_path
+        self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postwarden", "-c", str(config_path), "serve"],
@@ -76,7 +77,10 @@ class Service:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"postwarden exited with {self.proc.returncode}")
+                self.log.flush()
+                tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
+                raise AssertionError(f"postwarden exited with {self.proc.returncode}:\n"
+                                     + "\n".join(tail))
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                     if s.recv(100).startswith(b"220"):
@@ -86,9 +90,17 @@ class Service:
         raise AssertionError("postwarden did not become ready")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the main process and wait for it, and for its workers:
+        after a SIGKILL they get SIGTERM from the kernel and exit on their
+        own, and until they have, they hold the listening sockets (a new
+        server on the same ports would fail to bind)."""
+        workers = children(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(20)
+        deadline = time.monotonic() + 20
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.log.close()
         return code
 
