@@ -200,6 +200,16 @@ def test_a_long_line_is_found_wherever_the_chunks_split(lengths: list[int], step
     assert end.long_lines == any(n + 2 > 1000 for n in lengths)
 
 
+@pytest.mark.parametrize("step", [None, 1000, 4096, 65536, 199_999])
+def test_an_overlong_command_line_costs_only_itself(step: int | None) -> None:
+    """500 once for the line, however it arrives (all at once included),
+    and the commands that came after it in the same read are answered."""
+    d = Driver()
+    out = d.feed(b"EHLO c\r\nNOOP " + b"a" * 200_000 + b"\r\nNOOP\r\nNOOP\r\n", step=step)
+    assert codes(out) == ["250", "500", "250", "250"]
+    assert "5.5.2 Line too long" in out
+
+
 def test_bdat_chunks_and_last() -> None:
     d = Driver()
     out = d.feed(TXN + b"BDAT 4\r\nab\r\nBDAT 0 LAST\r\nNOOP\r\n")

@@ -337,13 +337,22 @@ class ServerProtocol:
         while True:
             nl = buf.find(b"\n", 0, limit + 1)
             if nl < 0:
-                if len(buf) > limit:
-                    # Overlong line: answer once, then discard up to its end.
+                if len(buf) <= limit:
+                    return None
+                # Overlong line: answer once, then discard up to its end,
+                # and only that: what follows it may have arrived with it.
+                if not self._skip_line:
+                    self._skip_line = True
+                    self._reply(R.LINE_TOO_LONG)
+                    if self.closed:
+                        return None
+                end = buf.find(b"\n", limit + 1)
+                if end < 0:
                     del buf[:]
-                    if not self._skip_line:
-                        self._skip_line = True
-                        self._reply(R.LINE_TOO_LONG)
-                return None
+                    return None
+                del buf[: end + 1]
+                self._skip_line = False
+                continue
             raw = bytes(buf[:nl])
             del buf[: nl + 1]
             if self._skip_line:
