@@ -185,28 +185,22 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     def _notified(self, fd: int) -> None:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
+        """Hand what the worker wrote on its pipe to its receiver."""
         receiver = self._receivers.get(fd)
-        if data and receiver is not None:
+        while receiver is not None:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # BlockingIOError: all read for now
+                return
+            if not data:
+                return
             receiver.feed(data)
 
     async def _watch(self, slot: int, proc: asyncio.subprocess.Process, read_fd: int) -> None:
         status = await proc.wait()
         loop = asyncio.get_running_loop()
         loop.remove_reader(read_fd)
-        while True:  # what it said before it went
-            try:
-                data = os.read(read_fd, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            self._receivers[read_fd].feed(data)
+        self._notified(read_fd)  # what it said before it went
         self._receivers.pop(read_fd).close()
         os.close(read_fd)
         if self.procs.get(slot) is proc:
