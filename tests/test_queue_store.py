@@ -125,7 +125,7 @@ def test_inline_round_trip(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
         store = await backend.open(tmp_path)
         queue_id = await commit(store, data, env)
-        assert re.fullmatch(r"[A-Z2-7]{16}", queue_id)
+        assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{25}", queue_id)
         assert await read_all(store, queue_id) == PREPEND + data
         assert spool_files(tmp_path) == []  # inline: one WAL fsync covers all
         msg = await store.get(queue_id)

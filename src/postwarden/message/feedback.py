@@ -39,8 +39,10 @@ VALUE_MAX = 300
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,250}>")
 # Our Received field (message/cleanup.received_header):
-# "by HOST (postwarden) with ESMTPSA id QUEUEID".
-_OUR_RECEIVED = re.compile(r"\(postwarden\)\s+with\s+\S+\s+id\s+([A-Z2-7]{16})\b")
+# "by HOST (postwarden) with ESMTPSA id QUEUEID"; a queue id (postwarden.ids)
+# of 25 characters, or of 16 in mail sent before ids began with the time.
+_OUR_RECEIVED = re.compile(
+    r"\(postwarden\)\s+with\s+\S+\s+id\s+([0-9A-Z]{25}|[A-Z2-7]{16})\b")
 _ORIGINAL = ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers")
 
 
