@@ -124,6 +124,7 @@ class ScriptedServer:
         self.final_delay = 0.0
         self.sessions: list[SessionRecord] = []
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.active = 0
         self.max_active = 0
         self._server: asyncio.AbstractServer | None = None
@@ -139,6 +140,13 @@ class ScriptedServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            # End the sessions still open, so that none is left suspended
+            # when the test's event loop closes (it would be collected
+            # later, in another test, with "coroutine ignored GeneratorExit").
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=2)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
@@ -161,6 +169,9 @@ class ScriptedServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         rec = SessionRecord()
         self.sessions.append(rec)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         self._writers.add(writer)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
@@ -170,6 +181,8 @@ class ScriptedServer:
             pass
         finally:
             self.active -= 1
+            if task is not None:
+                self._tasks.discard(task)
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
