@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import base64
 import os
-import random
 import sqlite3
 import tempfile
 import time
@@ -49,10 +48,7 @@ def random_id() -> str:
 
 def timed_id_at(seconds: float) -> str:
     """An id of the current format, made at ``seconds`` (for the history)."""
-    ms = int(seconds * 1000)
-    bits = (ms << 83) | (random.getrandbits(80) << 3)
-    return base64.b32encode(bits.to_bytes(16, "big"))[:25].translate(
-        ids._SORTABLE).decode("ascii")
+    return ids.queue_id_at(int(seconds * 1000), os.urandom(10))
 
 
 def wchar() -> int:

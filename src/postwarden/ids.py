@@ -75,7 +75,13 @@ _TIME_BITS = 45
 def new_queue_id() -> str:
     """25 characters, upper case and URL-safe: 9 of the time in milliseconds,
     16 of 80 random bits (module docstring)."""
-    ms = time.time_ns() // 1_000_000 & ((1 << _TIME_BITS) - 1)
-    bits = (ms << 83) | (int.from_bytes(_entropy.take(10), "big") << 3)  # 128 bits
+    return queue_id_at(time.time_ns() // 1_000_000, _entropy.take(10))
+
+
+def queue_id_at(ms: int, random10: bytes) -> str:
+    """The queue id made at ``ms`` (milliseconds since 1970) with the 10
+    random bytes ``random10``."""
+    ms &= (1 << _TIME_BITS) - 1
+    bits = (ms << 83) | (int.from_bytes(random10, "big") << 3)  # 128 bits
     return base64.b32encode(bits.to_bytes(16, "big"))[:QUEUE_ID_LENGTH].translate(
         _SORTABLE).decode("ascii")
