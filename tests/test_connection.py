@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from postwarden.smtp.connection import BUFFER_MAX, SessionIO
+from postwarden.limits import SESSION_BUFFER_MAX
+from postwarden.smtp.connection import SessionIO
 
 
 async def _serve(handler: Callable[[SessionIO], Awaitable[None]],
@@ -31,13 +32,13 @@ async def _serve(handler: Callable[[SessionIO], Awaitable[None]],
 
 
 def test_a_client_that_floods_is_held_by_tcp_not_by_memory() -> None:
-    """Reading pauses once BUFFER_MAX bytes wait; they are all delivered,
-    in order, once the session reads again."""
-    sent = bytes(range(256)) * (4 * BUFFER_MAX // 256)
+    """Reading pauses once SESSION_BUFFER_MAX bytes wait; they are all
+    delivered, in order, once the session reads again."""
+    sent = bytes(range(256)) * (4 * SESSION_BUFFER_MAX // 256)
     seen: dict[str, object] = {}
 
     async def handler(io: SessionIO) -> None:
-        while io.buffered <= BUFFER_MAX:
+        while io.buffered <= SESSION_BUFFER_MAX:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)  # the client keeps sending; we do not read
         assert io.transport is not None
@@ -61,7 +62,7 @@ def test_a_client_that_floods_is_held_by_tcp_not_by_memory() -> None:
 
     asyncio.run(_serve(handler, client))
     assert seen["paused"] is True
-    assert isinstance(seen["held"], int) and seen["held"] <= BUFFER_MAX + 256 * 1024
+    assert isinstance(seen["held"], int) and seen["held"] <= SESSION_BUFFER_MAX + 256 * 1024
     assert seen["data"] == sent
 
 

@@ -187,7 +187,9 @@ class WorkerPool:
     def _notified(self, fd: int) -> None:
         """Hand what the worker wrote on its pipe to its receiver."""
         receiver = self._receivers.get(fd)
-        while receiver is not None:
+        if receiver is None:
+            return
+        while True:
             try:
                 data = os.read(fd, 65536)
             except OSError:  # BlockingIOError: all read for now

@@ -9,13 +9,14 @@ it is (or the chunks that arrived meanwhile, joined), and a write needs no
 await unless the transport asked us to stop writing (flow control).
 
 Flow control both ways: reading is paused while more than
-:data:`BUFFER_MAX` bytes wait for the session (a client that pipelines
-faster than we process is held by TCP, not by our memory); the session's
+:data:`~postwarden.limits.SESSION_BUFFER_MAX` bytes wait for the session (a
+client that pipelines faster than we process is held by TCP, not by our
+memory); the session's
 writes wait in :meth:`SessionIO.drain` while the transport's buffer is over
 its high-water mark.
 
 Security exposure: carries untrusted bytes; it keeps no more than
-``BUFFER_MAX`` of them plus one chunk, and never interprets them.
+``SESSION_BUFFER_MAX`` of them plus one chunk, and never interprets them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
-from postwarden.limits import SESSION_BUFFER_MAX as BUFFER_MAX
+from postwarden.limits import SESSION_BUFFER_MAX
 
 
 class SessionIO(asyncio.Protocol):
@@ -62,7 +63,8 @@ class SessionIO(asyncio.Protocol):
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
-        if self._size > BUFFER_MAX and not self._reading_paused and self.transport is not None:
+        if (self._size > SESSION_BUFFER_MAX and not self._reading_paused
+                and self.transport is not None):
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -163,7 +165,8 @@ class SessionIO(asyncio.Protocol):
             self._waiter = None
 
     def _resume_reading(self) -> None:
-        if self._reading_paused and self._size <= BUFFER_MAX and self.transport is not None:
+        if (self._reading_paused and self._size <= SESSION_BUFFER_MAX
+                and self.transport is not None):
             self._reading_paused = False
             self.transport.resume_reading()
 
