@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import procs
+from postwarden.workers import process_count
 
 HOST = "127.0.0.1"
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -539,7 +540,34 @@ class PostwardenServer:
             self.stop()
             raise BenchError(f"postwarden does not greet on port {self.port}:\n"
                              f"{self.log_tail()}")
+        # The main process greets as soon as it listens; each worker then
+        # starts, imports and opens the stores on its own, for most of a
+        # second of CPU.  Measuring from the first greeting would count that
+        # start-up as the load's CPU, and give the load one process instead
+        # of all of them for as long.
+        want = self.process_count()
+        if not wait_until(lambda: self.ready_processes() >= want, START_TIMEOUT):
+            self.stop()
+            raise BenchError(f"only {self.ready_processes()} of postwarden's {want} processes "
+                             f"became ready:\n{self.log_tail()}")
         return self
+
+    def process_count(self) -> int:
+        """The processes the config asks for (``processes``, default "auto")."""
+        setting = tomllib.loads(self.cfg.read_text()).get("processes", "auto")
+        return process_count(setting if isinstance(setting, int) else 0)
+
+    def ready_processes(self) -> int:
+        """How many processes have logged their "ready" event."""
+        try:
+            lines = (self.workdir / "postwarden.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return 0
+        count = 0
+        for line in lines:
+            with contextlib.suppress(ValueError, AttributeError):  # not a JSON object
+                count += json.loads(line).get("event") == "ready"
+        return count
 
     def stop(self) -> None:
         pgid, self.pgid = self.pgid, None
