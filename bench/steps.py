@@ -1,0 +1,153 @@
+"""Where one session's time goes: the latency of each SMTP step, postwarden
+and Postfix side by side.
+
+The "one session" case of ``make bench`` is a chain of round trips: one
+message per connection, each command waiting for the previous reply, so
+its rate is the inverse of the sum of the steps' latencies.  This measures
+each step separately, against both servers in the accept-only setup of the
+bench (``bench.servers``, mode ``hold``: Postfix's hold queue, postwarden's
+delivery paused), with the same client: a blocking socket that sends
+exactly what smtp-source sends (HELO, MAIL, RCPT, DATA, the headers
+From/To/Date/Message-Id and a body of 80-byte lines, QUIT) and times each
+reply.
+
+    python -m bench.steps [--count 1500] [--size 2048] [--rounds 2]
+
+Steps: ``connect`` (TCP handshake), ``greeting`` (from the connection to
+the 220), one per command, ``end of data`` (from the body and its final
+dot to the 250: the checks and the fsync'ed commit), ``close`` (the 221 to
+the server's FIN).  It prints the median of each step in milliseconds for
+both servers and their sum, which is the time per message of smtp-source
+at one session.  The servers run one after the other, ``--rounds`` times
+(Postfix, postwarden, Postfix, ...); each step's median is taken over all
+messages of all rounds.  Loopback only, as the bench: 127.0.0.1, ports the
+kernel picks, DNS to the bench's stub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import dnsstub, servers
+
+STEPS = ("connect", "greeting", "HELO", "MAIL", "RCPT", "DATA", "end of data", "QUIT",
+         "close")
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One whole reply (its last line has a space after the code)."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise servers.BenchError(f"connection closed after {data!r}")
+        data += chunk
+        lines = data.split(b"\r\n")
+        if len(lines) >= 2 and lines[-2][3:4] == b" ":
+            return data
+
+
+def message(n: int, size: int) -> bytes:
+    """smtp-source's message: four header fields, then ``size`` bytes of
+    80-byte lines, then the final dot."""
+    head = (f"From: <bench@client.test>\r\nTo: <sink@sink.test>\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+            f"Message-Id: <{n}.{time.time_ns()}@client.test>\r\n\r\n").encode()
+    lines = (size + 79) // 80
+    return head + (b"X" * 78 + b"\r\n") * lines + b".\r\n"
+
+
+def one_session(port: int, body: bytes, into: dict[str, list[float]]) -> None:
+    clock = time.perf_counter
+    start = clock()
+    with socket.create_connection((servers.HOST, port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        now = clock()
+        into["connect"].append(now - start)
+        before = now
+        reply = read_reply(sock)
+        now = clock()
+        into["greeting"].append(now - before)
+        for step, data, want in (("HELO", b"HELO bench.test\r\n", b"250"),
+                                 ("MAIL", b"MAIL FROM:<bench@client.test>\r\n", b"250"),
+                                 ("RCPT", b"RCPT TO:<sink@sink.test>\r\n", b"250"),
+                                 ("DATA", b"DATA\r\n", b"354"),
+                                 ("end of data", body, b"250"),
+                                 ("QUIT", b"QUIT\r\n", b"221")):
+            before = clock()
+            sock.sendall(data)
+            reply = read_reply(sock)
+            if not reply.startswith(want):
+                raise servers.BenchError(f"{step}: {reply!r}")
+            into[step].append(clock() - before)
+        before = clock()
+        while sock.recv(4096):
+            pass
+        into["close"].append(clock() - before)
+
+
+def run(server: servers.PostfixServer | servers.PostwardenServer, count: int, size: int,
+        into: dict[str, list[float]]) -> None:
+    server.start()
+    try:
+        for n in range(count):
+            one_session(server.port, message(n, size), into)
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    doc = __doc__ or ""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--count", type=int, default=1500, help="messages per server and round")
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    tools = servers.ensure_postfix(install=False)
+    dns = dnsstub.DnsStub().start()
+    root = Path(tempfile.mkdtemp(prefix="postwarden-steps-"))
+    root.chmod(0o711)
+    timings: dict[str, dict[str, list[float]]] = {
+        name: {step: [] for step in STEPS} for name in ("postfix", "postwarden")}
+    try:
+        template = servers.make_postwarden_template(root / "template")
+        for r in range(args.rounds):
+            run(servers.PostfixServer(root / f"postfix-{r}", "hold", tools), args.count,
+                args.size, timings["postfix"])
+            run(servers.PostwardenServer(root / f"postwarden-{r}", "hold", template, dns.port),
+                args.count, args.size, timings["postwarden"])
+    except servers.BenchError as exc:
+        print(f"bench.steps: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        servers.stop_all()
+        dns.stop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(root)
+    print(f"one session, {args.size}-byte messages, {args.count} x {args.rounds} per server: "
+          "median ms per step")
+    print(f"  {'step':14s} {'postfix':>9s} {'postwarden':>11s}")
+    totals = {"postfix": 0.0, "postwarden": 0.0}
+    for step in STEPS:
+        cells = []
+        for name in ("postfix", "postwarden"):
+            median = 1000 * statistics.median(timings[name][step])
+            totals[name] += median
+            cells.append(median)
+        print(f"  {step:14s} {cells[0]:9.3f} {cells[1]:11.3f}")
+    pf, pw = totals["postfix"], totals["postwarden"]
+    print(f"  {'sum':14s} {pf:9.3f} {pw:11.3f}   (about {1000 / pf:.0f} and {1000 / pw:.0f} "
+          f"msg/s; ratio {pf / pw:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
