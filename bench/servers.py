@@ -46,6 +46,10 @@ from postwarden.workers import process_count
 HOST = "127.0.0.1"
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 START_TIMEOUT = 30.0
+# postwarden has finished starting when its processes are idle: less than
+# SETTLED_CPU seconds of CPU (two clock ticks) in SETTLE_WINDOW seconds.
+SETTLE_WINDOW = 0.25
+SETTLED_CPU = 0.025
 STOP_TIMEOUT = 15.0
 NOFILE = 65536  # the fd limit the servers get (idle-sessions test)
 POSTFIX_PACKAGES = ("postfix",)
@@ -544,12 +548,13 @@ class PostwardenServer:
         # starts, imports and opens the stores on its own, for most of a
         # second of CPU.  Measuring from the first greeting would count that
         # start-up as the load's CPU, and give the load one process instead
-        # of all of them for as long.
+        # of all of them for as long.  So wait until every process exists and
+        # the server has gone idle (whatever its log level).
         want = self.process_count()
-        if not wait_until(lambda: self.ready_processes() >= want, START_TIMEOUT):
+        if not wait_until(lambda: self.settled(want), START_TIMEOUT, 0):
             self.stop()
-            raise BenchError(f"only {self.ready_processes()} of postwarden's {want} processes "
-                             f"became ready:\n{self.log_tail()}")
+            raise BenchError(f"postwarden did not settle with {want} processes:\n"
+                             f"{self.log_tail()}")
         return self
 
     def process_count(self) -> int:
@@ -557,17 +562,14 @@ class PostwardenServer:
         setting = tomllib.loads(self.cfg.read_text()).get("processes", "auto")
         return process_count(setting if isinstance(setting, int) else 0)
 
-    def ready_processes(self) -> int:
-        """How many processes have logged their "ready" event."""
-        try:
-            lines = (self.workdir / "postwarden.log").read_text(errors="replace").splitlines()
-        except OSError:
-            return 0
-        count = 0
-        for line in lines:
-            with contextlib.suppress(ValueError, AttributeError):  # not a JSON object
-                count += json.loads(line).get("event") == "ready"
-        return count
+    def settled(self, want: int) -> bool:
+        """``want`` processes run, and together they used less than
+        SETTLED_CPU seconds of CPU over the last SETTLE_WINDOW seconds."""
+        assert self.pgid is not None
+        before = procs.group_cpu(self.pgid)
+        time.sleep(SETTLE_WINDOW)
+        return (len(procs.live_members(self.pgid)) >= want
+                and procs.group_cpu(self.pgid) - before < SETTLED_CPU)
 
     def stop(self) -> None:
         pgid, self.pgid = self.pgid, None
