@@ -36,60 +36,36 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import dnsstub, servers
+from bench import dnsstub, loadgen, servers
+from bench.compare import HELO, SENDER
 
+RCPT = servers.RCPT["hold"]
 STEPS = ("connect", "greeting", "HELO", "MAIL", "RCPT", "DATA", "end of data", "QUIT",
          "close")
 
 
-def read_reply(sock: socket.socket) -> bytes:
-    """One whole reply (its last line has a space after the code)."""
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise servers.BenchError(f"connection closed after {data!r}")
-        data += chunk
-        lines = data.split(b"\r\n")
-        if len(lines) >= 2 and lines[-2][3:4] == b" ":
-            return data
-
-
-def message(n: int, size: int) -> bytes:
-    """smtp-source's message: four header fields, then ``size`` bytes of
-    80-byte lines, then the final dot."""
-    head = (f"From: <bench@client.test>\r\nTo: <sink@sink.test>\r\n"
-            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
-            f"Message-Id: <{n}.{time.time_ns()}@client.test>\r\n\r\n").encode()
-    lines = (size + 79) // 80
-    return head + (b"X" * 78 + b"\r\n") * lines + b".\r\n"
-
-
-def one_session(port: int, body: bytes, into: dict[str, list[float]]) -> None:
+def one_session(port: int, data: bytes, into: dict[str, list[float]]) -> None:
+    """One message, as smtp-source sends it, each step timed into ``into``."""
     clock = time.perf_counter
     start = clock()
-    with socket.create_connection((servers.HOST, port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with socket.create_connection((servers.HOST, port), timeout=30) as sock, \
+            sock.makefile("rb") as replies:
         now = clock()
         into["connect"].append(now - start)
-        before = now
-        reply = read_reply(sock)
-        now = clock()
-        into["greeting"].append(now - before)
-        for step, data, want in (("HELO", b"HELO bench.test\r\n", b"250"),
-                                 ("MAIL", b"MAIL FROM:<bench@client.test>\r\n", b"250"),
-                                 ("RCPT", b"RCPT TO:<sink@sink.test>\r\n", b"250"),
-                                 ("DATA", b"DATA\r\n", b"354"),
-                                 ("end of data", body, b"250"),
-                                 ("QUIT", b"QUIT\r\n", b"221")):
+        loadgen.read_reply_blocking(replies, 220)
+        into["greeting"].append(clock() - now)
+        for step, line, expect in (("HELO", f"HELO {HELO}\r\n".encode(), 250),
+                                   ("MAIL", f"MAIL FROM:<{SENDER}>\r\n".encode(), 250),
+                                   ("RCPT", f"RCPT TO:<{RCPT}>\r\n".encode(), 250),
+                                   ("DATA", b"DATA\r\n", 354),
+                                   ("end of data", data, 250),
+                                   ("QUIT", b"QUIT\r\n", 221)):
             before = clock()
-            sock.sendall(data)
-            reply = read_reply(sock)
-            if not reply.startswith(want):
-                raise servers.BenchError(f"{step}: {reply!r}")
+            sock.sendall(line)
+            loadgen.read_reply_blocking(replies, expect)
             into[step].append(clock() - before)
         before = clock()
-        while sock.recv(4096):
+        while replies.read(4096):  # until the server closes
             pass
         into["close"].append(clock() - before)
 
@@ -98,8 +74,9 @@ def run(server: servers.PostfixServer | servers.PostwardenServer, count: int, si
         into: dict[str, list[float]]) -> None:
     server.start()
     try:
+        body = loadgen.payload(size)
         for n in range(count):
-            one_session(server.port, message(n, size), into)
+            one_session(server.port, loadgen.message(SENDER, RCPT, body, n, HELO), into)
     finally:
         server.stop()
 
@@ -124,7 +101,7 @@ def main() -> int:
                 args.size, timings["postfix"])
             run(servers.PostwardenServer(root / f"postwarden-{r}", "hold", template, dns.port),
                 args.count, args.size, timings["postwarden"])
-    except servers.BenchError as exc:
+    except (servers.BenchError, loadgen.SmtpError, OSError) as exc:
         print(f"bench.steps: {exc}", file=sys.stderr)
         return 1
     finally:
