@@ -550,14 +550,14 @@ class PostwardenServer:
         # start-up as the load's CPU, and give the load one process instead
         # of all of them for as long.  So wait until every process exists and
         # the server has gone idle (whatever its log level).
-        want = self.process_count()
+        want = self.expected_processes()
         if not wait_until(lambda: self.settled(want), START_TIMEOUT, 0):
             self.stop()
             raise BenchError(f"postwarden did not settle with {want} processes:\n"
                              f"{self.log_tail()}")
         return self
 
-    def process_count(self) -> int:
+    def expected_processes(self) -> int:
         """The processes the config asks for (``processes``, default "auto")."""
         setting = tomllib.loads(self.cfg.read_text()).get("processes", "auto")
         return process_count(setting if isinstance(setting, int) else 0)
