@@ -112,7 +112,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="postwarden-ids-") as tmp:
             directory = Path(tmp)
             build(directory, args.events, history_id)
-            sqlite_queue.new_queue_id = new_id  # the store's id source for this run
+            # The store's id source for this run.
+            sqlite_queue.new_queue_id = new_id  # type: ignore[attr-defined]
             cpu, written = asyncio.run(commit_all(directory, args.messages, args.concurrency))
         print(f"  {name:28s} {1e6 * cpu / args.messages:7.1f} us CPU per message, "
               f"{written / args.messages / 4096:5.2f} pages written per message")
