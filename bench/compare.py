@@ -13,7 +13,9 @@ seconds per 1,000 messages and peak memory.  See docs/performance.md.
 Every server binds 127.0.0.1 on a kernel-chosen port, nothing does DNS, each
 run has a time limit, and everything (Postfix instances, postwarden, sinks,
 temporary directories) is cleaned up on exit, errors and Ctrl-C.  Needs root
-(Postfix's master must start as root).
+(Postfix's master must start as root).  The servers write to a loop-mounted
+ext4 image with a journal, the same kind of storage on every machine
+(``--disk tmp``: ``$TMPDIR`` instead; see bench/disk.py).
 """
 
 from __future__ import annotations
@@ -32,14 +34,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from bench import loadgen, procs
+from bench import disk, loadgen, procs
 from bench.dnsstub import DnsStub
 from bench.servers import (
     HOST,
@@ -359,7 +360,7 @@ def progress(run: Run) -> str:
 # -- reporting -----------------------------------------------------------------
 
 
-def machine_facts(tools: dict[str, str]) -> dict[str, str]:
+def machine_facts(tools: dict[str, str], root: Path) -> dict[str, str]:
     def out(cmd: list[str]) -> str:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             r = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
@@ -381,7 +382,6 @@ def machine_facts(tools: dict[str, str]) -> dict[str, str]:
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("PRETTY_NAME="):
                 os_name = line.split("=", 1)[1].strip('"')
-    fs = out(["df", "--output=fstype,source", tempfile.gettempdir()]).splitlines()
     commit = out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = out(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"])
     return {
@@ -393,7 +393,7 @@ def machine_facts(tools: dict[str, str]) -> dict[str, str]:
         "python": platform.python_version(),
         "postfix": out([tools["postconf"], "-d", "-h", "mail_version"]),
         "openssl": out(["openssl", "version"]),
-        "filesystem": f"{fs[-1]} ({tempfile.gettempdir()})" if fs else "?",
+        "filesystem": disk.describe(root),
         "postwarden": f"{commit}{' + uncommitted changes in src/' if dirty else ''}",
         "load average": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
@@ -581,6 +581,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="override postwarden's log level (default: its default, info)")
     ap.add_argument("--docs", type=Path, help="write the results into this Markdown file")
     ap.add_argument("--json", type=Path, help="write every run as JSON to this file")
+    ap.add_argument("--disk", choices=("image", "tmp"), default="image",
+                    help="where the servers write: a loop-mounted ext4 image with a journal "
+                         "(default; see bench/disk.py) or $TMPDIR")
     ap.add_argument("--no-install", action="store_true",
                     help="do not apt-get install postfix when it is missing")
     args = ap.parse_args(argv)
@@ -615,18 +618,29 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     signal.setitimer(signal.ITIMER_REAL, args.max_seconds)
     began = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix="postwarden-bench-"))
-    root.chmod(0o711)  # Postfix's unprivileged daemons reach their dirs by path
+    try:
+        with disk.workspace(args.disk, "bench") as root:
+            root.chmod(0o711)  # Postfix's unprivileged daemons reach their dirs by path
+            return run_bench(args, argv, plan, root, began)
+    except Interrupted as e:  # while the image was being made or removed
+        print(f"\nbench: interrupted by {e}", file=sys.stderr)
+        return 130
+
+
+def run_bench(args: argparse.Namespace, argv: list[str], plan: list[Config], root: Path,
+              began: float) -> int:
     bench: Bench | None = None
     try:
         bench = Bench(args, root)
-        facts = machine_facts(bench.tools)
+        facts = machine_facts(bench.tools, root)
         print(f"bench: {len(plan)} configurations x 2 servers x {args.reps} repetition(s) "
               f"in {root}", flush=True)
         bench.execute(plan, args.reps, args.idle)
         facts["load average"] += " (start), " + " ".join(
             Path("/proc/loadavg").read_text().split()[:3]) + " (end)"
         facts["duration"] = f"{time.monotonic() - began:.0f} s"
+        facts["filesystem"] += (f"; {disk.creation_cost(root) * 1e6:.0f} us after the "
+                                "runs")
         lines = report(bench, facts, args.reps, args.quick)
         print()
         print("\n".join(lines))
@@ -657,7 +671,6 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
         if bench is not None:
             bench.dns.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,16 +27,13 @@ kernel picks, DNS to the bench's stub.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench import dnsstub, loadgen, servers
+from bench import disk, dnsstub, loadgen, servers
 from bench.compare import HELO, SENDER
 
 RCPT = servers.RCPT["hold"]
@@ -87,10 +84,16 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=1500, help="messages per server and round")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--disk", choices=("image", "tmp"), default="image",
+                    help="where the servers write (as bench.compare --disk)")
     args = ap.parse_args()
+    with disk.workspace(args.disk, "steps") as root:
+        return measure(args, root)
+
+
+def measure(args: argparse.Namespace, root: Path) -> int:
     tools = servers.ensure_postfix(install=False)
     dns = dnsstub.DnsStub().start()
-    root = Path(tempfile.mkdtemp(prefix="postwarden-steps-"))
     root.chmod(0o711)
     timings: dict[str, dict[str, list[float]]] = {
         name: {step: [] for step in STEPS} for name in ("postfix", "postwarden")}
@@ -107,8 +110,6 @@ def main() -> int:
     finally:
         servers.stop_all()
         dns.stop()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(root)
     print(f"one session, {args.size}-byte messages, {args.count} x {args.rounds} per server: "
           "median ms per step")
     print(f"  {'step':14s} {'postfix':>9s} {'postwarden':>11s}")
