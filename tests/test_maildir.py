@@ -199,6 +199,34 @@ def test_concurrent_deliveries_to_one_mailbox_all_land(tmp_path: Path) -> None:
     assert subjects == list(range(100))
 
 
+def test_a_broken_mailbox_in_a_batch_fails_alone(tmp_path: Path) -> None:
+    """Deliveries stored in one batch: the one whose new/ is unusable is
+    deferred and leaves no file behind; the others land."""
+    broken = tmp_path / "example.test" / "eve" / "Maildir"
+    (broken / "tmp").mkdir(parents=True)
+    (broken / "cur").mkdir()
+    (broken / "new").write_text("a file, not a directory")
+    delivery = MaildirDelivery(tmp_path)
+
+    async def many() -> list[DeliveryResult]:
+        return await asyncio.gather(*(
+            delivery.deliver("eve@example.test" if i == 20 else f"user{i % 3}@example.test",
+                             "alice@example.test", chunks(b"Subject: %d\r\n\r\nbody\r\n" % i))
+            for i in range(40)))
+
+    results = asyncio.run(many())
+    assert results[20].status is DeliveryStatus.DEFERRED
+    assert results[20].dsn.startswith("4.")
+    assert list((broken / "tmp").iterdir()) == []
+    others = [r for i, r in enumerate(results) if i != 20]
+    assert {r.status for r in others} == {DeliveryStatus.DELIVERED}
+    landed = [p for n in range(3)
+              for p in (tmp_path / "example.test" / f"user{n}" / "Maildir" / "new").iterdir()]
+    assert len(landed) == 39
+    for n in range(3):
+        assert list((tmp_path / "example.test" / f"user{n}" / "Maildir" / "tmp").iterdir()) == []
+
+
 def test_a_mailbox_removed_while_running_is_created_again(tmp_path: Path) -> None:
     mail = tmp_path / "mail"
     delivery = MaildirDelivery(mail)
