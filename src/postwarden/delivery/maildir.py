@@ -63,11 +63,11 @@ from postwarden.storage.spool import DirSyncer, fsync_dir, write_all
 log = get_logger("maildir")
 
 NAME_MAX = 255
-# Threads doing the file work of deliveries (open, write, fsync, rename).
-# They spend their time waiting for the disk, without the GIL, so more of
-# them than cores lets concurrent deliveries share its latency instead of
-# queueing behind asyncio's default executor (cores + 4 threads, shared
-# with everything else).
+# Threads doing the file work of the messages streamed to their file (too
+# big for the GroupWriter) and of clean-ups.  They spend their time waiting
+# for the disk, without the GIL, so more of them than cores lets concurrent
+# deliveries share its latency instead of queueing behind asyncio's default
+# executor (cores + 4 threads, shared with everything else).
 IO_THREADS = 16
 # Chunks are gathered up to this size before a write (fewer thread hops);
 # a message that fits goes to the GroupWriter whole.
