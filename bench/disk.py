@@ -128,10 +128,9 @@ def _source(path: Path) -> tuple[str, str]:
     return best[1], best[2]
 
 
-def journal(path: Path) -> str:
-    """Whether the ext4 filesystem holding ``path`` has a journal: "yes",
-    "no", or "" when that cannot be told (another filesystem type)."""
-    fstype, source = _source(path)
+def _journal(fstype: str, source: str) -> str:
+    """Whether the filesystem on ``source`` has a journal: "yes", "no", or
+    "" when that cannot be told (not ext4)."""
     if fstype != "ext4":
         return ""
     task = Path("/sys/fs/ext4") / Path(source).name / "journal_task"
@@ -160,7 +159,7 @@ def describe(directory: Path) -> str:
     """The filesystem of ``directory`` for the report: type, device,
     journal, and the cost of creating a file there."""
     fstype, source = _source(directory)
-    has_journal = journal(directory)
+    has_journal = _journal(fstype, source)
     parts = [f"{fstype} on {source}"]
     if has_journal:
         parts.append("with a journal" if has_journal == "yes" else "without a journal")
