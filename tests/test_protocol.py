@@ -139,6 +139,33 @@ def test_smuggling_sequences_do_not_end_data(sequence: bytes, step: int | None) 
     assert not any(isinstance(e, P.Mail) and "evil" in str(e.path.address) for e in d.events)
 
 
+def _reference_content(wire: bytes) -> tuple[bytes, bytes]:
+    """DATA content and what follows it, the slow and obvious way: the
+    whole input at once, ended by the first CRLF.CRLF after a virtual CRLF,
+    each CRLF.. unstuffed to CRLF. (RFC 5321 4.5.2)."""
+    text = b"\r\n" + wire
+    end = text.find(b"\r\n.\r\n")
+    return text[: end + 2].replace(b"\r\n..", b"\r\n.")[2:], text[end + 5:]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\r\n.", b"\r\n..",
+                                 b"..", b"\r\r\n"]), max_size=40),
+       st.integers(min_value=1, max_value=12))
+def test_content_is_the_same_however_the_input_is_split(parts: list[bytes], step: int) -> None:
+    # Every split of the input gives the content that scanning the whole
+    # input at once gives, and the same replies to what follows it.
+    wire = b"".join(parts) + b"\r\n.\r\nNOOP\r\n"
+    content, _ = _reference_content(wire)
+    whole, split = Driver(), Driver()
+    for d in (whole, split):
+        d.feed(TXN + b"DATA\r\n")
+    out = whole.feed(wire)
+    assert split.feed(wire, step=step) == out
+    assert whole.messages[:1] == split.messages[:1] == [content]
+    assert whole.messages == split.messages
+
+
 def test_long_command_line_rejected_and_connection_usable() -> None:
     d = Driver()
     out = d.feed(b"EHLO c\r\nNOOP " + b"x" * 600 + b"\r\nNOOP\r\n")

@@ -543,42 +543,77 @@ class ServerProtocol:
             self._long_lines = True
 
     def _next_data(self) -> Event | NeedData:
-        """Scan for CRLF.CRLF and hand out unstuffed content (RFC 5321 4.5.2)."""
+        """Scan for CRLF.CRLF and hand out unstuffed content (RFC 5321 4.5.2).
+
+        One search for CRLF "." per pass finds both the end of the data and
+        the dot-stuffed lines (in usual text it finds only the end), and the
+        content is copied once, out of the input buffer.  ``_data`` holds
+        what is kept back between passes: a tail that may begin CRLF.CRLF or
+        CRLF.. (at most 4 octets) and, first, the virtual CRLF that puts the
+        content at a line start (``_data_prefix``)."""
         if self._data_done:
             self._data_done = False
             return self._next_data_end()
-        if self._in:
-            self._data += self._in
-            self._in.clear()
-        buf = self._data
+        buf = self._in
+        held = self._data
+        if held:
+            buf[:0] = held  # in place: what arrived is not copied
+            held.clear()
+        n = len(buf)
         prefix = self._data_prefix
-        end = buf.find(_DATA_END)
+        find = buf.find
+        start = prefix  # content not yet taken; the virtual CRLF is not content
+        cuts: list[tuple[int, int]] = []  # content taken before a stuffed dot
+        end = -1
+        pos = 0
+        while True:
+            i = find(b"\r\n.", pos)
+            if i < 0 or i + 5 > n:  # none, or too close to the end to tell
+                break
+            c = buf[i + 3]
+            if c == 0x2E:  # CRLF.. : a stuffed dot, the first one goes
+                cuts.append((start, i + 3))
+                start = pos = i + 4
+            elif c == 0x0D and buf[i + 4] == 0x0A:
+                end = i
+                break
+            else:
+                pos = i + 3
         if end >= 0:
             # The CRLF before the dot belongs to the content (RFC 5321 4.1.1.4).
-            content = bytes(buf[: end + 2]).replace(b"\r\n..", b"\r\n.")[prefix:]
-            self._in += buf[end + 5 :]
-            buf.clear()
+            content = self._take(buf, cuts, start, end + 2)
+            del buf[: end + 5]  # what follows (pipelined commands) stays
             self._data_prefix = 0
             if content:
                 self._scan_lines(content)
                 self._data_done = True
                 return DataChunk(content)
             return self._next_data_end()
+        if not cuts and n - prefix <= 4:
+            held += buf
+            buf.clear()
+            return NEED_DATA
         # Keep back a tail that might start CRLF.CRLF or CRLF..: everything
         # from the first CR among the last 4 octets.
-        n = len(buf)
-        if n - prefix <= 4:
-            return NEED_DATA
-        cut = buf.find(b"\r", n - 4)
+        cut = find(b"\r", max(n - 4, start))
         if cut < 0:
             cut = n
-        content = bytes(buf[:cut]).replace(b"\r\n..", b"\r\n.")[prefix:]
-        del buf[:cut]
+        content = self._take(buf, cuts, start, cut)
+        held += buf[cut:]
+        buf.clear()
         self._data_prefix = 0
         if not content:
             return NEED_DATA
         self._scan_lines(content)
         return DataChunk(content)
+
+    @staticmethod
+    def _take(buf: bytearray, cuts: list[tuple[int, int]], start: int, stop: int) -> bytes:
+        """``buf[start:stop]`` after the pieces in ``cuts``, in one copy."""
+        with memoryview(buf) as view:
+            if not cuts:
+                return view[start:stop].tobytes()
+            return b"".join([*(view[a:b] for a, b in cuts), view[start:stop]])
 
     def _next_data_end(self) -> Event:
         ev = DataEnd(self._long_lines)
@@ -663,22 +698,17 @@ def _has_long_line(data: bytes, start: int, end: int, limit: int) -> bool:
     """Whether ``data[start:end]`` (``start`` just after a LF, ``data[end]``
     a LF) holds a line of ``limit`` octets or more before its LF.
 
-    Looks at blocks of ``limit // 2`` octets instead of splitting into
-    lines: a line that long contains a whole block, and a block with a LF
-    in it (``bytes.find``, C speed) cannot be part of one.  Only a block
-    without a LF is measured exactly."""
-    step = max(1, limit // 2)
-    find = data.find
+    Hops from line start to line start instead of splitting into lines: the
+    last LF within ``limit`` octets of a line start (``bytes.rfind``, C
+    speed) ends a short line, as is every line before it in that window, so
+    the next hop starts after it; without a LF there, the line is long."""
+    rfind = data.rfind
     pos = start
-    while pos < end:
-        if find(b"\n", pos, min(pos + step, end)) >= 0:
-            pos += step
-            continue
-        line_start = data.rfind(b"\n", 0, pos) + 1
-        line_end = find(b"\n", pos, end + 1)
-        if line_end - line_start >= limit:
+    while end - pos >= limit:  # a shorter rest ends at the LF at ``end``
+        nl = rfind(b"\n", pos, pos + limit)
+        if nl < 0:
             return True
-        pos = line_end + 1
+        pos = nl + 1
     return False
 
 
