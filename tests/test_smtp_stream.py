@@ -81,6 +81,25 @@ def test_encoder_never_emits_bare_cr_or_lf(body: bytes, cuts: list[int]) -> None
     assert (b"\r\n" + wire).find(b"\r\n.\r\n") == len(wire) - 3
 
 
+def reference_encode(body: bytes) -> bytes:
+    """The DATA stream for ``body`` in one piece, the slow and obvious way:
+    every CRLF, bare CR and bare LF becomes CRLF, then dot-stuffing."""
+    text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    return (b"\r\n" + text).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"x", b"\r\n."]), max_size=40),
+       st.lists(st.integers(min_value=0, max_value=80), max_size=5))
+@settings(max_examples=400, deadline=None)
+def test_encoder_matches_the_reference(parts: list[bytes], cuts: list[int]) -> None:
+    # Canonical input (the fast path) and input with bare CRs and LFs alike,
+    # cut anywhere, give what encoding the whole body at once gives.
+    body = b"".join(parts)
+    assert encode(split(body, cuts)) == reference_encode(body)
+
+
 def reply_from(data: bytes, timeout: float = 1.0) -> Reply:
     async def go() -> Reply:
         reader = asyncio.StreamReader(limit=8192)
