@@ -56,6 +56,7 @@ from typing import TypeVar
 from postwarden.delivery.result import DeliveryResult, worst
 from postwarden.delivery.transport import DeliveryJob
 from postwarden.ids import random_hex
+from postwarden.message.lineends import to_lf
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import StorageError
 from postwarden.storage.spool import DirSyncer, fsync_dir, write_all
@@ -344,7 +345,7 @@ class MaildirDelivery:
             async for chunk in message:
                 chunk = carry + chunk
                 carry = b"\r" if chunk.endswith(b"\r") else b""
-                buf += chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n")
+                buf += to_lf(chunk[: len(chunk) - len(carry)])
                 if len(buf) >= WRITE_BUFFER:
                     if fd is None:
                         fd = await self._io(self._open_tmp, target)

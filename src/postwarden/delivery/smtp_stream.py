@@ -23,6 +23,8 @@ import asyncio
 import re
 from dataclasses import dataclass
 
+from postwarden.message.lineends import to_crlf
+
 # RFC 5321 4.5.3.1.5 allows 512 octets per reply line; real servers send
 # longer ones, so be lenient but bounded.
 MAX_REPLY_LINE = 8192
@@ -189,16 +191,8 @@ class DataEncoder:
             return b""
         if b"\r" in chunk or b"\n" in chunk:
             # RFC 5321 2.3.8: CRLF is the only line end on the wire; a bare
-            # CR or LF becomes one.  Usually every line already ends in CRLF:
-            # then dropping every CR and putting one back before each LF
-            # gives the chunk back unchanged.  Those two replaces of one
-            # octet run at memchr speed, where replacing the two-octet CRLF
-            # costs three times as much as both.
-            lines = chunk.replace(b"\r", b"").replace(b"\n", b"\r\n")
-            if lines != chunk:
-                lines = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(
-                    b"\n", b"\r\n")
-            chunk = lines.replace(b"\r\n.", b"\r\n..")
+            # CR or LF becomes one.
+            chunk = to_crlf(chunk).replace(b"\r\n.", b"\r\n..")
         if self._bol and chunk.startswith(b"."):
             chunk = b"." + chunk
         self._bol = chunk.endswith(b"\r\n")

@@ -42,6 +42,7 @@ from postwarden.envelope import (
 )
 from postwarden.ids import new_session_id
 from postwarden.message import authresults, cleanup
+from postwarden.message.lineends import to_crlf
 from postwarden.policy import CheckContext, Stage
 from postwarden.smtp import commit
 from postwarden.smtp.address import PathError, parse_path
@@ -163,7 +164,7 @@ def _compose(data: dict[str, Any]) -> bytes:
 
 def _raw_lines(raw: bytes) -> bytes:
     """CRLF line ends (a bare LF is taken as a line end) and no Bcc field."""
-    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    text = to_crlf(raw)
     head, sep, body = text.partition(b"\r\n\r\n")
     kept: list[bytes] = []
     skipping = False
