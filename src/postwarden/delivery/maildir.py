@@ -80,6 +80,7 @@ _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count()
 RELAY = "local"
 READY_MAX = 10_000  # Maildirs remembered as existing
+PATHS_MAX = 10_000  # mailboxes whose Maildir path is remembered
 _T = TypeVar("_T")
 UNKNOWN_MAILBOX = DeliveryResult.failed("5.1.1", "mailbox unavailable", relay=RELAY)
 LOOKUP_FAILED = DeliveryResult.deferred("4.3.0", "mailbox lookup failed", relay=RELAY)
@@ -136,8 +137,11 @@ def unique_name() -> str:
             f"R{random_hex(8)}Q{next(_counter)}.{host}")
 
 
+_NO_LINE_BREAKS = str.maketrans("", "", "\r\n\0")
+
+
 def _header_value(text: str) -> str:
-    return "".join(c for c in text if c not in "\r\n\0")
+    return text.translate(_NO_LINE_BREAKS)
 
 
 def trace_headers(mailbox: str, sender: str) -> bytes:
@@ -308,6 +312,7 @@ class MaildirDelivery:
         # Maildirs whose tmp/, new/ and cur/ are known to exist (saves three
         # stat calls per delivery); forgotten when a delivery finds one gone.
         self._ready: set[Path] = set()
+        self._paths: dict[str, Path] = {}  # mailbox -> its Maildir (path_for)
         self._writer = GroupWriter(self._open_tmp)
 
     async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
@@ -315,12 +320,20 @@ class MaildirDelivery:
             self._pool, functools.partial(fn, *args))
 
     def path_for(self, mailbox: str) -> Path:
-        """The Maildir of ``mailbox``; raises :class:`UnsafeMailbox`."""
+        """The Maildir of ``mailbox``; raises :class:`UnsafeMailbox`.
+        Remembered for the last mailboxes (the checks and the path
+        arithmetic cost more than the rest of a delivery's set-up)."""
+        path = self._paths.get(mailbox)
+        if path is not None:
+            return path
         domain, local = mailbox_parts(mailbox)
         path = self.mail_dir / domain / local / "Maildir"
         # Defence in depth: the checks above already make escape impossible.
         if path.parent.parent.parent != self.mail_dir:
             raise UnsafeMailbox("path escapes the mail directory")
+        if len(self._paths) >= PATHS_MAX:
+            self._paths.clear()
+        self._paths[mailbox] = path
         return path
 
     async def deliver(self, mailbox: str, sender: str,
