@@ -148,7 +148,6 @@ _UNIMPLEMENTED = {"TURN", "ETRN", "ATRN", "EXPN", "SEND", "SOML", "SAML", "VERB"
 _HTTP_VERBS = {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE", "HOST:",
                "USER-AGENT:"}
 HTTP_REFUSED = R.Reply(554, "5.5.0", "Protocol error: this is an SMTP server, not HTTP")
-_DATA_END = b"\r\n.\r\n"
 
 NO_RECIPIENTS = R.Reply(554, "5.5.1", "No valid recipients")
 CLOSING = R.Reply(221, "2.0.0", "Bye")
