@@ -364,12 +364,18 @@ class SqliteQueueStore:
                     # Collision (80 random bits): draw again; a given id
                     # cannot change, so that commit fails (4xx).
                     continue
-                conn.executemany(
-                    "INSERT INTO recipients (queue_id, address, params) VALUES (?, ?, ?)",
-                    [(queue_id, addr, params) for addr, params in rcpts])
-                # One writer holds the lock: the rows got consecutive ids (an
-                # INTEGER PRIMARY KEY takes the largest id + 1).
-                last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                if len(rcpts) == 1:  # the usual case: one statement fewer
+                    last = conn.execute(
+                        "INSERT INTO recipients (queue_id, address, params) VALUES (?, ?, ?)",
+                        (queue_id, *rcpts[0])).lastrowid
+                else:
+                    conn.executemany(
+                        "INSERT INTO recipients (queue_id, address, params) VALUES (?, ?, ?)",
+                        [(queue_id, addr, params) for addr, params in rcpts])
+                    # One writer holds the lock: the rows got consecutive ids
+                    # (an INTEGER PRIMARY KEY takes the largest id + 1).
+                    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                assert last is not None
                 # The trace: one "queued" event per recipient (searchable by
                 # sender, recipient and Message-ID); the first says how it came.
                 conn.executemany(
