@@ -15,6 +15,7 @@ inject header lines.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import time
@@ -98,6 +99,13 @@ def with_protocol(conn: ConnectionInfo, utf8: bool) -> str:
     return base
 
 
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """RFC 5322 3.3 date-time of ``second`` (UTC): formatted once per second,
+    as every message of that second carries the same one."""
+    return formatdate(second, localtime=False)
+
+
 def received_header(hostname: str, conn: ConnectionInfo, queue_id: str, recipient: str | None,
                     utf8: bool = False, now: float | None = None) -> bytes:
     """The Received line for this hop (RFC 5321 4.4), folded, CRLF-ended."""
@@ -109,7 +117,7 @@ def received_header(hostname: str, conn: ConnectionInfo, queue_id: str, recipien
         parts.append(f"\t(using {_clean(conn.tls_version)} with cipher {_clean(conn.tls_cipher)})")
     if recipient:
         parts.append(f"\tfor <{_clean(recipient)}>")
-    date = formatdate(now if now is not None else time.time(), localtime=False)
+    date = _date(int(now if now is not None else time.time()))
     parts[-1] += f"; {date}"
     return ("\r\n".join(parts) + "\r\n").encode("utf-8")
 
