@@ -3,8 +3,12 @@ are found in feedback reports."""
 
 from __future__ import annotations
 
+import base64
 import re
 import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postwarden import ids
 from postwarden.message import feedback
@@ -45,6 +49,21 @@ def test_ids_of_one_millisecond_differ_in_all_of_their_random_part() -> None:
     # bits; the last character carries 5 of them, none fixed by the encoding).
     for position in range(16):
         assert len({t[position] for t in tails}) > 16, position
+
+
+def reference_queue_id(ms: int, random10: bytes) -> str:
+    """The format spelled out: RFC 4648 base32 of the 45 time bits and the
+    80 random bits (125 bits, 3 zero bits after them), in Crockford's
+    alphabet."""
+    bits = ((ms % (1 << 45)) << 83) | (int.from_bytes(random10, "big") << 3)
+    rfc4648 = base64.b32encode(bits.to_bytes(16, "big"))[:25].decode()
+    return rfc4648.translate(str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", CROCKFORD))
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=0, max_value=2**50), st.binary(min_size=10, max_size=10))
+def test_queue_id_matches_the_format(ms: int, random10: bytes) -> None:
+    assert ids.queue_id_at(ms, random10) == reference_queue_id(ms, random10)
 
 
 def report(received_id: str) -> bytes:
