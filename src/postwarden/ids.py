@@ -69,7 +69,6 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # is pure Python and took most of the time of making an id.
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 
-QUEUE_ID_LENGTH = 25
 # 45 bits of milliseconds since 1970 (9 characters) last until the year 3084.
 _TIME_BITS = 45
 
