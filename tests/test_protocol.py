@@ -166,6 +166,35 @@ def test_content_is_the_same_however_the_input_is_split(parts: list[bytes], step
     assert whole.messages == split.messages
 
 
+@pytest.mark.parametrize("step", [None, 7, 4096, 65536])
+@pytest.mark.parametrize("cycle", [
+    [b"..stuffed", b"..", b".not", b"...", b"plain", b"..", b"\r.", b".x"],
+    [b"..", b".x"], [b"..", b"..", b".x"], [b"..", b"..", b"..", b"x"],
+])
+def test_many_lines_beginning_with_a_dot(cycle: list[bytes], step: int | None) -> None:
+    # Past a few such lines per read, the rest of the read is unstuffed in
+    # bulk: the same content, at C speed whatever a client sends.
+    wire = b"".join(cycle[i % len(cycle)] + b"\r\n" for i in range(3000))
+    wire += b".\r\nNOOP\r\n"
+    content, _ = _reference_content(wire)
+    d = Driver()
+    d.feed(TXN + b"DATA\r\n")
+    out = d.feed(wire, step=step)
+    assert d.messages == [content]
+    assert codes(out) == ["250", "250"]
+
+
+@pytest.mark.parametrize("count", range(14, 20))
+def test_the_end_right_after_the_dot_lines_of_a_read(count: int) -> None:
+    # Around the number of dot lines handled one by one, the end of data
+    # right after the last of them is still found.
+    d = Driver()
+    d.feed(TXN + b"DATA\r\n")
+    out = d.feed(b"..\r\n" * count + b".\r\nNOOP\r\n")
+    assert d.messages == [b".\r\n" * count]
+    assert codes(out) == ["250", "250"]
+
+
 def test_long_command_line_rejected_and_connection_usable() -> None:
     d = Driver()
     out = d.feed(b"EHLO c\r\nNOOP " + b"x" * 600 + b"\r\nNOOP\r\n")

@@ -148,6 +148,9 @@ _UNIMPLEMENTED = {"TURN", "ETRN", "ATRN", "EXPN", "SEND", "SOML", "SAML", "VERB"
 _HTTP_VERBS = {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE", "HOST:",
                "USER-AGENT:"}
 HTTP_REFUSED = R.Reply(554, "5.5.0", "Protocol error: this is an SMTP server, not HTTP")
+# Lines beginning with a dot handled one by one in a read of DATA; beyond
+# them, the rest of the read is unstuffed in bulk (_next_data).
+_DOT_LINES_PER_READ = 16
 
 NO_RECIPIENTS = R.Reply(554, "5.5.1", "No valid recipients")
 CLOSING = R.Reply(221, "2.0.0", "Bye")
@@ -564,10 +567,20 @@ class ServerProtocol:
         start = prefix  # content not yet taken; the virtual CRLF is not content
         cuts: list[tuple[int, int]] = []  # content taken before a stuffed dot
         end = -1
+        bulk = -1  # where the C-speed search and replace take over
         pos = 0
+        turns = 0
         while True:
             i = find(b"\r\n.", pos)
             if i < 0 or i + 5 > n:  # none, or too close to the end to tell
+                break
+            turns += 1
+            if turns > _DOT_LINES_PER_READ:
+                # Many lines begin with a dot (a client may send nothing
+                # else): the rest of this read costs a search for CRLF.CRLF
+                # and a replace, not a turn of this loop per line.
+                bulk = pos
+                end = find(b"\r\n.\r\n", pos)
                 break
             c = buf[i + 3]
             if c == 0x2E:  # CRLF.. : a stuffed dot, the first one goes
@@ -580,7 +593,7 @@ class ServerProtocol:
                 pos = i + 3
         if end >= 0:
             # The CRLF before the dot belongs to the content (RFC 5321 4.1.1.4).
-            content = self._take(buf, cuts, start, end + 2)
+            content = self._take(buf, cuts, start, end + 2, bulk)
             del buf[: end + 5]  # what follows (pipelined commands) stays
             self._data_prefix = 0
             if content:
@@ -594,10 +607,10 @@ class ServerProtocol:
             return NEED_DATA
         # Keep back a tail that might start CRLF.CRLF or CRLF..: everything
         # from the first CR among the last 4 octets.
-        cut = find(b"\r", max(n - 4, start))
+        cut = find(b"\r", max(n - 4, start, bulk))
         if cut < 0:
             cut = n
-        content = self._take(buf, cuts, start, cut)
+        content = self._take(buf, cuts, start, cut, bulk)
         held += buf[cut:]
         buf.clear()
         self._data_prefix = 0
@@ -607,12 +620,18 @@ class ServerProtocol:
         return DataChunk(content)
 
     @staticmethod
-    def _take(buf: bytearray, cuts: list[tuple[int, int]], start: int, stop: int) -> bytes:
-        """``buf[start:stop]`` after the pieces in ``cuts``, in one copy."""
+    def _take(buf: bytearray, cuts: list[tuple[int, int]], start: int, stop: int,
+              bulk: int) -> bytes:
+        """``buf[start:stop]`` after the pieces in ``cuts``, in one copy;
+        from ``bulk`` on (unless it is -1), with each CRLF.. unstuffed by a
+        replace."""
         with memoryview(buf) as view:
-            if not cuts:
-                return view[start:stop].tobytes()
-            return b"".join([*(view[a:b] for a, b in cuts), view[start:stop]])
+            if bulk < 0:
+                if not cuts:
+                    return view[start:stop].tobytes()
+                return b"".join([*(view[a:b] for a, b in cuts), view[start:stop]])
+            rest = view[bulk:stop].tobytes().replace(b"\r\n..", b"\r\n.")
+            return b"".join([*(view[a:b] for a, b in cuts), view[start:bulk], rest])
 
     def _next_data_end(self) -> Event:
         ev = DataEnd(self._long_lines)
