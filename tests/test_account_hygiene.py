@@ -28,8 +28,14 @@ ALICE = f"alice@{DOMAIN}"
 def login(server: ServerThread, tls: ssl.SSLContext, password: str,
           user: str = ALICE) -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=10)
-    client.starttls(context=tls)
-    client.login(user, password)
+    try:
+        client.starttls(context=tls)
+        client.login(user, password)
+    except BaseException:
+        # Closed here: a TLS session left open holds the server's stop
+        # until its close times out.
+        client.close()
+        raise
     return client
 
 
