@@ -3,6 +3,7 @@ the file within the write interval, warnings at once."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import sys
 import threading
@@ -67,3 +68,40 @@ def test_info_is_written_within_the_interval_and_warnings_at_once(logfile: Path)
 def test_without_the_writer_every_line_is_written_at_once(logfile: Path) -> None:
     logmod.get_logger("test").info("direct")
     assert [r["event"] for r in lines(logfile)] == ["direct"]
+
+
+def test_fields_of_every_kind_are_written_as_json(logfile: Path) -> None:
+    """What a client sends may hold anything: a HELO decoded with lone
+    surrogates, a number beyond 64 bits, objects that are not JSON."""
+    logmod.background_writes(True)
+    log = logmod.get_logger("test")
+    log.info("surrogate", helo="bad\udcff.example")
+    log.info("big", n=2**70, small=-3, ratio=0.25, ok=True)
+    log.info("objects", path=Path("/var/spool/x"), error=ValueError("no"), none=None)
+    log.info("text", value='quote " backslash \\ newline \n tab \t ünïcode ✉')
+    logmod.background_writes(False)
+    records = lines(logfile)
+    assert [r["event"] for r in records] == ["surrogate", "big", "objects", "text"]
+    assert records[0]["helo"] == "bad\udcff.example"
+    assert (records[1]["n"], records[1]["small"], records[1]["ratio"], records[1]["ok"]) == (
+        2**70, -3, 0.25, True)
+    assert records[2]["path"] == "/var/spool/x" and records[2]["error"] == "no"
+    assert "none" not in records[2]  # None fields are left out
+    assert records[3]["value"] == 'quote " backslash \\ newline \n tab \t ünïcode ✉'
+    assert len(logfile.read_text().splitlines()) == 4  # one line each
+
+
+def test_a_line_carries_the_time_it_was_logged_not_written(
+        logfile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logmod, "WRITE_INTERVAL", 5.0)
+    logmod.background_writes(True)
+    log = logmod.get_logger("test")
+    before = time.time()
+    log.info("early")
+    time.sleep(0.3)
+    assert not lines(logfile)  # still waiting for the writer
+    logmod.background_writes(False)  # written now, 0.3 s after it was logged
+    (record,) = lines(logfile)
+    stamp = calendar.timegm(time.strptime(str(record["ts"])[:19], "%Y-%m-%dT%H:%M:%S"))
+    stamp += int(str(record["ts"])[20:23]) / 1000
+    assert before - 0.002 <= stamp < before + 0.2
