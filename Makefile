@@ -1,5 +1,11 @@
 # postwarden: `make run` starts a working server on loopback, `make test` tests it.
-PYTHON ?= python3
+# The interpreter of the virtualenv: Debian's python3, the one docs/deploy.md
+# installs into, when it can make a venv; otherwise python3 from PATH.
+# Debian's has libpython linked into its executable; a plain source build
+# such as pyenv's calls a shared libpython and ran the server with 7-10%
+# more CPU per message (docs/performance.md).
+PYTHON ?= $(shell /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null \
+                  && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 VAR    := var

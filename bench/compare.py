@@ -390,7 +390,8 @@ def machine_facts(tools: dict[str, str], root: Path) -> dict[str, str]:
         "memory": mem,
         "os": os_name,
         "kernel": platform.release(),
-        "python": platform.python_version(),
+        "python": f"{platform.python_version()} "
+                  f"({os.path.realpath(getattr(sys, '_base_executable', sys.executable))})",
         "postfix": out([tools["postconf"], "-d", "-h", "mail_version"]),
         "openssl": out(["openssl", "version"]),
         "filesystem": disk.describe(root),

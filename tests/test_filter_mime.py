@@ -127,8 +127,9 @@ def test_cpython_email_corpus() -> None:
     """Lib/test/test_email/data: every file through the chains."""
     data_dir = corpus_dir()
     if not data_dir.is_dir():
-        pytest.skip(f"{data_dir} is not there (python3 test package missing)"
-                    if sys.platform != "linux" else f"{data_dir} missing")
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        pytest.skip(f"{data_dir} missing: CPython's test data (on Debian the package "
+                    f"libpython{version}-testsuite)")
     files = sorted(p for p in data_dir.iterdir() if p.is_file())
     assert len(files) > 20
     for path in files:
