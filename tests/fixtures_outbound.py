@@ -122,6 +122,7 @@ class ScriptedServer:
         self.final = "250 2.0.0 queued as SCRIPTED"
         self.lmtp_final: dict[str, str] = {}
         self.final_delay = 0.0
+        self.rset_reply: str | None = "250 2.0.0 ok"  # None: falls silent (hung)
         self.sessions: list[SessionRecord] = []
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -290,7 +291,9 @@ class ScriptedServer:
                 accepted = []
             elif verb == "RSET":
                 accepted = []
-                say("250 2.0.0 ok")
+                if self.rset_reply is None:
+                    await asyncio.sleep(3600)  # cancelled by stop()
+                say(self.rset_reply or "")
             elif verb == "NOOP":
                 say("250 2.0.0 ok")
             elif verb == "QUIT":

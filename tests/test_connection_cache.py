@@ -6,11 +6,15 @@ made under a weaker one."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import pytest
+
 from fixtures_outbound import ScriptedServer, delivery_config, make_job
 from postwarden.config import DnsConfig
+from postwarden.delivery import smtp_transaction
 from postwarden.delivery.connection_cache import ConnectionCache
 from postwarden.delivery.remote import SmtpTransport
 from postwarden.delivery.result import DeliveryStatus
@@ -53,6 +57,13 @@ def test_a_burst_to_one_server_uses_one_connection() -> None:
             verbs = srv.sessions[0].verbs()
             assert verbs.count("EHLO") == 1 and verbs.count("DATA") == 5
             assert verbs.count("RSET") == 4  # each reuse checks the connection first
+            # ... in the same write as the envelope (RFC 2920 3.1), not a
+            # round trip of its own.
+            commands = srv.sessions[0].commands
+            for i, (read, verb) in enumerate(commands):
+                if verb == "RSET":
+                    assert commands[i + 1][1].startswith("MAIL FROM:")
+                    assert commands[i + 1][0] == read
             assert [m.split(b"\r\n\r\n")[1] for m in srv.messages] == [
                 f"message {n}\r\n".encode() for n in range(5)]
             await t.close()
@@ -91,6 +102,68 @@ def test_a_connection_the_server_dropped_is_replaced_without_deferral() -> None:
             assert r.status is DELIVERED, r
             assert len(srv.sessions) == 2  # a new connection carried it
             assert len(srv.messages) == 2
+            await t.close()
+
+    run(go())
+
+
+def test_without_pipelining_the_check_is_a_round_trip_of_its_own() -> None:
+    async def go() -> None:
+        async with ScriptedServer(extensions=("8BITMIME", "ENHANCEDSTATUSCODES")) as srv:
+            t = transport()
+            for n in range(3):
+                (r,) = await t.deliver(job_for(srv, n))
+                assert r.status is DELIVERED
+            assert len(srv.sessions) == 1
+            commands = srv.sessions[0].commands
+            rsets = [i for i, (_, verb) in enumerate(commands) if verb == "RSET"]
+            assert len(rsets) == 2
+            for i in rsets:  # MAIL was sent only after RSET's reply
+                assert commands[i + 1][1].startswith("MAIL FROM:")
+                assert commands[i + 1][0] > commands[i][0]
+            await t.close()
+
+    run(go())
+
+
+def test_a_cached_connection_refusing_rset_is_replaced_without_deferral() -> None:
+    """A server that says 421 to the RSET leading the envelope (shutting
+    down) takes nothing of the pipelined group: the message goes on a new
+    connection, once."""
+    async def go() -> None:
+        async with ScriptedServer() as srv:
+            t = transport()
+            (r,) = await t.deliver(job_for(srv, 1))
+            assert r.status is DELIVERED
+            srv.rset_reply = "421 4.3.2 shutting down"
+            (r,) = await t.deliver(job_for(srv, 2))
+            assert r.status is DELIVERED, r
+            assert len(srv.sessions) == 2
+            assert srv.sessions[0].verbs().count("DATA") == 1
+            assert [m.split(b"\r\n\r\n")[1] for m in srv.messages] == [
+                b"message 1\r\n", b"message 2\r\n"]
+            await t.close()
+
+    run(go())
+
+
+def test_a_cached_connection_that_does_not_answer_is_replaced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reply to the RSET within RESET_TIMEOUT (not the 5 minutes of a
+    command): a new connection carries the message."""
+    monkeypatch.setattr(smtp_transaction, "RESET_TIMEOUT", 0.3)
+
+    async def go() -> None:
+        async with ScriptedServer() as srv:
+            t = transport()
+            (r,) = await t.deliver(job_for(srv, 1))
+            assert r.status is DELIVERED
+            srv.rset_reply = None
+            started = time.monotonic()
+            (r,) = await t.deliver(job_for(srv, 2))
+            assert r.status is DELIVERED, r
+            assert time.monotonic() - started < 5
+            assert len(srv.sessions) == 2 and len(srv.messages) == 2
             await t.close()
 
     run(go())

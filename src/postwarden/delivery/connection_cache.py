@@ -77,7 +77,7 @@ class ConnectionCache:
                 del self._idle[key]
             self._count -= 1
             idle.timer.cancel()
-            if await idle.client.reset():
+            if await idle.client.reuse():
                 self.reused += 1
                 return idle.client
             await idle.client.close()

@@ -65,6 +65,7 @@ from postwarden.delivery.smtp_client import (
     SessionError,
     SessionOptions,
     SmtpClient,
+    StaleConnection,
     client_tls_context,
 )
 from postwarden.delivery.smtp_transaction import Transaction
@@ -141,31 +142,37 @@ async def run_session(peer: Peer, options: SessionOptions, job: DeliveryJob,
     ``cache``).  Results by recipient index, or why it failed."""
     async with limiter.slot(job.nexthop.key):
         key = cache.key(peer, options) if cache is not None else None
-        client = await cache.take(key) if cache is not None else None
-        reused = client is not None
-        if client is None:
-            client = SmtpClient(peer, options, downgrade)
-        kept = False
-        try:
-            if not reused:
-                await client.open()
-            out: dict[int, DeliveryResult] = {}
-            todo = list(indices)
-            while todo:
-                results = await client.send(Transaction.from_job(job, todo))
-                out.update(zip(todo, results, strict=True))
-                progressed = any(r.status is DeliveryStatus.DELIVERED for r in results)
-                todo = [i for i, r in zip(todo, results, strict=True)
-                        if r.status is DeliveryStatus.DEFERRED and r.dsn == TOO_MANY_RECIPIENTS]
-                if not progressed or not client.usable:
-                    break
-            kept = cache is not None and cache.put(key, client)
-            return out
-        except SessionError as exc:
-            return exc
-        finally:
-            if not kept:
-                await client.close()
+        while True:
+            client = await cache.take(key) if cache is not None else None
+            reused = client is not None
+            if client is None:
+                client = SmtpClient(peer, options, downgrade)
+            kept = False
+            try:
+                if not reused:
+                    await client.open()
+                out: dict[int, DeliveryResult] = {}
+                todo = list(indices)
+                while todo:
+                    results = await client.send(Transaction.from_job(job, todo))
+                    out.update(zip(todo, results, strict=True))
+                    progressed = any(r.status is DeliveryStatus.DELIVERED for r in results)
+                    todo = [i for i, r in zip(todo, results, strict=True)
+                            if r.status is DeliveryStatus.DEFERRED
+                            and r.dsn == TOO_MANY_RECIPIENTS]
+                    if not progressed or not client.usable:
+                        break
+                kept = cache is not None and cache.put(key, client)
+                return out
+            except StaleConnection:
+                # Only the first transaction on a cached connection can
+                # raise it: nothing counted; the next cached one, or a new one.
+                continue
+            except SessionError as exc:
+                return exc
+            finally:
+                if not kept:
+                    await client.close()
 
 
 class SmtpTransport:

@@ -49,18 +49,21 @@ from postwarden.delivery.smtp_stream import (
     read_reply,
     send,
 )
-from postwarden.delivery.smtp_transaction import Transaction, TransactionRunner
+from postwarden.delivery.smtp_transaction import (
+    RESET_TIMEOUT,
+    StaleConnection,
+    Transaction,
+    TransactionRunner,
+)
 from postwarden.observe.log import get_logger
 
 log = get_logger("smtp_client")
 
 # Waiting for the reply to QUIT is a courtesy; never long.
 QUIT_TIMEOUT = 10.0
-# A cached connection that does not answer RSET this fast is replaced.
-RESET_TIMEOUT = 10.0
 
-__all__ = ["Peer", "SessionError", "SessionOptions", "SmtpClient", "Transaction",
-           "client_tls_context"]
+__all__ = ["Peer", "SessionError", "SessionOptions", "SmtpClient", "StaleConnection",
+           "Transaction", "client_tls_context"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,8 @@ class SmtpClient:
         self._writer: asyncio.StreamWriter | None = None
         self._broken = False
         self._in_transaction = False
+        # Taken from the connection cache: RSET leads the next envelope.
+        self.reset_due = False
         self.transactions = 0  # sent on this connection (connection_cache.py)
         self.opened_at = time.monotonic()
 
@@ -357,14 +362,32 @@ class SmtpClient:
                 await self._command("RSET", "RSET")
             except PeerError as exc:
                 return [self.peer_error(exc).result(self.peer.relay)] * len(tx.recipients)
+            self.reset_due = False
         self._in_transaction = True
         self.transactions += 1
         runner = TransactionRunner(self._reader, self._writer, self, tx)
-        results = await runner.run()
+        try:
+            results = await runner.run()
+        except StaleConnection:
+            self._broken = True
+            raise
         self._in_transaction = runner.open_after
         if runner.broken:
             self._broken = True
         return results
+
+    async def reuse(self) -> bool:
+        """A connection taken from the cache: whether it may carry the next
+        transaction.  RFC 2920 3.1 lets RSET lead a pipelined group, so with
+        PIPELINING the RSET that checks the connection goes in the same write
+        as the next envelope (:class:`StaleConnection` when it fails), instead
+        of a round trip of its own."""
+        if not self.usable:
+            return False
+        if "PIPELINING" in self.extensions:
+            self.reset_due = True
+            return True
+        return await self.reset()
 
     async def reset(self) -> bool:
         """RSET (RFC 5321 4.1.1.5) on a connection taken from the cache:

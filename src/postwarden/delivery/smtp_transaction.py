@@ -58,6 +58,15 @@ WRITE_CHUNK = 64 * 1024
 HEADER_SCAN_MAX = 1024 * 1024
 
 MessageSource = Callable[[], AsyncIterator[bytes]]
+# The reply to the RSET that checks a connection taken from the cache.
+RESET_TIMEOUT = 10.0
+
+
+class StaleConnection(Exception):
+    """A connection taken from the cache did not answer the RSET that led
+    the first envelope sent on it, or refused it: no reply after it was
+    read and no message data sent, so the transaction goes on another
+    connection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,18 +288,31 @@ class TransactionRunner:
         return f"RCPT TO:<{address}>" + "".join(" " + w for w in words)
 
     async def _envelope(self, mail_params: str) -> list[int]:
-        """MAIL, RCPTs and DATA; the indices of recipients now awaiting data."""
+        """MAIL, RCPTs and DATA; the indices of recipients now awaiting data.
+        Led by RSET on a connection taken from the cache (see
+        :meth:`SmtpClient.reuse`)."""
         timeout = self.options.command_timeout
         lines = [f"MAIL FROM:<{self.tx.sender}>{mail_params}",
                  *(self._rcpt_line(a, p) for a, p in self.tx.recipients), "DATA"]
         names = ["MAIL FROM", *(["RCPT TO"] * len(self.tx.recipients)), "DATA"]
+        lead = self.client.reset_due and "PIPELINING" in self.ext
+        self.client.reset_due = False
+        if lead:
+            lines.insert(0, "RSET")
+            names.insert(0, "RSET")
         self.open_after = True
         replies: list[Reply] = []
         error: PeerError | None = None
         try:
-            await self._exchange(lines, names, replies)
+            await self._exchange(lines, names, replies, lead)
         except PeerError as exc:
             error = exc  # the replies read so far still count (a 421, say)
+        if lead:
+            if not replies or replies[0].code != 250:
+                # Dead or closing (a 421): no reply to anything after RSET
+                # was read, and no message data was sent.
+                raise StaleConnection(str(error) if error else f"RSET: {replies[0]}")
+            del lines[0], replies[0]
         mail = replies[0] if replies else None
         data = replies[-1] if len(replies) == len(lines) else None
         if mail is not None and not mail.positive:
@@ -316,10 +338,12 @@ class TransactionRunner:
             return []
         return accepted
 
-    async def _exchange(self, lines: list[str], names: list[str], replies: list[Reply]) -> None:
+    async def _exchange(self, lines: list[str], names: list[str], replies: list[Reply],
+                        lead: bool = False) -> None:
         """Send the commands and append their replies (PIPELINING: in
         batches; otherwise one by one, stopping when MAIL or every RCPT
-        was refused)."""
+        was refused).  ``lead``: the first command is the RSET checking a
+        cached connection, whose reply is awaited for RESET_TIMEOUT only."""
         timeout = self.options.command_timeout
         if "PIPELINING" in self.ext:
             for start in range(0, len(lines), PIPELINE_BATCH):
@@ -327,7 +351,8 @@ class TransactionRunner:
                 await send(self.writer, "".join(f"{x}\r\n" for x in batch).encode("utf-8"),
                            timeout, "sending the envelope")
                 for name in names[start:start + PIPELINE_BATCH]:
-                    replies.append(await read_reply(self.reader, timeout,
+                    wait = RESET_TIMEOUT if lead and not replies else timeout
+                    replies.append(await read_reply(self.reader, wait,
                                                     f"receiving the reply to {name}"))
             return
         for line, name in zip(lines, names, strict=True):
