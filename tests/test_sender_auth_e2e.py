@@ -10,6 +10,7 @@ import email.policy
 import re
 import smtplib
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,37 @@ def test_helo_identity_is_checked_too(make_server: Callable[..., ServerThread],
         assert re.search(rb"spf=pass \([^)]*\)\s+smtp\.helo=sender\.example;", header), header
     finally:
         zones.remove("sender.example")
+
+
+def test_the_reply_to_mail_does_not_wait_for_the_spf_check(
+        make_server: Callable[..., ServerThread], zones: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPF is evaluated after the reply to MAIL is written, even when the
+    DNS answers are all cached: a slow evaluation (here 0.6 s) holds the
+    client at end of data, where the verdict is needed, not at MAIL."""
+    from postwarden.policy import spf as spf_mod
+
+    real = spf_mod.check_mail_from_cached
+
+    def slow(*args: Any, **kwargs: Any) -> spf_mod.SpfResult:
+        time.sleep(0.6)
+        return real(*args, **kwargs) or spf_mod.SpfResult("pass", domain="friend.test",
+                                                           comment="from the test")
+
+    monkeypatch.setattr(spf_mod, "check_mail_from_cached", slow)
+    server = make_server()
+    client = smtplib.SMTP("127.0.0.1", server.port("mx"), timeout=10)
+    client.ehlo("sender.example")
+    started = time.monotonic()
+    assert client.mail("news@friend.test")[0] == 250
+    assert time.monotonic() - started < 0.4
+    client.rcpt(ALICE)
+    code, _ = client.data(f"From: news@friend.test\r\nTo: {ALICE}\r\n"
+                          "Subject: slow spf\r\n\r\nHello.\r\n".encode())
+    client.quit()
+    assert code == 250
+    (stored,) = wait_for(lambda: maildir_messages(server.cfg, ALICE))
+    msg = email.message_from_bytes(stored, policy=email.policy.default)
+    ours = [str(v) for v in msg.get_all("Authentication-Results", [])
+            if str(v).startswith("mail.example.test")]
+    assert len(ours) == 1 and "spf=pass" in ours[0], ours

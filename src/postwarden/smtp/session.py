@@ -118,20 +118,44 @@ class _Transaction:
 def _started(at_once: Callable[[], spf_mod.SpfResult | None],
              waiting: Callable[[], Coroutine[Any, Any, spf_mod.SpfResult]]
              ) -> asyncio.Future[spf_mod.SpfResult]:
-    """An SPF check's result to await later: answered now when every DNS
-    answer is cached (no task), else a task that queries meanwhile."""
-    done: asyncio.Future[spf_mod.SpfResult]
-    try:
-        result = at_once()
-    except Exception as exc:  # reported where the result is awaited
-        done = asyncio.get_running_loop().create_future()
-        done.set_exception(exc)
-        return done
-    if result is None:
-        return asyncio.create_task(waiting())
-    done = asyncio.get_running_loop().create_future()
-    done.set_result(result)
+    """An SPF check's result to await later.  The check starts in the
+    event loop's next turn, after the reply to MAIL has been written (the
+    session writes it before it waits for the client): answered at once
+    when every DNS answer is cached (no task), else by a task that queries
+    while the client sends RCPT and DATA."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[spf_mod.SpfResult] = loop.create_future()
+
+    def start() -> None:
+        if done.done():  # the transaction ended meanwhile (cancelled)
+            return
+        try:
+            result = at_once()
+        except Exception as exc:  # reported where the result is awaited
+            done.set_exception(exc)
+            return
+        if result is not None:
+            done.set_result(result)
+            return
+        task = loop.create_task(waiting())
+        task.add_done_callback(lambda t: _settle(done, t))
+        done.add_done_callback(lambda d: task.cancel() if d.cancelled() else None)
+
+    loop.call_soon(start)
     return done
+
+
+def _settle(done: asyncio.Future[spf_mod.SpfResult],
+            task: asyncio.Future[spf_mod.SpfResult]) -> None:
+    """``done`` takes the outcome of ``task``."""
+    if done.done():
+        return
+    if task.cancelled():
+        done.cancel()
+    elif (exc := task.exception()) is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(task.result())
 
 
 class Session:
