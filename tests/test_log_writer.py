@@ -105,3 +105,28 @@ def test_a_line_carries_the_time_it_was_logged_not_written(
     stamp = calendar.timegm(time.strptime(str(record["ts"])[:19], "%Y-%m-%dT%H:%M:%S"))
     stamp += int(str(record["ts"])[20:23]) / 1000
     assert before - 0.002 <= stamp < before + 0.2
+
+
+def test_a_field_that_cannot_be_written_costs_only_its_line(logfile: Path) -> None:
+    """Lines are formatted by the writer thread: a value whose str() fails
+    must not stop it (the lines after it would pile up unwritten)."""
+    class Broken:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    logmod.background_writes(True)
+    log = logmod.get_logger("test")
+    log.info("before")
+    log.info("broken", value=Broken(), session="s1")
+    log.info("after")
+    deadline = time.monotonic() + 2
+    while len(lines(logfile)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    records = lines(logfile)
+    assert [r["event"] for r in records] == ["before", "broken", "after"]
+    assert "fields not written" in str(records[1]["log_error"])
+    log.info("later")  # the writer thread still runs
+    deadline = time.monotonic() + 2
+    while len(lines(logfile)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lines(logfile)[-1]["event"] == "later"

@@ -163,12 +163,19 @@ _clock = _Clock()
 
 
 def _render(r: _Record, fmt: str) -> str:
-    """One line of text, newline included."""
+    """One line of text, newline included.  Never raises: a field that
+    cannot be written (its ``str()`` fails) costs its own fields, not the
+    line, nor the writer thread and the lines after it."""
     t, level, component, event, fields = r
     record: dict[str, Any] = {"ts": _clock.format(t), "level": level,
                               "component": component, "event": event}
+    head = dict(record)
     record.update({k: v for k, v in fields.items() if v is not None})
-    return format_line(record, fmt) + "\n"
+    try:
+        return format_line(record, fmt) + "\n"
+    except Exception as exc:
+        head["log_error"] = f"fields not written: {type(exc).__name__}"
+        return format_line(head, fmt) + "\n"
 
 
 class Logger:
