@@ -169,13 +169,14 @@ def _render(r: _Record, fmt: str) -> str:
     t, level, component, event, fields = r
     record: dict[str, Any] = {"ts": _clock.format(t), "level": level,
                               "component": component, "event": event}
-    head = dict(record)
     record.update({k: v for k, v in fields.items() if v is not None})
     try:
         return format_line(record, fmt) + "\n"
     except Exception as exc:
-        head["log_error"] = f"fields not written: {type(exc).__name__}"
-        return format_line(head, fmt) + "\n"
+        return format_line({"ts": _clock.format(t), "level": level, "component": component,
+                            "event": event,
+                            "log_error": f"fields not written: {type(exc).__name__}"},
+                           fmt) + "\n"
 
 
 class Logger:
