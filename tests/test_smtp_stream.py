@@ -4,6 +4,10 @@ reply parsing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +23,7 @@ from postwarden.delivery.smtp_stream import (
     Reply,
     parse_extensions,
     read_reply,
+    send,
     size_limit,
 )
 
@@ -141,6 +146,92 @@ def test_eof_and_timeout() -> None:
 
     with pytest.raises(PeerTimeout):
         asyncio.run(silent())
+
+
+def test_a_reply_whose_first_lines_came_still_times_out() -> None:
+    # The lines already received are read without a timer; the wait for
+    # the rest is still bounded.
+    async def go() -> float:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"250-first\r\n250-second\r\n")
+        start = time.monotonic()
+        with pytest.raises(PeerTimeout):
+            await read_reply(reader, 0.2, "waiting")
+        return time.monotonic() - start
+
+    assert 0.15 < asyncio.run(go()) < 2
+
+
+def test_a_trickled_reply_is_bounded_as_a_whole() -> None:
+    # A server sending one continuation line every 50 ms, forever: the
+    # timeout covers the whole reply, not each line.
+    async def go() -> float:
+        async def trickle(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    w.write(b"250-still talking\r\n")
+                    await w.drain()
+                    await asyncio.sleep(0.05)
+
+        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        start = time.monotonic()
+        try:
+            with pytest.raises(PeerTimeout):
+                await read_reply(reader, 0.3, "waiting")
+            return time.monotonic() - start
+        finally:
+            writer.close()
+            server.close()
+
+    assert 0.25 < asyncio.run(go()) < 2
+
+
+def test_send_to_a_server_that_stops_reading_times_out() -> None:
+    async def go() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def deaf(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            accepted.append(w)  # never reads
+
+        server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await send(writer, b"MAIL FROM:<a@example.org>\r\n", 1.0, "sending MAIL")
+            start = time.monotonic()
+            with pytest.raises(PeerTimeout, match="sending message body"):
+                for _ in range(1000):  # far beyond both sockets' buffers
+                    await send(writer, b"x" * 65536, 0.3, "sending message body")
+            assert time.monotonic() - start < 5
+        finally:
+            writer.transport.abort()
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_send_to_a_server_that_closed_fails() -> None:
+    async def go() -> None:
+        async def reset(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            sock = w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()  # RST
+
+        server = await asyncio.start_server(reset, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            with pytest.raises(PeerClosed, match="sending message body"):
+                for _ in range(100):
+                    await send(writer, b"x" * 4096, 1.0, "sending message body")
+                    await asyncio.sleep(0.01)
+        finally:
+            writer.transport.abort()
+            server.close()
+
+    asyncio.run(go())
 
 
 def test_control_characters_are_removed() -> None:
