@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 
@@ -39,6 +40,16 @@ def test_a_message_arrives_as_it_was_committed() -> None:
     line = handover.encode(msg)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert handover.decode(line[:-1]) == msg
+
+
+def test_any_envelope_text_arrives_unchanged() -> None:
+    # UTF-8 addresses (SMTPUTF8) go as they are; a lone surrogate, which the
+    # fast encoder refuses, goes escaped by the standard one; both read back.
+    for sender in ("j\u00f6rg@b\u00fccher.example", "x\udc80y@example.test"):
+        msg = dataclasses.replace(message(), sender=sender)
+        line = handover.encode(msg)
+        assert line.count(b"\n") == 1
+        assert handover.decode(line[:-1]) == msg
 
 
 def test_lines_split_across_reads_and_bad_lines() -> None:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import select
 from collections.abc import Callable
 
+from postwarden import compactjson
 from postwarden.envelope import MailParams, RcptParams
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import QueuedMessage, QueuedRecipient
@@ -45,7 +45,7 @@ def encode(msg: QueuedMessage) -> bytes:
            [[r.id, r.address, list(r.params.notify) if r.params.notify is not None else None,
              r.params.orcpt] for r in msg.recipients],
            msg.received_at, msg.size, msg.client_ip, msg.helo, msg.auth_user, msg.listener]
-    return b"M" + json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    return b"M" + compactjson.dumps(doc).encode() + b"\n"
 
 
 def decode(line: bytes) -> QueuedMessage:
@@ -55,7 +55,7 @@ def decode(line: bytes) -> QueuedMessage:
         raise ValueError("not a message line")
     try:
         (queue_id, sender, params, rcpts, received_at, size, client_ip, helo, auth_user,
-         listener) = json.loads(line[1:])
+         listener) = compactjson.loads(line[1:])
         size_p, body, smtputf8, ret, envid, auth = params
         recipients = [QueuedRecipient(int(rid), str(address),
                                       RcptParams(tuple(notify) if notify is not None else None,

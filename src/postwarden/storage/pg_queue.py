@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import secrets
 import socket
@@ -58,7 +57,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from postwarden import limits
+from postwarden import compactjson, limits
 from postwarden.background import cancel_and_wait
 from postwarden.envelope import Envelope, MailParams
 from postwarden.ids import new_queue_id
@@ -435,7 +434,7 @@ class PgQueueStore:
             params = envelope.params
             queue_id = meta.queue_id or new_queue_id()
             message = (queue_id, sender,
-                       json.dumps({f: getattr(params, f) for f in _MAIL_PARAM_FIELDS}),
+                       compactjson.dumps({f: getattr(params, f) for f in _MAIL_PARAM_FIELDS}),
                        received_at, size, meta.client_ip, meta.helo, meta.auth_user,
                        meta.listener, meta.session_id, bytes(prepend), data, body_size,
                        checksum, spool_name)

@@ -54,7 +54,6 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import json
 import os
 import sqlite3
 import time
@@ -63,7 +62,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Sequ
 from pathlib import Path
 from typing import Any, NoReturn
 
-from postwarden import limits
+from postwarden import compactjson, limits
 from postwarden.background import cancel_and_wait
 from postwarden.envelope import Envelope, MailParams
 from postwarden.ids import new_queue_id
@@ -341,7 +340,7 @@ class SqliteQueueStore:
             body.discard()
             raise StorageError("a message needs at least one recipient")
         params = envelope.params
-        values = (sender, json.dumps({f: getattr(params, f) for f in _MAIL_PARAM_FIELDS}),
+        values = (sender, compactjson.dumps({f: getattr(params, f) for f in _MAIL_PARAM_FIELDS}),
                   received_at, size,
                   meta.client_ip, meta.helo, meta.auth_user, meta.listener, meta.session_id,
                   bytes(prepend), inline, body.spool_name, body.size, body.checksum)

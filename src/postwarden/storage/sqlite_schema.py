@@ -23,12 +23,12 @@ Security exposure: none of its own (fixed DDL; values are parameters).
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from postwarden import compactjson
 from postwarden.envelope import MailParams, RcptParams
 from postwarden.storage.base import (
     DeliveryEvent,
@@ -164,7 +164,7 @@ def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
 
 
 def message_from_row(row: Sequence[Any], rcpts: list[QueuedRecipient]) -> QueuedMessage:
-    p = json.loads(row[2])
+    p = compactjson.loads(row[2])
     return QueuedMessage(
         queue_id=row[0], sender=row[1], params=MailParams(**p), recipients=rcpts,
         received_at=row[3], size=row[4], client_ip=row[5], helo=row[6], auth_user=row[7],
@@ -172,7 +172,7 @@ def message_from_row(row: Sequence[Any], rcpts: list[QueuedRecipient]) -> Queued
 
 
 def recipient_from_row(row: Sequence[Any]) -> QueuedRecipient:
-    p = json.loads(row[3])
+    p = compactjson.loads(row[3])
     notify = tuple(p["notify"]) if p.get("notify") is not None else None
     return QueuedRecipient(
         id=row[0], address=row[2], params=RcptParams(notify=notify, orcpt=p.get("orcpt")),
@@ -182,4 +182,4 @@ def recipient_from_row(row: Sequence[Any]) -> QueuedRecipient:
 
 def rcpt_params_json(params: RcptParams) -> str:
     notify = list(params.notify) if params.notify is not None else None
-    return json.dumps({"notify": notify, "orcpt": params.orcpt})
+    return compactjson.dumps({"notify": notify, "orcpt": params.orcpt})
