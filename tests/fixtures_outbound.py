@@ -78,10 +78,18 @@ def unstuff(wire: bytes) -> bytes:
     return content.replace(b"\r\n..", b"\r\n.")
 
 
+def stuff(content: bytes) -> bytes:
+    """The DATA stream of ``content`` (ending in CRLF): what :func:`unstuff`
+    reads back."""
+    wire = content.replace(b"\r\n.", b"\r\n..")
+    return (b"." + wire if wire.startswith(b".") else wire) + b".\r\n"
+
+
 @dataclass
 class SessionRecord:
     commands: list[tuple[int, str]] = field(default_factory=list)  # (read number, line)
     messages: list[bytes] = field(default_factory=list)  # DATA as on the wire
+    chunks: list[bytes] = field(default_factory=list)  # BDAT data as on the wire
     tls: bool = False
 
     def verbs(self) -> list[str]:
@@ -97,7 +105,9 @@ class ScriptedServer:
     ``final`` is the reply after the dot (SMTP), ``lmtp_final`` maps an
     address to its reply after the dot (LMTP).  ``greeting=None`` never
     greets; ``tls`` enables STARTTLS; ``break_tls`` answers 220 to STARTTLS
-    and then closes instead of a handshake."""
+    and then closes instead of a handshake.  With CHUNKING among the
+    extensions it takes BDAT (RFC 3030); a message sent so is recorded in
+    ``messages`` as DATA would have carried it, its chunks in ``chunks``."""
 
     def __init__(self, *, extensions: Iterable[str] = ("PIPELINING", "8BITMIME",
                                                          "ENHANCEDSTATUSCODES"),
@@ -222,6 +232,7 @@ class ScriptedServer:
         if not self.greeting.startswith("2"):
             return
         accepted: list[str] = []
+        chunked = b""
         while (cmd := await line()) is not None:
             verb = cmd.split(" ", 1)[0].upper()
             if verb in ("EHLO", "LHLO") and self.ehlo_reply:
@@ -289,8 +300,31 @@ class ScriptedServer:
                 else:
                     say(self.final)
                 accepted = []
+            elif verb == "BDAT" and "CHUNKING" in self.extensions:
+                words = cmd.split()
+                size, last = int(words[1]), words[-1].upper() == "LAST"
+                while len(buf) < size:
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    buf += data
+                rec.chunks.append(buf[:size])
+                chunked, buf = chunked + buf[:size], buf[size:]
+                if not last:
+                    say("250 2.0.0 chunk received")
+                    continue
+                content, chunked = chunked, b""
+                if not accepted:  # RFC 3030 2: read, then refused
+                    say("554 5.5.1 no valid recipients")
+                    continue
+                rec.messages.append(stuff(content))
+                if self.final_delay:
+                    await asyncio.sleep(self.final_delay)
+                say(self.final)
+                accepted = []
             elif verb == "RSET":
                 accepted = []
+                chunked = b""
                 if self.rset_reply is None:
                     await asyncio.sleep(3600)  # cancelled by stop()
                 say(self.rset_reply or "")

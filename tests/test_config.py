@@ -94,6 +94,7 @@ def test_valid(tmp_path: Path) -> None:
         (with_("limits.recipients_max", -1), "limits.recipients_max", "at least"),
         (with_("limits.command_timeout", True), "limits.command_timeout", "number"),
         (with_("queue.workers", 0.5), "queue.workers", "integer"),
+        (with_("delivery.chunking", "no"), "delivery.chunking", "true or false"),
         (with_("log.format", "xml"), "log.format", "must be one of"),
         (with_("log.level", "trace"), "log.level", "must be one of"),
     ],
@@ -104,6 +105,12 @@ def test_parse_errors(data: dict[str, Any], key: str, problem: str, tmp_path: Pa
     assert info.value.key == key
     assert problem in info.value.problem
     assert str(info.value).startswith(f"{key}: ")
+
+
+def test_delivery_chunking_defaults_on(tmp_path: Path) -> None:
+    assert config.parse(base(), tmp_path / "postwarden.toml").delivery.chunking
+    off = config.parse(with_("delivery.chunking", False), tmp_path / "postwarden.toml")
+    assert off.delivery.chunking is False
 
 
 def test_submission_without_tls_is_fine_when_disabled(tmp_path: Path) -> None:

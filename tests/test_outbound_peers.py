@@ -80,6 +80,12 @@ def test_smtp_to_postfix_with_verified_tls(postfix: PostfixPeer, ca_file: Path) 
     body = stored.replace(b"\r\n", b"\n")
     assert body.endswith(BODY.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
     assert b"with ESMTPS" in stored  # Postfix saw TLS
+    # Postfix offers CHUNKING: the message went with BDAT, in the envelope's
+    # write (smtpd counts the commands of a session when it ends).
+    run(transport.close())
+    log = postfix.wait_for_log(" mail=1 ")
+    (counts,) = [line for line in log.splitlines() if " mail=1 " in line]
+    assert " bdat=1 " in counts and " data=" not in counts, counts
 
 
 @pytest.mark.parametrize("via", ["tcp", "unix"])

@@ -185,6 +185,9 @@ class DeliveryConfig:
     # Seconds an outbound SMTP connection stays open for the next message to
     # the same server (delivery/connection_cache.py); 0: never reused.
     connection_cache_time: float = 2.0
+    # RFC 3030 BDAT, with the envelope, to servers that offer CHUNKING and
+    # PIPELINING (delivery/smtp_transaction.py); false: always DATA.
+    chunking: bool = True
     # The port of MX hosts (RFC 5321: 25); another one builds test networks.
     mx_port: int = 25
     transports: Mapping[str, Nexthop] = field(default_factory=dict)
@@ -767,7 +770,8 @@ def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
     _unknown(table, numbers | {"smarthost", "smarthost_username", "smarthost_password",
                                "smarthost_password_file", "smarthost_tls", "tls", "ca_file",
                                "helo_name", "mta_sts", "mta_sts_timeout", "mta_sts_cache",
-                               "dane", "dnssec_trust_ad", "connection_cache_time"},
+                               "dane", "dnssec_trust_ad", "connection_cache_time",
+                               "chunking"},
              "delivery.")
     values: dict[str, Any] = {}
     try:
@@ -783,6 +787,8 @@ def _parse_delivery(data: Mapping[str, Any], base: Path) -> DeliveryConfig:
     if "connection_cache_time" in table:
         values["connection_cache_time"] = _number("delivery.connection_cache_time",
                                                   table["connection_cache_time"])
+    if "chunking" in table:
+        values["chunking"] = _bool("delivery.chunking", table["chunking"])
     smarthost = None
     if "smarthost" in table:
         hop = _nexthop("delivery.smarthost", table["smarthost"])

@@ -207,7 +207,8 @@ class SmtpTransport:
     def _options(self, policy: str, credentials: tuple[str, str] | None) -> SessionOptions:
         d = self.delivery
         return SessionOptions(self.helo_name, policy, self._tls_context(policy), credentials,
-                              lmtp=False, connect_timeout=d.connect_timeout,
+                              lmtp=False, chunking=d.chunking,
+                              connect_timeout=d.connect_timeout,
                               greeting_timeout=d.greeting_timeout,
                               command_timeout=d.command_timeout, data_timeout=d.data_timeout)
 

@@ -100,6 +100,9 @@ class SessionOptions:
     tls_context: ssl.SSLContext | None = None  # required unless tls == "none"
     credentials: tuple[str, str] | None = None  # (username, password): AUTH
     lmtp: bool = False
+    # RFC 3030 BDAT instead of DATA when the server offers CHUNKING and
+    # PIPELINING (smtp_transaction.py): the message goes with the envelope.
+    chunking: bool = True
     # RFC 5321 4.5.3.2 timeouts (seconds).
     connect_timeout: float = 30.0
     greeting_timeout: float = 300.0

@@ -6,6 +6,8 @@
   operations: line ends normalised to CRLF (RFC 5321 2.3.8), dot-stuffing
   (RFC 5321 4.5.2) with a carry across chunk boundaries, and the final
   ``CRLF . CRLF``;
+* :func:`bdat_payload` makes a message ready for one ``BDAT n LAST``
+  (RFC 3030 2): line ends normalised, no dot-stuffing;
 * :func:`parse_extensions` reads an EHLO/LHLO reply (RFC 5321 4.1.1.1).
 
 Security exposure: parses every byte a remote server sends.  A reply line
@@ -174,6 +176,17 @@ async def send(writer: asyncio.StreamWriter, data: bytes, timeout: float, what: 
         raise PeerTimeout(what) from None
     except (OSError, RuntimeError) as exc:  # RuntimeError: transport closing
         raise PeerClosed(what) from exc
+
+
+def bdat_payload(message: bytes) -> bytes:
+    """``message`` as it goes after ``BDAT n LAST`` (RFC 3030 2): the octet
+    count delimits it, so nothing is dot-stuffed; CRLF is the only line end
+    (RFC 5321 2.3.8), and a message that does not end with one gets one, as
+    it does in DATA (:meth:`DataEncoder.finish`)."""
+    data = to_crlf(message)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
 
 
 def parse_extensions(reply: Reply) -> dict[str, str]:
