@@ -85,6 +85,7 @@ CASES = {
                      ("--starttls",)),
     "pipelined": Case("pipelined", "hold", "loadgen", False, "accept-only, pipelined",
                       ("--pipelining",)),
+    "bdat": Case("bdat", "hold", "loadgen", False, "accept-only, BDAT", ("--bdat",)),
 }
 
 
@@ -109,13 +110,15 @@ def full_plan() -> list[Config]:
     plan += [Config("nochecks", 2 * KB, s, n) for s, n in ((1, 400), (10, 1500))]
     plan += [Config("starttls", 2 * KB, s, n) for s, n in ((1, 300), (10, 1000), (50, 1000))]
     plan += [Config("pipelined", 2 * KB, 10, 1500)]
+    plan += [Config("bdat", size, 10, n) for size, n in ((2 * KB, 1500), (100 * KB, 600))]
     return plan
 
 
 def quick_plan() -> list[Config]:
     return [Config("accept", 2 * KB, 10, 300), Config("nochecks", 2 * KB, 10, 300),
             Config("relay", 2 * KB, 10, 300),
-            Config("maildir", 2 * KB, 10, 300), Config("starttls", 2 * KB, 10, 150)]
+            Config("maildir", 2 * KB, 10, 300), Config("starttls", 2 * KB, 10, 150),
+            Config("bdat", 2 * KB, 10, 300)]
 
 
 @dataclass
