@@ -331,9 +331,11 @@ class QueueRunner:
         for i, route in enumerate(routes):
             if route is not None:
                 groups.setdefault(route.nexthop.key, (route.nexthop, []))[1].append(i)
-        answers = await asyncio.gather(*(
-            self._run_job(msg, hop, [msg.recipients[i] for i in idx])
-            for hop, idx in groups.values()))
+        jobs = [self._run_job(msg, hop, [msg.recipients[i] for i in idx])
+                for hop, idx in groups.values()]
+        # One next hop (nearly every message): awaited here, without the
+        # task that gather() would create for it.
+        answers = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
         for (_, idx), results in zip(groups.values(), answers, strict=True):
             for i, result in zip(idx, results, strict=True):
                 out[i] = result
