@@ -133,6 +133,7 @@ class ScriptedServer:
         self.lmtp_final: dict[str, str] = {}
         self.final_delay = 0.0
         self.rset_reply: str | None = "250 2.0.0 ok"  # None: falls silent (hung)
+        self.bdat_known = True  # False: CHUNKING offered, BDAT an unknown command
         self.sessions: list[SessionRecord] = []
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -300,7 +301,7 @@ class ScriptedServer:
                 else:
                     say(self.final)
                 accepted = []
-            elif verb == "BDAT" and "CHUNKING" in self.extensions:
+            elif verb == "BDAT" and "CHUNKING" in self.extensions and self.bdat_known:
                 words = cmd.split()
                 size, last = int(words[1]), words[-1].upper() == "LAST"
                 while len(buf) < size:

@@ -104,6 +104,27 @@ def test_each_reply_lands_on_its_recipients() -> None:
     run(go())
 
 
+def test_a_server_that_offers_chunking_but_not_bdat() -> None:
+    # Deferred, not bounced; the connection is dropped (the server may have
+    # read the message as commands), and the next attempt uses DATA.
+    async def go() -> None:
+        async with ScriptedServer(extensions=CHUNKING) as srv:
+            srv.bdat_known = False
+            t = transport()
+            (first,) = await t.deliver(job(srv, ["bob@example.org"]))
+            assert first.status is DEFERRED and first.dsn == "4.5.0"
+            assert "refused BDAT" in first.text
+            (again,) = await t.deliver(job(srv, ["bob@example.org"], n=2))
+            assert again.status is DELIVERED
+            await t.close()
+            broken, fresh = srv.sessions
+            assert "BDAT" in broken.verbs() and "QUIT" not in broken.verbs()
+            assert "DATA" in fresh.verbs() and "BDAT" not in fresh.verbs()
+            assert srv.messages == [WIRE]
+
+    run(go())
+
+
 @pytest.mark.parametrize("case", ["no CHUNKING", "no PIPELINING", "switched off", "large"])
 def test_data_where_bdat_does_not_apply(case: str) -> None:
     extensions = {"no CHUNKING": ("PIPELINING", "8BITMIME"),

@@ -11,7 +11,10 @@ When the server offers CHUNKING and PIPELINING (RFC 3030), a message of up
 to :data:`CHUNKING_MAX` octets goes as ``BDAT n LAST`` in the same write as
 the envelope: one round trip per message instead of two (the 354 to DATA is
 not waited for), as Exim does by default.  A larger one, or with
-``[delivery] chunking = false``, goes with DATA.
+``[delivery] chunking = false``, goes with DATA.  A server that offers
+CHUNKING but answers BDAT as an unknown command (500, 502, 504) has the
+message deferred, not failed, the connection dropped, and gets DATA from
+then on (:data:`BDAT_REFUSED`).
 
 * MAIL refused: every recipient gets that reply;
 * RCPT 4xx/5xx: that recipient is deferred/failed;
@@ -67,6 +70,14 @@ WRITE_CHUNK = 64 * 1024
 CHUNKING_MAX = 256 * 1024
 # How far to look for the end of the header section (SMTPUTF8 detection).
 HEADER_SCAN_MAX = 1024 * 1024
+
+# RFC 5321 4.2.4: command unrecognized, not implemented, parameter not
+# implemented: a server that offered CHUNKING without knowing BDAT.
+BDAT_UNKNOWN = frozenset({500, 502, 504})
+# Servers (address, port) that did so: DATA from then on.  Bounded: the set
+# is emptied when full, and a server still broken then costs one deferral.
+BDAT_REFUSED: set[tuple[str, int]] = set()
+BDAT_REFUSED_MAX = 10_000
 
 MessageSource = Callable[[], AsyncIterator[bytes]]
 # The reply to the RSET that checks a connection taken from the cache.
@@ -243,8 +254,10 @@ class TransactionRunner:
     def _chunking(self, size: int) -> bool:
         """Whether the message goes as one BDAT with the envelope."""
         ext = self.ext
+        peer = self.client.peer
         return (self.options.chunking and not self.options.lmtp and size <= CHUNKING_MAX
-                and "CHUNKING" in ext and "PIPELINING" in ext)
+                and "CHUNKING" in ext and "PIPELINING" in ext
+                and (peer.address, peer.port) not in BDAT_REFUSED)
 
     async def _prepare(self) -> tuple[str, MessageSource, int] | DeliveryResult:
         """MAIL parameters, the message source and its size, or why it cannot
@@ -357,6 +370,9 @@ class TransactionRunner:
         accepted = [i for i, r in enumerate(self.results) if r is None]
         if payload is not None:
             assert data is not None  # every reply was read
+            if data.code in BDAT_UNKNOWN:
+                self._bdat_unknown(data, accepted)
+                return []
             self._all(self._from_reply(data, "BDAT"), accepted)
             # RFC 3030 2: a failed BDAT fails the transaction; RSET first.
             self.open_after = not data.positive
@@ -374,6 +390,20 @@ class TransactionRunner:
             self._all(self._from_reply(data, "DATA"), accepted)
             return []
         return accepted
+
+    def _bdat_unknown(self, reply: Reply, accepted: list[int]) -> None:
+        """The server offered CHUNKING but does not know BDAT: it may have
+        read the message as commands, so the connection is dropped; the
+        message is deferred and goes with DATA next time."""
+        peer = self.client.peer
+        if len(BDAT_REFUSED) >= BDAT_REFUSED_MAX:
+            BDAT_REFUSED.clear()
+        BDAT_REFUSED.add((peer.address, peer.port))
+        log.warning("bdat_refused", relay=self.relay, reply=str(reply))
+        self.broken = True
+        self._all(DeliveryResult.deferred(
+            "4.5.0", f"host {self.display} offers CHUNKING but refused BDAT: {reply}; "
+                     "the next attempt uses DATA", relay=self.relay), accepted)
 
     async def _exchange(self, lines: list[str], names: list[str], replies: list[Reply],
                         lead: bool = False, tail: bytes = b"") -> None:
