@@ -7,6 +7,9 @@
 * :func:`aiosmtpd_server`: a real aiosmtpd server on the running loop, with
   a :class:`Sink` handler that keeps the envelopes.
 * :func:`make_job`, :func:`delivery_config`, :func:`server_tls`: inputs.
+* :func:`smtp_transport` (its resolver answers nothing: next hops are given
+  as ``smtp:[127.0.0.1]:PORT``) and :func:`run` (``asyncio.run`` with a
+  bound).
 
 Servers run on the test's own event loop: tests are ``asyncio.run(...)``.
 """
@@ -16,20 +19,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from postwarden.config import DeliveryConfig
+from postwarden.config import DeliveryConfig, DnsConfig
+from postwarden.delivery.dns import Resolver
+from postwarden.delivery.remote import SmtpTransport
 from postwarden.delivery.transport import DeliveryJob, Nexthop
 from postwarden.envelope import MailParams, RcptParams
 from postwarden.storage.base import QueuedMessage, QueuedRecipient
 
 PEER_NAME = "mx.peer.test"
 OUR_NAME = "client.example.test"
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
+    """``asyncio.run`` of ``coro``, failing after ``timeout`` seconds."""
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+def smtp_transport(**kw: Any) -> SmtpTransport:
+    """An SmtpTransport with :func:`delivery_config` (``kw`` overrides)."""
+    resolver = Resolver(DnsConfig(nameservers=(("127.0.0.1", 9),), timeout=0.5))
+    return SmtpTransport(OUR_NAME, delivery_config(**kw), resolver)
 
 
 def body_source(body: bytes, chunk: int = 64 * 1024) -> Callable[[], AsyncIterator[bytes]]:

@@ -7,36 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from fixtures_outbound import ScriptedServer, delivery_config, make_job
-from postwarden.config import DnsConfig
+from fixtures_outbound import ScriptedServer, make_job, run, smtp_transport
 from postwarden.delivery import smtp_transaction
 from postwarden.delivery.connection_cache import ConnectionCache
-from postwarden.delivery.remote import SmtpTransport
 from postwarden.delivery.result import DeliveryStatus
 from postwarden.delivery.smtp_client import Peer, SessionOptions
 from postwarden.delivery.transport import parse_nexthop
 
-T = TypeVar("T")
 DELIVERED = DeliveryStatus.DELIVERED
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, 20)
-
-    return asyncio.run(bounded())
-
-
-def transport(**kw: Any) -> SmtpTransport:
-    from postwarden.delivery.dns import Resolver
-
-    resolver = Resolver(DnsConfig(nameservers=(("127.0.0.1", 9),), timeout=0.5))
-    return SmtpTransport("client.example.test", delivery_config(**kw), resolver)
+transport = smtp_transport
 
 
 def job_for(srv: ScriptedServer, n: int) -> Any:

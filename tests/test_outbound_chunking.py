@@ -5,22 +5,17 @@ DATA is used wherever BDAT is not."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from tests.conftest import DOMAIN, ServerThread, maildir_messages, wait_for
 
-from fixtures_outbound import ScriptedServer, delivery_config, make_job
-from postwarden.config import DnsConfig
-from postwarden.delivery.dns import Resolver
-from postwarden.delivery.remote import SmtpTransport
+from fixtures_outbound import ScriptedServer, make_job, run, smtp_transport
 from postwarden.delivery.result import DeliveryStatus
 from postwarden.delivery.smtp_transaction import CHUNKING_MAX
 from postwarden.delivery.transport import parse_nexthop
 
-T = TypeVar("T")
 DELIVERED, DEFERRED, FAILED = (DeliveryStatus.DELIVERED, DeliveryStatus.DEFERRED,
                                DeliveryStatus.FAILED)
 CHUNKING = ("PIPELINING", "CHUNKING", "8BITMIME", "ENHANCEDSTATUSCODES")
@@ -29,16 +24,7 @@ BODY = b"Subject: chunks\r\n\r\n.leading dot\r\n.\r\nbare\nend"
 WIRE = b"Subject: chunks\r\n\r\n.leading dot\r\n.\r\nbare\r\nend\r\n"
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, 20)
-
-    return asyncio.run(bounded())
-
-
-def transport(**kw: Any) -> SmtpTransport:
-    resolver = Resolver(DnsConfig(nameservers=(("127.0.0.1", 9),), timeout=0.5))
-    return SmtpTransport("client.example.test", delivery_config(**kw), resolver)
+transport = smtp_transport
 
 
 def job(srv: ScriptedServer, rcpts: list[str], body: bytes = BODY, n: int = 1) -> Any:
