@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -391,6 +392,22 @@ class TransactionRunner:
             return []
         return accepted
 
+    def _ack_at_once(self) -> None:
+        """Acknowledge the server's next segments without delay (Linux
+        TCP_QUICKACK).  Postfix's smtpd writes its replies to MAIL and RCPT
+        when it needs more of the BDAT data, and its reply to BDAT after;
+        smtpd leaves Nagle's algorithm on, so that last reply waits until
+        the first is acknowledged, and Linux delays the ACK of a segment
+        that brings no reason to answer by up to 40 ms: every message of
+        16 KB or more waited 44 ms.  Setting the option also sends an ACK
+        already held back."""
+        quickack = getattr(socket, "TCP_QUICKACK", None)
+        sock = self.writer.get_extra_info("socket")
+        if quickack is None or sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+
     def _bdat_unknown(self, reply: Reply, accepted: list[int]) -> None:
         """The server offered CHUNKING but does not know BDAT: it may have
         read the message as commands, so the connection is dropped; the
@@ -420,6 +437,8 @@ class TransactionRunner:
                 if start + PIPELINE_BATCH >= len(lines):
                     out += tail
                 await send(self.writer, out, timeout, "sending the envelope")
+                if tail:
+                    self._ack_at_once()
                 for name in names[start:start + PIPELINE_BATCH]:
                     # BDAT LAST is answered once the message is taken: the
                     # end-of-data timeout (RFC 5321 4.5.3.2.6).
