@@ -1,4 +1,4 @@
-"""Outbound delivery to a real Postfix smtpd: DATA against BDAT.
+"""Outbound delivery to a real Postfix smtpd (or postwarden): DATA against BDAT.
 
 postwarden's SMTP client sends a message with ``BDAT n LAST`` in the
 envelope's write when the server offers CHUNKING (RFC 3030), and with DATA
@@ -10,6 +10,10 @@ latency per message and the client's CPU per message, by size.  The
 servers write where ``make bench`` does (bench/disk.py).
 
     python -m bench.outbound [--sizes 2048,16384,102400] [--count 300] [--runs 3]
+                             [--peer postfix|postwarden]
+
+``--peer postwarden`` sends to ``postwarden serve`` instead (delivery
+paused, the bench's loopback DNS stub), which offers CHUNKING too.
 
 Messages go to 127.0.0.1 only.  Run as root (a Postfix master starts as
 root).
@@ -26,7 +30,14 @@ import time
 from collections.abc import AsyncIterator
 
 from bench import disk
-from bench.servers import PostfixServer, ensure_postfix, stop_all
+from bench.dnsstub import DnsStub
+from bench.servers import (
+    PostfixServer,
+    PostwardenServer,
+    ensure_postfix,
+    make_postwarden_template,
+    stop_all,
+)
 from postwarden.config import DeliveryConfig, DnsConfig
 from postwarden.delivery.dns import Resolver
 from postwarden.delivery.remote import SmtpTransport
@@ -82,17 +93,26 @@ def main() -> int:
     ap.add_argument("--sizes", default="2048,16384,102400")
     ap.add_argument("--count", type=int, default=300)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--peer", choices=("postfix", "postwarden"), default="postfix")
     ap.add_argument("--no-install", action="store_true")
     args = ap.parse_args()
-    tools = ensure_postfix(install=not args.no_install)
     with disk.workspace("image", "outbound") as root:
-        return measure(PostfixServer(root / "postfix", "hold", tools), args)
+        if args.peer == "postfix":
+            tools = ensure_postfix(install=not args.no_install)
+            return measure(PostfixServer(root / "postfix", "hold", tools), args)
+        dns = DnsStub().start()
+        try:
+            template = make_postwarden_template(root / "template")
+            return measure(PostwardenServer(root / "postwarden", "hold", template, dns.port),
+                           args)
+        finally:
+            dns.stop()
 
 
-def measure(server: PostfixServer, args: argparse.Namespace) -> int:
+def measure(server: PostfixServer | PostwardenServer, args: argparse.Namespace) -> int:
     try:
         server.start()
-        print(f"SmtpTransport.deliver to Postfix smtpd (hold queue), {args.count} messages "
+        print(f"SmtpTransport.deliver to {server.name} (hold queue), {args.count} messages "
               f"per run, one connection; median of {args.runs} alternated runs")
         for size in (int(x) for x in args.sizes.split(",")):
             figures: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
