@@ -79,6 +79,8 @@ BDAT_UNKNOWN = frozenset({500, 502, 504})
 # is emptied when full, and a server still broken then costs one deferral.
 BDAT_REFUSED: set[tuple[str, int]] = set()
 BDAT_REFUSED_MAX = 10_000
+# Linux only (see TransactionRunner._ack_at_once).
+TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 MessageSource = Callable[[], AsyncIterator[bytes]]
 # The reply to the RSET that checks a connection taken from the cache.
@@ -401,12 +403,11 @@ class TransactionRunner:
         that brings no reason to answer by up to 40 ms: every message of
         16 KB or more waited 44 ms.  Setting the option also sends an ACK
         already held back."""
-        quickack = getattr(socket, "TCP_QUICKACK", None)
         sock = self.writer.get_extra_info("socket")
-        if quickack is None or sock is None:
+        if TCP_QUICKACK is None or sock is None:
             return
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
 
     def _bdat_unknown(self, reply: Reply, accepted: list[int]) -> None:
         """The server offered CHUNKING but does not know BDAT: it may have
@@ -434,10 +435,11 @@ class TransactionRunner:
             for start in range(0, len(lines), PIPELINE_BATCH):
                 batch = lines[start:start + PIPELINE_BATCH]
                 out = "".join(f"{x}\r\n" for x in batch).encode("utf-8")
-                if start + PIPELINE_BATCH >= len(lines):
+                with_tail = bool(tail) and start + PIPELINE_BATCH >= len(lines)
+                if with_tail:
                     out += tail
                 await send(self.writer, out, timeout, "sending the envelope")
-                if tail:
+                if with_tail:
                     self._ack_at_once()
                 for name in names[start:start + PIPELINE_BATCH]:
                     # BDAT LAST is answered once the message is taken: the
