@@ -16,10 +16,8 @@ from tests.conftest import require_peer, write_cert
 from tests.peers.dovecot import DovecotLmtpPeer
 from tests.peers.postfix import PostfixPeer
 
-from fixtures_outbound import delivery_config, make_job
-from postwarden.config import DnsConfig
-from postwarden.delivery.dns import Resolver
-from postwarden.delivery.remote import LmtpTransport, SmtpTransport
+from fixtures_outbound import delivery_config, make_job, smtp_transport
+from postwarden.delivery.remote import LmtpTransport
 from postwarden.delivery.result import DeliveryStatus
 from postwarden.delivery.transport import parse_nexthop
 from postwarden.envelope import MailParams, RcptParams
@@ -68,9 +66,7 @@ def run(coro: Any) -> Any:
 
 def test_smtp_to_postfix_with_verified_tls(postfix: PostfixPeer, ca_file: Path) -> None:
     hop = parse_nexthop(f"smtp:[127.0.0.1]:{postfix.port}")
-    resolver = Resolver(DnsConfig(nameservers=(("127.0.0.1", 9),), timeout=0.5))
-    transport = SmtpTransport("mail.example.test", delivery_config(tls="verify",
-                                                                   ca_file=ca_file), resolver)
+    transport = smtp_transport(tls="verify", ca_file=ca_file)
     job = make_job(["bob@remote.test", ("nobody@remote.test", RcptParams(("FAILURE",), None)),
                     "busy@remote.test"], BODY, hop, params=MailParams(body="8BITMIME",
                                                                       envid="E1"))
@@ -98,9 +94,7 @@ def test_bdat_to_postfix_is_not_held_by_a_delayed_ack(postfix: PostfixPeer,
     # message.  A functional check with a wide margin (the stall is a
     # fixed timer), not a speed measurement.
     hop = parse_nexthop(f"smtp:[127.0.0.1]:{postfix.port}")
-    resolver = Resolver(DnsConfig(nameservers=(("127.0.0.1", 9),), timeout=0.5))
-    transport = SmtpTransport("mail.example.test", delivery_config(tls="verify",
-                                                                   ca_file=ca_file), resolver)
+    transport = smtp_transport(tls="verify", ca_file=ca_file)
     big = BODY + (b"z" * 998 + b"\r\n") * 64  # 64 KB
 
     async def go() -> list[float]:
