@@ -7,9 +7,11 @@ command session and read back by another, as the CLI and the nodes do)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import pytest
 
 from postwarden import cli
 from postwarden.envelope import Address
+from postwarden.observe import log as logmod
+from postwarden.storage import change_stamp
 from postwarden.storage.sqlite_directory import (
     MAX_ALIAS_DEPTH,
     DirectoryError,
@@ -281,3 +285,113 @@ def test_new_database_file_is_private(tmp_path: Path) -> None:
     with SqliteDirectory(tmp_path / "new.db", ()):
         pass
     assert (tmp_path / "new.db").stat().st_mode & 0o077 == 0
+
+
+# -- the lookup cache (storage/change_stamp.py) --------------------------------
+
+
+def _behind_the_stamp(db_path: Path, sql: str, *args: object) -> None:
+    """A change made to the file directly (an sqlite3 shell), not stamped."""
+    raw = sqlite3.connect(db_path)
+    raw.execute(sql, args)
+    raw.commit()
+    raw.close()
+
+
+def test_lookups_cached_until_a_stamped_change(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's answers come from its cache until a writer stamps a
+    change; a change made around the stamp is seen once MAX_AGE passed."""
+    monkeypatch.setattr(change_stamp, "MAX_AGE", 0.3)
+    db_path = tmp_path / "postwarden.db"
+    with SqliteDirectory(db_path, ("example.org",)) as server, \
+            SqliteDirectory(db_path, ("example.org",)) as cli_side:
+        cli_side.add_user("alice@example.org", HASH)
+        cli_side.add_domain("example.net")
+        assert server.resolve_sync("alice@example.org") == ["alice@example.org"]
+        assert server.is_local("example.net")
+
+        _behind_the_stamp(db_path, "DELETE FROM accounts WHERE address = ?",
+                          "alice@example.org")
+        _behind_the_stamp(db_path, "DELETE FROM domains WHERE name = ?", "example.net")
+        assert server.resolve_sync("alice@example.org") == ["alice@example.org"]  # cached
+        assert server.is_local("example.net")
+        time.sleep(0.35)
+        assert server.resolve_sync("alice@example.org") is None
+        assert not server.is_local("example.net")
+
+        # A stamped change applies to the very next lookup, unknown answers included.
+        cli_side.add_user("alice@example.org", HASH)
+        assert server.resolve_sync("alice@example.org") == ["alice@example.org"]
+        cli_side.add_domain("example.net")
+        assert server.is_local("example.net")
+        cli_side.del_user("alice@example.org")
+        assert server.resolve_sync("alice@example.org") is None
+
+    stamp = Path(f"{db_path}{change_stamp.SUFFIX}")
+    assert stamp.stat().st_mode & 0o077 == 0
+
+
+def test_resolved_list_is_the_callers_own(tmp_path: Path) -> None:
+    with SqliteDirectory(tmp_path / "postwarden.db", ("example.org",)) as d:
+        d.add_user("alice@example.org", HASH)
+        first = d.resolve_sync("alice@example.org")
+        assert first == ["alice@example.org"]
+        first.append("mallory@example.com")
+        assert d.resolve_sync("alice@example.org") == ["alice@example.org"]
+
+
+def test_unreadable_stamp_turns_the_cache_off(tmp_path: Path) -> None:
+    db_path = tmp_path / "postwarden.db"
+    Path(f"{db_path}{change_stamp.SUFFIX}").mkdir()  # neither readable nor writable as a file
+    logged = io.StringIO()
+    old_stream = logmod._sink.stream
+    logmod.configure(stream=logged)
+    try:
+        with SqliteDirectory(db_path, ("example.org",)) as cli_side:
+            cli_side.add_user("alice@example.org", HASH)  # the stamp fails; the change stands
+    finally:
+        logmod.configure(stream=old_stream)
+    assert "change_stamp_failed" in logged.getvalue()
+    with SqliteDirectory(db_path, ("example.org",)) as server:
+        assert server.resolve_sync("alice@example.org") == ["alice@example.org"]
+        _behind_the_stamp(db_path, "DELETE FROM accounts WHERE address = ?",
+                          "alice@example.org")
+        assert server.resolve_sync("alice@example.org") is None  # read from the file
+
+
+def test_answer_computed_across_a_change_is_not_kept(tmp_path: Path) -> None:
+    """A lookup that overlaps a writer's commit keeps its answer under the
+    token read before it, so the writer's stamp retires it."""
+    stamp = change_stamp.ChangeStamp(tmp_path / "x.db")
+    cache: change_stamp.StampedCache[int] = change_stamp.StampedCache(stamp)
+    calls = []
+
+    def racing() -> int:
+        calls.append(1)
+        stamp.bump()  # the writer commits and stamps while we query
+        return len(calls)
+
+    assert cache.get("k", racing) == 1
+    assert cache.get("k", lambda: 2) == 2  # not served: 1 was computed before the stamp
+    assert cache.get("k", lambda: 3) == 2  # this one stands: no change since
+
+
+def test_stamp_file_replaced_by_hand_is_noticed_within_max_age(tmp_path: Path) -> None:
+    now = [1000.0]
+    stamp = change_stamp.ChangeStamp(tmp_path / "x.db", clock=lambda: now[0])
+    assert stamp.read() == b""  # no change stamped yet
+    stamp.bump()
+    first = stamp.read()
+    assert first and stamp.read() == first
+    stamp.bump()
+    second = stamp.read()
+    assert second not in (b"", first)  # changed in place: seen at once
+
+    Path(stamp.path).unlink()  # by hand; the next writer creates a new file
+    stamp.bump()
+    assert stamp.read() == second  # the reader still holds the old file
+    now[0] += change_stamp.MAX_AGE
+    third = stamp.read()
+    assert third not in (b"", second)
+    stamp.close()

@@ -39,6 +39,7 @@ from typing import Any
 import asyncpg
 
 from postwarden.observe.log import get_logger
+from postwarden.storage import change_stamp
 from postwarden.storage.pg_replica import VersionedReplica
 from postwarden.storage.pg_schema import prepare, quote_ident
 from postwarden.storage.settings import StorageSettings
@@ -176,7 +177,7 @@ class DirectoryEdit(SqliteDirectory):
             self._loop.close()
             with contextlib.suppress(Exception):
                 super().close()
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", change_stamp.SUFFIX):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{self._path}{suffix}")
 

@@ -14,10 +14,11 @@ argon2id-hashed like account passwords, at most
 account is deleted.
 
 Local domains are the union of the config file's ``domains`` and the
-``domains`` table.  Lookups fold addresses to lower case.  There is no
-cache: every lookup reads the database (WAL mode, so reads never wait for
-the CLI's writes), hence a running server sees ``postwarden user add`` at
-once.
+``domains`` table.  Lookups fold addresses to lower case.  The answers of
+``is_local`` and ``resolve`` are cached per process, and every write stamps
+a change after its commit (:mod:`postwarden.storage.change_stamp`), so a
+running server still sees ``postwarden user add`` at once: the cache spares
+the re-reading of pages that SQLite drops whenever the queue commits.
 
 Resolution (``resolve``), after Postfix's virtual alias maps:
 
@@ -39,13 +40,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from postwarden.envelope import Address
 from postwarden.observe.log import get_logger
 from postwarden.storage.base import Account, Alias, StorageError
+from postwarden.storage.change_stamp import ChangeStamp, StampedCache
 from postwarden.storage.sqlite_shared import SharedTables
 
 SCHEMA_VERSION = 2
@@ -203,7 +206,27 @@ class SqliteDirectory(SharedTables):
     def __init__(self, db_path: Path, config_domains: Iterable[str] = ()) -> None:
         self.config_domains: tuple[str, ...] = tuple(
             d.lower().removesuffix(".") for d in config_domains)
+        # Not stamped: the schema migration at open (it changes no answer).
+        self._stamp: ChangeStamp | None = None
         super().__init__(db_path)
+        self._stamp = ChangeStamp(db_path)
+        self._domains: StampedCache[bool] = StampedCache(self._stamp)
+        self._resolved: StampedCache[tuple[str, ...] | None] = StampedCache(self._stamp)
+
+    def close(self) -> None:
+        super().close()
+        if self._stamp is not None:
+            self._stamp.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, stamped as a change once committed."""
+        with super()._write() as db:
+            yield db
+        if self._stamp is not None:
+            self._domains.clear()  # this process's own change: at once
+            self._resolved.clear()
+            self._stamp.bump()
 
     def _upgrade(self, db: sqlite3.Connection) -> None:
         columns = {str(r[1]) for r in db.execute("PRAGMA table_info(accounts)")}
@@ -217,7 +240,8 @@ class SqliteDirectory(SharedTables):
         domain = domain.lower().removesuffix(".")
         if domain in self.config_domains:
             return True
-        return bool(self._query("SELECT 1 FROM domains WHERE name = ?", (domain,)))
+        return self._domains.get(domain, lambda: bool(
+            self._query("SELECT 1 FROM domains WHERE name = ?", (domain,))))
 
     def find_account(self, address: str) -> Account | None:
         rows = self._query(
@@ -239,11 +263,15 @@ class SqliteDirectory(SharedTables):
     def resolve_sync(self, address: str) -> list[str] | None:
         """Final addresses for ``address`` (see module docstring), or ``None``."""
         key = normalize(address)
+        found = self._resolved.get(key, lambda: self._resolve(key))
+        return None if found is None else list(found)
+
+    def _resolve(self, key: str) -> tuple[str, ...] | None:
         if not self.is_local(_domain_of(key)):
             return None
         out: list[str] = []
         self._expand(key, 0, set(), out)
-        return _dedupe(out) or None
+        return tuple(_dedupe(out)) or None
 
     def _expand(self, key: str, depth: int, seen: set[str], out: list[str]) -> None:
         """Append the final addresses of local ``key`` to ``out``."""
