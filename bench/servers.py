@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from bench import procs
@@ -482,7 +482,9 @@ class PostwardenServer:
 
     def __init__(self, workdir: Path, mode: str, template: Path, dns_port: int,
                  sink_port: int | None = None, log_level: str | None = None,
-                 checks: bool = True) -> None:
+                 checks: bool = True, wrapper: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None,
+                 settings: Sequence[tuple[str, str, str]] = ()) -> None:
         self.workdir = workdir
         self.mode = mode
         self.template = template
@@ -490,6 +492,12 @@ class PostwardenServer:
         self.sink_port = sink_port
         self.log_level = log_level
         self.checks = checks
+        # ``wrapper``: a command that runs ``postwarden serve`` (valgrind, a
+        # profiler); ``env``: its environment; ``settings``: (table, key,
+        # TOML value) set last ("" as table: a top-level key).
+        self.wrapper = list(wrapper)
+        self.env = dict(env) if env is not None else None
+        self.settings = list(settings)
         self.port = free_port()
         self.cfg = workdir / "postwarden.toml"
         self.pgid: int | None = None
@@ -522,15 +530,21 @@ class PostwardenServer:
         elif self.mode == "relay":
             text = toml_set(text, "transports", '"sink.test"',
                             f'"smtp:[{HOST}]:{self.sink_port}"')
+        for table, key, value in self.settings:
+            if table:
+                text = toml_set(text, table, key, value)
+            else:  # top-level keys come before the first table
+                text = f"{key} = {value}  # set by bench/\n{text}"
         self.cfg.write_text(text)
 
-    def start(self) -> PostwardenServer:
+    def start(self, timeout: float = START_TIMEOUT,
+              settled_cpu: float = SETTLED_CPU) -> PostwardenServer:
         self._configure()
         with (self.workdir / "serve.out").open("wb") as out:
             self.proc = subprocess.Popen(
-                [*postwarden_cmd(), "-c", str(self.cfg), "serve"], stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=raise_nofile)
+                [*self.wrapper, *postwarden_cmd(), "-c", str(self.cfg), "serve"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=raise_nofile, env=self.env)
         self.pgid = self.proc.pid
         STARTED.add(self.pgid)
 
@@ -540,7 +554,7 @@ class PostwardenServer:
                                  f"{self.log_tail()}")
             return (greeting(self.port) or b"").startswith(b"220")
 
-        if not wait_until(ready, START_TIMEOUT):
+        if not wait_until(ready, timeout):
             self.stop()
             raise BenchError(f"postwarden does not greet on port {self.port}:\n"
                              f"{self.log_tail()}")
@@ -551,7 +565,7 @@ class PostwardenServer:
         # of all of them for as long.  So wait until every process exists and
         # the server has gone idle (whatever its log level).
         want = self.expected_processes()
-        if not wait_until(lambda: self.settled(want), START_TIMEOUT, 0):
+        if not wait_until(lambda: self.settled(want, settled_cpu), timeout, 0):
             self.stop()
             raise BenchError(f"postwarden did not settle with {want} processes:\n"
                              f"{self.log_tail()}")
@@ -562,14 +576,14 @@ class PostwardenServer:
         setting = tomllib.loads(self.cfg.read_text()).get("processes", "auto")
         return process_count(setting if isinstance(setting, int) else 0)
 
-    def settled(self, want: int) -> bool:
+    def settled(self, want: int, settled_cpu: float = SETTLED_CPU) -> bool:
         """``want`` processes run, and together they used less than
-        SETTLED_CPU seconds of CPU over the last SETTLE_WINDOW seconds."""
+        ``settled_cpu`` seconds of CPU over the last SETTLE_WINDOW seconds."""
         assert self.pgid is not None
         before = procs.group_cpu(self.pgid)
         time.sleep(SETTLE_WINDOW)
         return (len(procs.live_members(self.pgid)) >= want
-                and procs.group_cpu(self.pgid) - before < SETTLED_CPU)
+                and procs.group_cpu(self.pgid) - before < settled_cpu)
 
     def stop(self) -> None:
         pgid, self.pgid = self.pgid, None
