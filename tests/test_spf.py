@@ -509,3 +509,60 @@ def test_the_at_once_entry_points_answer_only_from_the_cache() -> None:
     assert got is not None and got.result == "none"
     with pytest.raises(ValueError):
         spf.check_helo_cached("not-an-ip", "h.test", CachedZoneDns(zone))
+
+
+class ExpiringDns(CachedZoneDns):
+    """Every answer cached, until ``expires`` (monotonic time) per name; the
+    lookups of the cache are counted."""
+
+    def __init__(self, zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None],
+                 expires: dict[str, float]) -> None:
+        super().__init__(zone)
+        self.expires = expires
+        self.looked_up = 0
+
+    def cached(self, name: str, rdtype: str) -> CachedAnswer | None:
+        self.looked_up += 1
+        hit = super().cached(name, rdtype)
+        assert hit is not None
+        return CachedAnswer(self.expires.get(name.lower().rstrip("."), time.monotonic() + 600),
+                            hit.answer, hit.secure, hit.nxdomain)
+
+
+def test_an_answer_from_the_cache_is_kept_while_its_dns_answers_live() -> None:
+    """The same sender from the same address is evaluated once while every
+    DNS answer it read lives; then again, with what the DNS says now."""
+    zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None] = {
+        ("keep.test", "TXT"): [_rr("TXT", '"v=spf1 include:inc.test ~all"')],
+        ("inc.test", "TXT"): [_rr("TXT", '"v=spf1 ip4:192.0.2.0/24 -all"')]}
+    dns_query = ExpiringDns(zone, {"inc.test": time.monotonic() + 0.3})
+
+    def check(ip: str = "192.0.2.1", sender: str = "u@keep.test") -> spf.SpfResult | None:
+        return spf.check_mail_from_cached(ip, sender, "h.test", dns_query, receiver="mx.test")
+
+    first = check()
+    assert first is not None and first.result == "pass"
+    read = dns_query.looked_up
+    assert read >= 2
+    assert check() == first and dns_query.looked_up == read  # kept
+    other = check(ip="198.51.100.7")  # another client: its own evaluation
+    assert other is not None and other.result == "softfail"
+    assert dns_query.looked_up > read
+
+    zone[("inc.test", "TXT")] = [_rr("TXT", '"v=spf1 ip4:198.51.100.0/24 -all"')]
+    assert check() == first  # the old answer of inc.test still lives
+    time.sleep(0.35)
+    again = check()
+    assert again is not None and again.result == "softfail"  # read afresh
+
+
+def test_a_fail_is_evaluated_every_time() -> None:
+    """A "fail" carries an explanation, which may hold the time (%{t})."""
+    zone: dict[tuple[str, str], list[dns.rdata.Rdata] | None] = {
+        ("deny.test", "TXT"): [_rr("TXT", '"v=spf1 -all"')]}
+    dns_query = ExpiringDns(zone, {})
+    for _ in range(2):
+        before = dns_query.looked_up
+        result = spf.check_mail_from_cached("192.0.2.1", "u@deny.test", "h.test", dns_query)
+        assert result is not None and result.result == "fail"
+        assert dns_query.looked_up > before

@@ -197,13 +197,41 @@ def check_host_cached(ip: str, domain: str, sender: str, helo: str, resolver: Dn
                                                                         None)
     if cached is None:
         return None
+    key = (resolver, ip, name, sender, helo, receiver, limits)
+    now = time.monotonic()
+    known = _results.get(key)
+    if known is not None and now < known[0]:
+        return known[1]
+    # The evaluation's result holds as long as every answer it read does.
+    expires = [float("inf")]
+
+    def tracked(qname: str, rdtype: str) -> CachedAnswer | None:
+        hit = cached(qname, rdtype)
+        if hit is not None and hit.expires < expires[0]:
+            expires[0] = hit.expires
+        return hit
+
     local, sender_domain = _sender_parts(sender)
     try:
-        return _run_at_once(_evaluate(
+        result = _run_at_once(_evaluate(
             _Evaluator(addr, local, sender_domain, helo, resolver, limits,
-                       receiver, clock, cached=cached), name, ip, timeout, None))
+                       receiver, clock, cached=tracked), name, ip, timeout, None))
     except _NotCached:
         return None  # some answer is not cached: the evaluation that waits
+    # A "fail" is not kept: its explanation may carry the time (%{t}, RFC
+    # 7208 7.3).
+    if result.result != "fail" and now < expires[0] < float("inf"):
+        if len(_results) >= RESULTS_MAX:
+            _results.clear()
+        _results[key] = (expires[0], result)
+    return result
+
+
+# check_host_cached's results, kept until the first of the DNS answers that
+# made them expires: the same sender from the same address keeps coming
+# (mailing lists, bulk senders), and each evaluation otherwise runs again.
+RESULTS_MAX = 10_000
+_results: dict[tuple[object, ...], tuple[float, SpfResult]] = {}
 
 
 def check_mail_from_cached(ip: str, mail_from: str, helo: str, resolver: DnsQuery, *,
