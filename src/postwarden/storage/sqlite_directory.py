@@ -224,7 +224,8 @@ class SqliteDirectory(SharedTables):
         with super()._write() as db:
             yield db
         if self._stamp is not None:
-            self._domains.clear()  # this process's own change: at once
+            # This process sees its own change even if the stamp fails.
+            self._domains.clear()
             self._resolved.clear()
             self._stamp.bump()
 
