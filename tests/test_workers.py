@@ -4,6 +4,7 @@ workers queued, and the workers live and die with it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
@@ -35,8 +36,8 @@ def start(tmp_path: Path, cert_files: tuple[Path, Path], dns: Any, extra: str = 
 
 class Paused:
     """The main process stopped (SIGSTOP) for a while: connections go to the
-    worker.  (An idle main process wins every accept race; under load the
-    busy one leaves the next connection to the others.)"""
+    worker, once it sees that the main process takes none (smtp/steering.py:
+    an idle main process is left every new connection)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -129,10 +130,45 @@ def test_sighup_reloads_the_certificate_in_every_process(
         ctx = ssl.create_default_context()
         new_ca.configure_trust(ctx)
         # Whichever process takes the connection serves the new certificate.
-        for _ in range(20):
-            with smtplib.SMTP("127.0.0.1", ports[1], timeout=10) as client:
-                client.starttls(context=ctx)
-                client.login(ALICE, PASSWORD)
+        (worker,) = children(svc.proc.pid)
+        for paused in (False, True):
+            with contextlib.ExitStack() as stack:
+                if paused:
+                    stack.enter_context(Paused(svc.proc.pid))
+                with smtplib.SMTP("127.0.0.1", ports[1], timeout=10) as client:
+                    client.starttls(context=ctx)
+                    client.login(ALICE, PASSWORD)
+        assert set(session_pids(log).values()) == {svc.proc.pid, worker}
+    finally:
+        assert svc.stop() == 0
+
+
+def test_an_idle_main_process_serves_one_client_alone_and_shares_when_busy(
+        tmp_path: Path, cert_files: tuple[Path, Path], loopback_dns: Any) -> None:
+    # One client's sessions one after another stay in one process (its
+    # caches warm), however many processes there are.
+    svc, ports, _cfg, log = start(tmp_path, cert_files, loopback_dns)
+    try:
+        (worker,) = children(svc.proc.pid)
+        probes = set(session_pids(log))  # the start-up's readiness probes
+
+        def pids() -> list[int]:
+            return [pid for session, pid in session_pids(log).items() if session not in probes]
+
+        for _ in range(30):  # (no mail: a delivery would count as load too)
+            with smtplib.SMTP("127.0.0.1", ports[0], timeout=10) as client:
+                assert client.noop()[0] == 250
+        assert wait_for(lambda: len(pids()) == 30)
+        assert set(pids()) == {svc.proc.pid}
+        # With sessions open in the main process, new ones are shared.
+        held = [greet(ports[0]) for _ in range(2)]
+        for _ in range(40):
+            held.append(greet(ports[0]))
+            if wait_for(lambda: worker in pids(), timeout=0.2):
+                break
+        assert worker in pids()
+        for s in held:
+            s.close()
     finally:
         assert svc.stop() == 0
 

@@ -58,6 +58,7 @@ from postwarden.queue import handover
 from postwarden.queue.runner import HandOver, QueueRunner
 from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
+from postwarden.smtp.steering import MainLoad, WorkerAcceptor
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
 from postwarden.storage.base import QueuedMessage
@@ -103,6 +104,14 @@ class Server:
         self.processes = processes
         self.worker = worker
         self.conn_table = conn_table
+        # Which process takes a new connection (smtp/steering.py): the main
+        # process publishes its load, a worker accepts by it.
+        self.load: MainLoad | None = None
+        self.acceptor: WorkerAcceptor | None = None
+        if worker is not None:
+            self.acceptor = WorkerAcceptor(worker.steering_fd)
+        elif processes > 1:
+            self.load = MainLoad()
         self.listeners: list[Listener] = []
         self.runner: QueueRunner | None = None
         self.store: AnyQueueStore | None = None
@@ -254,6 +263,8 @@ class Server:
             self.runner = QueueRunner(self.store, router, measured, cfg.queue,
                                       hostname=cfg.hostname)
             self.runner.on_results.append(metrics_mod.residence_hook(metrics))
+            if self.load is not None:
+                self.runner.on_load = self.load.delivering
             await self.runner.start()
         if self.worker is None:
             self.control = ControlServer(cfg.data_dir, self.wake)
@@ -265,7 +276,8 @@ class Server:
                     continue
                 if self.worker is not None and lc.name not in inherited:
                     continue
-                lst = Listener(lc, ctx, inherited.get(lc.name))
+                lst = Listener(lc, ctx, inherited.get(lc.name), acceptor=self.acceptor,
+                               load=self.load)
                 await lst.start()
                 self.listeners.append(lst)
         except OSError as exc:
@@ -437,7 +449,9 @@ async def _run(config: Config, worker: WorkerArgs | None) -> int:
             pool = WorkerPool(config.path, processes - 1,
                               {lst.config.name: lst.fds for lst in server.listeners},
                               server.wake, grace=SHUTDOWN_GRACE, table=table,
-                              table_fd=table_fd, on_exit=metrics_mod.process_dead,
+                              table_fd=table_fd,
+                              steering_fd=server.load.fd if server.load else -1,
+                              on_exit=metrics_mod.process_dead,
                               on_message=server.hand_over)
             await pool.start()
         for sig in (signal.SIGTERM, signal.SIGINT):

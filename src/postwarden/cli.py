@@ -184,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from postwarden.workers import WorkerArgs
 
         worker = WorkerArgs.decode(args.worker, args.notify_fd, args.worker_slot,
-                                   args.table_fd, args.main_pid)
+                                   args.table_fd, args.main_pid, args.steering_fd)
     status: int = serve(cfg, worker)
     return status
 
@@ -425,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
     serve.add_argument("--table-fd", type=int, default=-1, help=argparse.SUPPRESS)
     serve.add_argument("--main-pid", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--steering-fd", type=int, default=-1, help=argparse.SUPPRESS)
     sub.add_parser("check-config", help="validate the config file").set_defaults(
         func=cmd_check_config)
 

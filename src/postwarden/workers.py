@@ -9,8 +9,11 @@ process and N - 1 workers:
   restarts one that dies, forwards SIGHUP (certificate and access list
   reload) and stops them on shutdown.
 * A worker inherits the listening sockets and runs sessions only.  All
-  processes accept on the same sockets: the kernel hands a new connection to
-  whichever process asks first, so a busy process does not take the next one.
+  processes accept on the same sockets, the workers only while the main
+  process is busy or stuck (:mod:`postwarden.smtp.steering`): at low load
+  one process serves a client's consecutive sessions; under load the
+  kernel hands a new connection to whichever process asks first, so a busy
+  process does not take the next one.
 * Workers commit to the same queue database (SQLite in WAL mode: writers
   take its lock in turn, each process group-commits what arrived meanwhile).
   After a commit a worker writes the message on its pipe to the main
@@ -88,22 +91,23 @@ class WorkerArgs:
     slot: int
     table_fd: int  # the shared connection counts (connection_table)
     main_pid: int
+    steering_fd: int  # the main process's load (postwarden.smtp.steering)
 
     def encode(self) -> list[str]:
         fds = ";".join(f"{name}={','.join(map(str, fds))}"
                        for name, fds in self.sockets.items())
         return ["--worker", fds, "--notify-fd", str(self.notify_fd),
                 "--worker-slot", str(self.slot), "--table-fd", str(self.table_fd),
-                "--main-pid", str(self.main_pid)]
+                "--main-pid", str(self.main_pid), "--steering-fd", str(self.steering_fd)]
 
     @staticmethod
-    def decode(fds: str, notify_fd: int, slot: int, table_fd: int, main_pid: int
-               ) -> WorkerArgs:
+    def decode(fds: str, notify_fd: int, slot: int, table_fd: int, main_pid: int,
+               steering_fd: int) -> WorkerArgs:
         sockets: dict[str, list[int]] = {}
         for part in filter(None, fds.split(";")):
             name, _, numbers = part.partition("=")
             sockets[name] = [int(n) for n in numbers.split(",") if n]
-        return WorkerArgs(sockets, notify_fd, slot, table_fd, main_pid)
+        return WorkerArgs(sockets, notify_fd, slot, table_fd, main_pid, steering_fd)
 
     def adopt(self) -> dict[str, list[socket.socket]]:
         return {name: [socket.socket(fileno=fd) for fd in fds]
@@ -134,7 +138,7 @@ class WorkerPool:
 
     def __init__(self, config_path: Path, count: int,
                  sockets: dict[str, list[int]], on_commit: Callable[[], None],
-                 grace: float, table: ConnectionTable, table_fd: int,
+                 grace: float, table: ConnectionTable, table_fd: int, steering_fd: int,
                  on_exit: Callable[[int], None] | None = None,
                  on_message: Callable[[QueuedMessage], None] | None = None) -> None:
         """``on_message``: a message a worker committed (see
@@ -142,6 +146,7 @@ class WorkerPool:
         self.config_path = config_path
         self.table = table
         self.table_fd = table_fd
+        self.steering_fd = steering_fd
         self.count = count
         self.sockets = sockets
         self.on_commit = on_commit
@@ -165,8 +170,9 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         fds = self.sockets
-        args = WorkerArgs(fds, write_fd, slot, self.table_fd, os.getpid())
-        inherited = [fd for group in fds.values() for fd in group] + [write_fd, self.table_fd]
+        args = WorkerArgs(fds, write_fd, slot, self.table_fd, os.getpid(), self.steering_fd)
+        inherited = [fd for group in fds.values() for fd in group] + [
+            write_fd, self.table_fd, self.steering_fd]
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "postwarden", "-c", str(self.config_path), "serve",

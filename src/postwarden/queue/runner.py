@@ -112,6 +112,9 @@ class QueueRunner:
         self.notifier = Notifier(store, config, hostname=hostname)
         # Called on the loop after each message's results are recorded.
         self.on_results: list[ResultHook] = []
+        # Told +1 when a delivery starts and -1 when it ends (the main
+        # process's load, smtp/steering.py).
+        self.on_load: Callable[[int], None] | None = None
         self._wake = asyncio.Event()
         # Checked once: isinstance() against a Protocol walks its attributes.
         self._leasing = isinstance(store, LeasingStore)
@@ -243,9 +246,13 @@ class QueueRunner:
         task = asyncio.create_task(self._deliver_message(msg), name=f"deliver-{msg.queue_id}")
         self._in_flight[msg.queue_id] = task
         task.add_done_callback(functools.partial(self._done, msg.queue_id))
+        if self.on_load is not None:
+            self.on_load(1)
 
     def _done(self, queue_id: str, task: asyncio.Task[bool]) -> None:
         self._in_flight.pop(queue_id, None)
+        if self.on_load is not None:
+            self.on_load(-1)
         if self._handed:
             self._remember(queue_id)
         if task.cancelled():

@@ -14,38 +14,52 @@ the session starts, with the handshake timeout from :mod:`postwarden.limits`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
+from collections.abc import Callable
 
 from postwarden.config import ListenerConfig
 from postwarden.observe.log import get_logger
 from postwarden.smtp.connection import SessionIO
 from postwarden.smtp.session import ServerContext, Session
+from postwarden.smtp.steering import MainLoad, WorkerAcceptor
 
 log = get_logger("listener")
 
 
 class Listener:
     """``sockets``: listening sockets bound by another process (a worker's,
-    see :mod:`postwarden.workers`) to accept on instead of binding."""
+    see :mod:`postwarden.workers`) to accept on, through ``acceptor``,
+    instead of binding.  ``load``: the main process's, when it has workers
+    (its sessions count; see :mod:`postwarden.smtp.steering`)."""
 
     def __init__(self, config: ListenerConfig, ctx: ServerContext,
-                 sockets: list[socket.socket] | None = None) -> None:
+                 sockets: list[socket.socket] | None = None, *,
+                 acceptor: WorkerAcceptor | None = None,
+                 load: MainLoad | None = None) -> None:
         self.config = config
         self.ctx = ctx
         self.inherited = sockets
+        self.acceptor = acceptor
+        self.load = load
         self.servers: list[asyncio.Server] = []
+        self.attached: list[socket.socket] = []  # accepted on through ``acceptor``
         self.sessions: set[asyncio.Task[None]] = set()
+        self._connecting: set[asyncio.Task[object]] = set()
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [*(s for srv in self.servers for s in srv.sockets), *self.attached]
 
     @property
     def fds(self) -> list[int]:
         """The listening sockets' descriptors (to hand to worker processes)."""
-        return [s.fileno() for srv in self.servers for s in srv.sockets]
+        return [s.fileno() for s in self.sockets]
 
     @property
     def bound(self) -> list[tuple[str, int]]:
-        return [(str(s.getsockname()[0]), int(s.getsockname()[1]))
-                for srv in self.servers for s in srv.sockets]
+        return [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self.sockets]
 
     @property
     def port(self) -> int:
@@ -65,7 +79,12 @@ class Listener:
         def factory() -> SessionIO:
             return SessionIO(self._connected)
 
-        if self.inherited is not None:
+        if self.inherited is not None and self.acceptor is not None:
+            for sock in self.inherited:
+                self.acceptor.attach(sock, functools.partial(
+                    self._accepted, factory, tls_context, handshake_timeout))
+                self.attached.append(sock)
+        elif self.inherited is not None:
             for sock in self.inherited:
                 self.servers.append(await loop.create_server(
                     factory, sock=sock, backlog=1024, ssl=tls_context,
@@ -77,10 +96,35 @@ class Listener:
         log.info("listening", listener=self.config.name, mode=self.config.mode,
                  addresses=[f"{h}:{p}" for h, p in self.bound])
 
+    def _accepted(self, factory: Callable[[], SessionIO], tls_context: ssl.SSLContext | None,
+                  handshake_timeout: float | None, conn: socket.socket) -> None:
+        """A connection the worker's acceptor took: make its transport (and
+        TLS, for implicit TLS) as asyncio's server would."""
+        loop = asyncio.get_running_loop()
+        task: asyncio.Task[object] = loop.create_task(loop.connect_accepted_socket(
+            factory, conn, ssl=tls_context, ssl_handshake_timeout=handshake_timeout))
+        self._connecting.add(task)
+        task.add_done_callback(self._transport_made)
+
+    def _transport_made(self, task: asyncio.Task[object]) -> None:
+        self._connecting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # A failed TLS handshake, or a client gone at once: the
+            # transport closed the connection.
+            log.debug("connection_failed", listener=self.config.name,
+                      error=f"{type(exc).__name__}: {exc}")
+
     def _connected(self, io: SessionIO) -> None:
         task = asyncio.get_running_loop().create_task(self._session(io))
         self.sessions.add(task)
+        if self.load is not None:
+            self.load.accepted()
+            task.add_done_callback(self._session_ended)
         task.add_done_callback(self.sessions.discard)
+
+    def _session_ended(self, _task: asyncio.Task[None]) -> None:
+        assert self.load is not None
+        self.load.session_ended()
 
     async def _session(self, io: SessionIO) -> None:
         # No TCP_NODELAY here: asyncio's and uvloop's TCP transports set it
@@ -95,6 +139,13 @@ class Listener:
         """Stop accepting new connections."""
         for srv in self.servers:
             srv.close()
+        if self.acceptor is not None:
+            attached, self.attached = self.attached, []
+            for sock in attached:
+                self.acceptor.detach(sock)
+                sock.close()
+        for task in self._connecting:
+            task.cancel()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let sessions finish for ``grace`` seconds, then cancel."""
