@@ -90,9 +90,9 @@ class MainLoad:
     def delivering(self, n: int) -> None:
         """A delivery began (+1) or ended (-1).  One delivery in flight makes
         the main process busy by itself: the sessions it would take share
-        its core with the deliveries, while a worker's core is free.
-        Measured at one session relaying to smtp-sink, sessions shared this
-        way went faster (422 msg/s) than kept in the main process (387)."""
+        its core with the deliveries, while a worker's core is free (at one
+        session relaying, the worker taking the sessions is the fastest
+        split; docs/performance.md)."""
         self.change(n * BUSY_AT)
 
 
