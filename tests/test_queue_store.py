@@ -285,6 +285,32 @@ def test_a_failing_commit_does_not_sink_the_others_of_its_batch(tmp_path: Path,
     run(main)
 
 
+def test_a_body_read_back_before_its_end_still_gets_the_rest(
+        tmp_path: Path, backend: Backend) -> None:
+    # In memory, then spilled: what was read back is not what is kept, and
+    # a buffer the writer changes after writing is not what is kept either.
+    async def main() -> None:
+        store = await backend.open(tmp_path, inline_max=3000)
+        body = store.new_body()
+        chunk = bytearray(b"a" * 1000)
+        body.write(chunk)
+        chunk[:] = b"b" * 1000  # the caller reuses its buffer
+        body.write(b"c" * 500)
+        assert body.read_back() == b"a" * 1000 + b"c" * 500
+        body.write(b"d" * 500)
+        assert body.read_back() == b"a" * 1000 + b"c" * 500 + b"d" * 500
+        assert spool_files(tmp_path) == []
+        body.write(b"e" * 2000)  # beyond inline_max: to a spool file
+        assert len(spool_files(tmp_path)) == 1
+        whole = b"a" * 1000 + b"c" * 500 + b"d" * 500 + b"e" * 2000
+        assert body.read_back() == whole
+        queue_id = await store.commit(body, envelope(), PREPEND, CommitMeta())
+        assert await read_all(store, queue_id) == PREPEND + whole
+        await store.close()
+
+    run(main)
+
+
 def test_abort_removes_spool_file(tmp_path: Path, backend: Backend) -> None:
     async def main() -> None:
         store = await backend.open(tmp_path, inline_max=1000)

@@ -524,18 +524,24 @@ class Session:
                 tx.body = None
             return
         if not tx.head_done:
+            if not tx.head and (end := _header_end(data)) >= 0:
+                # The usual case: the whole header block in the first chunk.
+                self._release_head(tx, data, end)
+                return
             tx.head += data
             end = _header_end(tx.head)
             if end < 0 and len(tx.head) < HEADER_SCAN_MAX:
                 return
-            data = self._release_head(tx, len(tx.head) if end < 0 else end)
+            head, tx.head = bytes(tx.head), bytearray()
+            self._release_head(tx, head, len(head) if end < 0 else end)
+            return
         self._write_body(tx, data)
 
-    def _release_head(self, tx: _Transaction, end: int) -> bytes:
-        """The header block is complete: drop forged Authentication-Results
-        claiming our name (RFC 8601 5) and return what is to be written."""
-        head, rest = bytes(tx.head[:end]), bytes(tx.head[end:])
-        tx.head = bytearray()
+    def _release_head(self, tx: _Transaction, data: bytes, end: int) -> None:
+        """The header block, ``data[:end]``, is complete: drop forged
+        Authentication-Results claiming our name (RFC 8601 5) and write it,
+        then the rest of ``data``."""
+        head, rest = data[:end], data[end:]
         tx.head_done = True
         tx.original_head = head
         cleaned, removed = authresults.remove_forged(head, self.cfg.hostname)
@@ -543,7 +549,8 @@ class Session:
             log.info("forged_authresults_removed", session=self.conn.session_id,
                      count=removed)
         tx.cleaned_len = len(cleaned)
-        return cleaned + rest
+        self._write_body(tx, cleaned)
+        self._write_body(tx, rest)
 
     def _write_body(self, tx: _Transaction, data: bytes) -> None:
         if not data:
@@ -596,7 +603,8 @@ class Session:
         if error is not None or tx.body is None:
             return self._reject_content(tx, error or R.TEMP_FAILURE, long_lines)
         if not tx.head_done:  # the message ended inside its header block
-            self._write_body(tx, self._release_head(tx, len(tx.head)))
+            head, tx.head = bytes(tx.head), bytearray()
+            self._release_head(tx, head, len(head))
             error = self._content_error(tx, long_lines)
             if error is not None or tx.body is None:
                 return self._reject_content(tx, error or R.TEMP_FAILURE, long_lines)
@@ -653,7 +661,10 @@ class Session:
                 helo = None
         assert tx.body is not None
         written = await commit.written(tx.body)
-        raw = tx.original_head + written[tx.cleaned_len:]
+        # The message as received: as written, unless forged fields were
+        # dropped from its header block (that only ever shortens it).
+        raw = (written if tx.cleaned_len == len(tx.original_head)
+               else tx.original_head + written[tx.cleaned_len:])
         try:
             outcome = await authresults.authenticate(
                 raw, self.ctx.resolver, authserv_id=self.cfg.hostname,
@@ -763,7 +774,7 @@ class Session:
         await self._event(Event.AUTH_OK, username=account.address)
 
 
-def _header_end(buf: bytearray) -> int:
+def _header_end(buf: bytes | bytearray) -> int:
     """Offset just past the blank line ending the header block, or -1."""
     if buf.startswith(b"\r\n"):
         return 2
