@@ -1,0 +1,144 @@
+"""Rates of two or more variants of postwarden, alternated: A B A B ...
+
+``make bench`` compares postwarden with Postfix; this compares postwarden
+with itself, to decide whether a change is worth keeping.  A variant is a
+git revision (``.``: the working tree) and settings, e.g. ``HEAD~1
+processes=2`` against ``. processes=2``.  Each run starts a fresh server
+(bench/servers.py, the loopback DNS stub, delivery paused in ``hold``
+mode), sends ``--count`` messages with smtp-source from ``--sessions``
+sessions, waits until they are queued (``hold``) or delivered (``relay``
+to smtp-sink, ``maildir``), and records messages/s and the CPU seconds of
+the server's processes.  Runs alternate so that the machine's drift hits
+every variant alike; on these machines runs of the same code differ by
+10-30%, so read the medians and the ranges, and use
+``python -m bench.instructions`` for changes of a few percent.
+
+    python -m bench.ab --variant "HEAD~1 processes=2" --variant ". processes=2" \\
+        --mode relay --sessions 1 --count 2000 --runs 4
+
+Loopback only, as the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import disk, dnsstub, procs, servers
+from bench.instructions import smtp_source, source_tree
+
+
+@dataclass
+class Variant:
+    label: str
+    rev: str
+    settings: list[tuple[str, str, str]]
+    rates: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def parse(text: str) -> Variant:
+        """``REV [TABLE.KEY=VALUE ...]`` (a top-level key has no table)."""
+        words = text.split()
+        if not words:
+            raise ValueError("empty: give a revision ('.' for the working tree)")
+        rev, *items = words
+        settings = []
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} is not TABLE.KEY=VALUE")
+            table, _, key = name.rpartition(".")
+            settings.append((table, key, value))
+        return Variant(text, rev, settings)
+
+
+def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns_port: int,
+            variant: Variant, src: Path, workdir: Path) -> tuple[float, float]:
+    """messages/s and CPU milliseconds per message of one run."""
+    sink = servers.Sink(workdir / "sink", tools["smtp-sink"]).start() \
+        if args.mode == "relay" else None
+    server = servers.PostwardenServer(
+        workdir / "postwarden", args.mode, template, dns_port,
+        sink_port=sink.port if sink else None, env={**os.environ, "PYTHONPATH": str(src)},
+        settings=variant.settings)
+    try:
+        server.start()
+        assert server.pgid is not None
+        cpu = procs.group_cpu(server.pgid)
+        start = time.monotonic()
+        smtp_source(tools, server.port, servers.RCPT[args.mode], args.count, args.sessions,
+                    args.size)
+        if args.mode != "hold":
+            count = sink.count if sink is not None else server.delivered
+            if not servers.wait_until(lambda: count() >= args.count, args.timeout, 0.02):
+                raise servers.BenchError(f"only {count()} of {args.count} messages arrived")
+        seconds = time.monotonic() - start
+        cpu = procs.group_cpu(server.pgid) - cpu
+        return args.count / seconds, cpu / args.count * 1000
+    finally:
+        server.stop()
+        if sink is not None:
+            sink.stop()
+
+
+def main() -> int:
+    doc = __doc__ or ""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--variant", action="append", default=[], metavar='"REV [T.K=V ...]"',
+                    help="a revision and settings; repeat (two at least)")
+    ap.add_argument("--mode", choices=("hold", "relay", "maildir"), default="hold")
+    ap.add_argument("--count", type=int, default=2000, help="messages per run")
+    ap.add_argument("--sessions", type=int, default=1)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--runs", type=int, default=3, help="runs of each variant")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for delivery")
+    args = ap.parse_args()
+    try:
+        variants = [Variant.parse(v) for v in args.variant]
+    except ValueError as exc:
+        print(f"bench.ab: --variant: {exc}", file=sys.stderr)
+        return 2
+    if len(variants) < 2:
+        print("bench.ab: give two --variant at least", file=sys.stderr)
+        return 2
+    tools = servers.ensure_postfix(install=False)
+    dns = dnsstub.DnsStub().start()
+    try:
+        with disk.workspace("tmp", "ab") as root:
+            root.chmod(0o711)
+            template = servers.make_postwarden_template(root / "template")
+            trees = {rev: source_tree(rev, root / "trees")
+                     for rev in dict.fromkeys(v.rev for v in variants)}
+            for n in range(args.runs):
+                for i, v in enumerate(variants):
+                    rate, cpu_ms = one_run(args, tools, template, dns.port, v, trees[v.rev],
+                                           root / f"run-{i}-{n}")
+                    v.rates.append(rate)
+                    v.cpu_ms.append(cpu_ms)
+                    print(f"run {n + 1} {v.label}: {rate:,.0f} msg/s, "
+                          f"{cpu_ms:.3f} ms CPU per message", flush=True)
+    except (servers.BenchError, disk.DiskError, OSError,
+            subprocess.SubprocessError) as exc:
+        print(f"bench.ab: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        servers.stop_all()
+        dns.stop()
+    print(f"mode {args.mode}, {args.count} messages of {args.size} bytes, "
+          f"{args.sessions} session(s); median (min-max) of {args.runs} run(s):")
+    for v in variants:
+        print(f"  {v.label:32s} {statistics.median(v.rates):8,.0f} msg/s "
+              f"({min(v.rates):,.0f}-{max(v.rates):,.0f})  "
+              f"{statistics.median(v.cpu_ms):.3f} ms CPU per message")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
