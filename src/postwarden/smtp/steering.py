@@ -6,8 +6,8 @@ whichever process calls accept first; at low load that is a coin toss, so
 consecutive sessions of one client alternate between processes, and each
 process finds its SQLite page cache emptied by the other's last commit and
 its own caches cold.  Measured at one session, one message per connection:
-one process accepted 28% more messages than two, at 33% less CPU per
-message (docs/performance.md, "Which process accepts").
+one process accepted 18-28% more messages than two, with a quarter to a
+third less CPU per message (docs/performance.md, "Which process accepts").
 
 So the main process takes new connections alone while it is not busy:
 
