@@ -49,14 +49,7 @@ class Variant:
         if not words:
             raise ValueError("empty: give a revision ('.' for the working tree)")
         rev, *items = words
-        settings = []
-        for item in items:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"{item!r} is not TABLE.KEY=VALUE")
-            table, _, key = name.rpartition(".")
-            settings.append((table, key, value))
-        return Variant(text, rev, settings)
+        return Variant(text, rev, [servers.parse_setting(item) for item in items])
 
 
 def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns_port: int,

@@ -93,11 +93,7 @@ def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path,
     sink = servers.Sink(workdir / "sink", tools["smtp-sink"]).start() \
         if args.mode == "relay" else None
     env = {**os.environ, "PYTHONPATH": str(src)}
-    settings = [("", "processes", "1")]
-    for item in args.set:
-        name, _, value = item.partition("=")
-        table, _, key = name.rpartition(".")
-        settings.append((table, key, value))
+    settings = [("", "processes", "1"), *args.settings]
     server = servers.PostwardenServer(
         workdir / "postwarden", args.mode, template, dns_port,
         sink_port=sink.port if sink else None, env=env, settings=settings,
@@ -150,6 +146,11 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=Path(tempfile.gettempdir()),
                     help="where the callgrind files are written")
     args = ap.parse_args()
+    try:
+        args.settings = [servers.parse_setting(item) for item in args.set]
+    except ValueError as exc:
+        print(f"bench.instructions: --set: {exc}", file=sys.stderr)
+        return 2
     revs = args.rev or [WORKTREE]
     for tool in ("valgrind", "callgrind_control"):
         if servers.find_tool(tool) is None:

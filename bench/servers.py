@@ -185,6 +185,16 @@ def maildir_count(maildir: Path) -> int:
     return n
 
 
+def parse_setting(item: str) -> tuple[str, str, str]:
+    """``TABLE.KEY=VALUE`` (a TOML value; no table: a top-level key) as the
+    (table, key, value) that PostwardenServer's ``settings`` take."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ValueError(f"{item!r} is not TABLE.KEY=VALUE")
+    table, _, key = name.rpartition(".")
+    return table, key, value
+
+
 def toml_set(text: str, table: str, key: str, value: str) -> str:
     """Set ``key = value`` (a TOML literal) in ``[table]`` of a config file.
 
