@@ -12,6 +12,8 @@ the server's processes.  Runs alternate so that the machine's drift hits
 every variant alike; on these machines runs of the same code differ by
 10-30%, so read the medians and the ranges, and use
 ``python -m bench.instructions`` for changes of a few percent.
+``--profile DIR`` records each run with py-spy (``python -m bench.stacks``
+sums the samples by function).
 
     python -m bench.ab --variant "HEAD~1 processes=2" --variant ". processes=2" \\
         --mode relay --sessions 1 --count 2000 --runs 4
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,9 +56,28 @@ class Variant:
         return Variant(text, rev, [servers.parse_setting(item) for item in items])
 
 
+def start_profile(output: Path, pid: int, native: bool) -> subprocess.Popen[bytes]:
+    """py-spy sampling every process of the server (``--subprocesses``), only
+    while a thread holds the GIL (``--gil``), in its raw (collapsed stacks)
+    format: one line per stack, its sample count last.  A sample is wall
+    time: a process preempted while it holds the GIL (on the way out of a
+    system call, typically the first after a write woke the client) is
+    sampled there, so a cheap call such as ``getpid`` can collect samples
+    that were the client's CPU time (``native``: C frames too)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--gil",
+                             "--rate", "250", *(["--native"] if native else []),
+                             "--format", "raw", "--output", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the load starts
+    return proc
+
+
 def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns_port: int,
-            variant: Variant, src: Path, workdir: Path) -> tuple[float, float]:
+            variant: Variant, src: Path, workdir: Path, tag: str) -> tuple[float, float]:
     """messages/s and CPU milliseconds per message of one run."""
+    spy: subprocess.Popen[bytes] | None = None
     sink = servers.Sink(workdir / "sink", tools["smtp-sink"]).start() \
         if args.mode == "relay" else None
     server = servers.PostwardenServer(
@@ -64,6 +87,8 @@ def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns
     try:
         server.start()
         assert server.pgid is not None
+        if args.profile:
+            spy = start_profile(args.profile / f"{tag}.txt", server.pgid, args.native)
         cpu = procs.group_cpu(server.pgid)
         start = time.monotonic()
         smtp_source(tools, server.port, servers.RCPT[args.mode], args.count, args.sessions,
@@ -76,6 +101,9 @@ def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns
         cpu = procs.group_cpu(server.pgid) - cpu
         return args.count / seconds, cpu / args.count * 1000
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+            spy.wait(60)
         server.stop()
         if sink is not None:
             sink.stop()
@@ -92,6 +120,10 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3, help="runs of each variant")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for delivery")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="record each run with py-spy into DIR/variant-run.txt (collapsed "
+                         "stacks; its own sampling slows the server)")
+    ap.add_argument("--native", action="store_true", help="--profile with C frames too")
     args = ap.parse_args()
     try:
         variants = [Variant.parse(v) for v in args.variant]
@@ -112,7 +144,7 @@ def main() -> int:
             for n in range(args.runs):
                 for i, v in enumerate(variants):
                     rate, cpu_ms = one_run(args, tools, template, dns.port, v, trees[v.rev],
-                                           root / f"run-{i}-{n}")
+                                           root / f"run-{i}-{n}", f"{i + 1}-{n + 1}")
                     v.rates.append(rate)
                     v.cpu_ms.append(cpu_ms)
                     print(f"run {n + 1} {v.label}: {rate:,.0f} msg/s, "
