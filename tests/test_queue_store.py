@@ -285,6 +285,88 @@ def test_a_failing_commit_does_not_sink_the_others_of_its_batch(tmp_path: Path,
     run(main)
 
 
+class LockHolder:
+    """Another process holding the queue database's write lock (as a worker
+    process's writer does during its transaction) until released."""
+
+    def __init__(self, db: Path) -> None:
+        script = textwrap.dedent("""
+            import sqlite3, sys
+            conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+            conn.execute("BEGIN IMMEDIATE")
+            print("locked", flush=True)
+            sys.stdin.readline()
+            conn.execute("COMMIT")
+        """)
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(db)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == b"locked\n"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(10) == 0
+
+
+def test_commits_made_while_another_process_writes_join_the_next_transaction(
+        tmp_path: Path) -> None:
+    """Messages that arrive while the writer waits for another process's
+    write lock join the transaction it is about to run, instead of waiting
+    for the lock once more; those with a spool file to fsync first go into
+    the transaction after it.  None is lost."""
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=4096)
+        await commit(store, b"warm\r\n")
+        before = store.stats.transactions
+        holder = LockHolder(tmp_path / "data" / "postwarden.db")
+        try:
+            first = asyncio.ensure_future(commit(store, b"first\r\n"))
+            await asyncio.sleep(0.2)  # the writer waits for the lock now
+            small = [b"small %d\r\n" % i for i in range(4)]
+            large = [b"%d" % i * 10_000 + b"\r\n" for i in range(2)]  # spool files
+            rest = asyncio.gather(*(commit(store, b) for b in small + large))
+            await asyncio.sleep(0.2)
+            assert not first.done()
+        finally:
+            holder.release()
+        ids = [await first, *await rest]
+        # The first message and the four small ones in one transaction, the
+        # two with spool files in the next.
+        assert store.stats.transactions - before == 2
+        assert store.stats.largest_batch == 5
+        for queue_id, data in zip(ids, [b"first\r\n", *small, *large], strict=True):
+            assert await read_all(store, queue_id) == PREPEND + data
+        await store.close()
+
+    run(main)
+
+
+def test_closing_while_waiting_for_the_lock_commits_what_was_submitted(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, inline_max=4096)
+        holder = LockHolder(tmp_path / "data" / "postwarden.db")
+        try:
+            first = asyncio.ensure_future(commit(store, b"first\r\n"))
+            await asyncio.sleep(0.2)
+            spooled = asyncio.ensure_future(commit(store, b"x" * 10_000 + b"\r\n"))
+            await asyncio.sleep(0.1)
+            closing = asyncio.ensure_future(store.close())
+            await asyncio.sleep(0.2)
+            assert not closing.done()
+        finally:
+            holder.release()
+        await closing
+        ids = [await first, await spooled]
+        reopened = await open_store(tmp_path, inline_max=4096)
+        assert sorted(m.queue_id for m in await reopened.list()) == sorted(ids)
+        assert await read_all(reopened, ids[1]) == PREPEND + b"x" * 10_000 + b"\r\n"
+        await reopened.close()
+
+    run(main)
+
+
 def test_a_body_read_back_before_its_end_still_gets_the_rest(
         tmp_path: Path, backend: Backend) -> None:
     # In memory, then spilled: what was read back is not what is kept, and

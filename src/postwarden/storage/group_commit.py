@@ -8,7 +8,9 @@ for the whole batch (:class:`WalSync`).  Before the transaction
 it runs each job's ``prepare`` (fdatasync of the job's spool file) and, if
 any job has a spool file, fsyncs the spool directory, so that no committed
 row can name a file whose data or directory entry is not yet durable.
-Futures are resolved on their event loop with ``call_soon_threadsafe``.
+Jobs that arrive while it waits for another process's write lock and
+have no spool file join the transaction it is about to run; the others
+wait for the next one.  Futures are resolved on their event loop with ``call_soon_threadsafe``.
 
 Security exposure: none of its own; it executes the store's parameterised
 statements.
@@ -157,6 +159,8 @@ class GroupCommitWriter(threading.Thread):
         self.stats = stats
         self.init_schema = init_schema
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._held: list[Job] = []
+        self.stopping = False
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def run(self) -> None:
@@ -178,41 +182,55 @@ class GroupCommitWriter(threading.Thread):
             self.wal_sync.close()
 
     def _loop(self, conn: sqlite3.Connection) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            stop = False
-            while len(batch) < MAX_BATCH:
+        while self._held or not self.stopping:
+            if self._held:  # taken from the queue by _late_jobs, not run yet
+                batch, self._held = self._held, []
+            else:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                batch = [job]
+            while len(batch) < MAX_BATCH and not self.stopping:
                 try:
                     nxt = self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    stop = True
+                    self.stopping = True
                     break
                 batch.append(nxt)
             self._run_batch(conn, batch)
-            if stop:
-                return
+
+    def _late_jobs(self, room: int) -> list[Job]:
+        """Jobs that arrived while this writer waited for the write lock and
+        need no fsync before the transaction (no spool file): they join the
+        transaction that is about to run instead of waiting for the lock
+        once more.  Under contention between processes the lock is the
+        scarce thing, so fewer, larger transactions."""
+        late: list[Job] = []
+        while len(late) < room and not self.stopping:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.stopping = True
+            elif job.spooled:
+                self._held.append(job)
+            else:
+                late.append(job)
+        return late
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
-        live: list[Job] = []
-        for job in batch:
-            try:
-                if job.prepare is not None:
-                    job.prepare()
-                live.append(job)
-            except Exception as exc:
-                job.error = storage_error(exc, "spool fsync")
+        live = self._prepared(batch)
+        late: list[Job] = []  # filled by _transaction
         try:
             if any(job.spooled for job in live):
                 # The spool files' directory entries must be durable before
                 # the rows naming them commit.
                 fsync_dir(self.spool_dir)
             if live:
-                self._transaction(conn, live)
+                self._transaction(conn, live, late)
                 self.wal_sync()
         except Exception as exc:
             err = storage_error(exc, "queue commit")
@@ -221,15 +239,32 @@ class GroupCommitWriter(threading.Thread):
                     conn.execute("ROLLBACK")
             for job in live:
                 job.error = err
-        self._finish(batch)
+        self._finish(batch + late)
 
-    def _transaction(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
-        """All jobs in one transaction.  First without savepoints (two
+    @staticmethod
+    def _prepared(jobs: list[Job]) -> list[Job]:
+        """The jobs whose ``prepare`` succeeded; the others fail."""
+        live: list[Job] = []
+        for job in jobs:
+            try:
+                if job.prepare is not None:
+                    job.prepare()
+                live.append(job)
+            except Exception as exc:
+                job.error = storage_error(exc, "spool fsync")
+        return live
+
+    def _transaction(self, conn: sqlite3.Connection, jobs: list[Job], late: list[Job]) -> None:
+        """All jobs in one transaction, with those that arrived while it
+        waited for the lock (put in ``late``, and the prepared ones in
+        ``jobs`` too).  First without savepoints (two
         statements fewer per job, and each statement is a round of the GIL
         between this thread and the event loop); if a job fails, the whole
         transaction is rolled back and run again with a savepoint per job,
         so that only the failing job fails."""
         begin_immediate(conn)
+        late.extend(self._late_jobs(MAX_BATCH - len(jobs)))
+        jobs.extend(self._prepared(late))
         try:
             values = [job.apply(conn) for job in jobs]
         except Exception:
