@@ -41,7 +41,8 @@ log = get_logger("queue")
 MAX_BATCH = 512
 # Waiting for the write lock held by another process (begin_immediate).
 LOCK_TIMEOUT = 30.0
-LOCK_POLL = 0.0002
+LOCK_POLL = 0.0001
+LOCK_STEADY = 0.003  # seconds of steady polling before backing off
 
 
 @dataclass
@@ -134,8 +135,13 @@ def begin_immediate(conn: sqlite3.Connection, timeout: float = LOCK_TIMEOUT) -> 
     own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between tries, so
     that a lock held for half a millisecond by another process's commit cost
     the messages waiting here several milliseconds; this polls every
-    LOCK_POLL seconds instead, backing off only while the wait is long."""
-    deadline = time.monotonic() + timeout
+    LOCK_POLL seconds instead, for LOCK_STEADY seconds, and backs off only
+    when the wait is longer than that.  With two processes accepting at
+    once the lock is held most of the time, each time for well under a
+    millisecond: a waiter that slept in growing steps left it free for
+    a good part of each step."""
+    now = time.monotonic()
+    deadline, steady = now + timeout, now + LOCK_STEADY
     pause = LOCK_POLL
     while True:
         try:
@@ -145,7 +151,8 @@ def begin_immediate(conn: sqlite3.Connection, timeout: float = LOCK_TIMEOUT) -> 
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(pause)
-        pause = min(pause * 1.5, 0.01)
+        if time.monotonic() >= steady:
+            pause = min(pause * 1.5, 0.01)
 
 
 class GroupCommitWriter(threading.Thread):
