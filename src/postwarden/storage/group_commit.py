@@ -10,7 +10,8 @@ any job has a spool file, fsyncs the spool directory, so that no committed
 row can name a file whose data or directory entry is not yet durable.
 Jobs that arrive while it waits for another process's write lock and
 have no spool file join the transaction it is about to run; the others
-wait for the next one.  Futures are resolved on their event loop with ``call_soon_threadsafe``.
+wait for the next one.  Futures are resolved on their event loop with
+``call_soon_threadsafe``.
 
 Security exposure: none of its own; it executes the store's parameterised
 statements.
@@ -230,7 +231,7 @@ class GroupCommitWriter(threading.Thread):
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
         live = self._prepared(batch)
-        late: list[Job] = []  # filled by _transaction
+        late: list[Job] = []  # jobs that joined while _transaction waited for the lock
         try:
             if any(job.spooled for job in live):
                 # The spool files' directory entries must be durable before
