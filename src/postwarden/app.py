@@ -58,7 +58,7 @@ from postwarden.queue import handover
 from postwarden.queue.runner import HandOver, QueueRunner
 from postwarden.smtp.listener import Listener
 from postwarden.smtp.session import ServerContext
-from postwarden.smtp.steering import MainLoad, WorkerAcceptor
+from postwarden.smtp.steering import Acceptor, ProcessLoad, create_block
 from postwarden.smtp.tls import TlsContexts
 from postwarden.storage import migrate
 from postwarden.storage.base import QueuedMessage
@@ -104,14 +104,19 @@ class Server:
         self.processes = processes
         self.worker = worker
         self.conn_table = conn_table
-        # Which process takes a new connection (smtp/steering.py): the main
-        # process publishes its load, a worker accepts by it.
-        self.load: MainLoad | None = None
-        self.acceptor: WorkerAcceptor | None = None
+        # Which process takes a new connection (smtp/steering.py): each
+        # publishes its load in a block the main process makes, and accepts
+        # by all of them.
+        self.load: ProcessLoad | None = None
+        self.acceptor: Acceptor | None = None
+        self.steering_fd = -1
         if worker is not None:
-            self.acceptor = WorkerAcceptor(worker.steering_fd)
+            self.load = ProcessLoad(worker.steering_fd, worker.slot)
         elif processes > 1:
-            self.load = MainLoad()
+            self.steering_fd = create_block(processes)
+            self.load = ProcessLoad(self.steering_fd, 0)
+        if self.load is not None:
+            self.acceptor = Acceptor(self.load)
         self.listeners: list[Listener] = []
         self.runner: QueueRunner | None = None
         self.store: AnyQueueStore | None = None
@@ -450,7 +455,8 @@ async def _run(config: Config, worker: WorkerArgs | None) -> int:
                               {lst.config.name: lst.fds for lst in server.listeners},
                               server.wake, grace=SHUTDOWN_GRACE, table=table,
                               table_fd=table_fd,
-                              steering_fd=server.load.fd if server.load else -1,
+                              steering_fd=server.steering_fd,
+                              on_vacated=server.load.leave if server.load else None,
                               on_exit=metrics_mod.process_dead,
                               on_message=server.hand_over)
             await pool.start()

@@ -9,11 +9,10 @@ process and N - 1 workers:
   restarts one that dies, forwards SIGHUP (certificate and access list
   reload) and stops them on shutdown.
 * A worker inherits the listening sockets and runs sessions only.  All
-  processes accept on the same sockets, the workers only while the main
-  process is busy or stuck (:mod:`postwarden.smtp.steering`): at low load
-  one process serves a client's consecutive sessions; under load the
-  kernel hands a new connection to whichever process asks first, so a busy
-  process does not take the next one.
+  processes accept on the same sockets, each new connection in the least
+  loaded process (:mod:`postwarden.smtp.steering`): at low load one
+  process serves a client's consecutive sessions, and while the main
+  process delivers, the workers take the sessions.
 * Workers commit to the same queue database (SQLite in WAL mode: writers
   take its lock in turn, each process group-commits what arrived meanwhile).
   After a commit a worker writes the message on its pipe to the main
@@ -140,9 +139,12 @@ class WorkerPool:
                  sockets: dict[str, list[int]], on_commit: Callable[[], None],
                  grace: float, table: ConnectionTable, table_fd: int, steering_fd: int,
                  on_exit: Callable[[int], None] | None = None,
-                 on_message: Callable[[QueuedMessage], None] | None = None) -> None:
+                 on_message: Callable[[QueuedMessage], None] | None = None,
+                 on_vacated: Callable[[int], None] | None = None) -> None:
         """``on_message``: a message a worker committed (see
-        :mod:`postwarden.queue.handover`); ``on_commit``: scan the queue."""
+        :mod:`postwarden.queue.handover`); ``on_commit``: scan the queue;
+        ``on_vacated``: the slot of a worker that ended (it takes no more
+        connections, :mod:`postwarden.smtp.steering`)."""
         self.config_path = config_path
         self.table = table
         self.table_fd = table_fd
@@ -154,6 +156,7 @@ class WorkerPool:
         self._receivers: dict[int, handover.Receiver] = {}  # pipe fd -> its reader
         self.grace = grace
         self.on_exit = on_exit  # told the pid of a worker that ended
+        self.on_vacated = on_vacated
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.started = 0  # processes started, restarts included
         self._delay: dict[int, float] = {}  # slot -> next restart delay
@@ -215,6 +218,8 @@ class WorkerPool:
             del self.procs[slot]
         if self.on_exit is not None:
             self.on_exit(proc.pid)
+        if self.on_vacated is not None:
+            self.on_vacated(slot)
         if self._stopping:
             return
         # Its sessions are gone: so are their places in the counts.

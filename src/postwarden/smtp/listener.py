@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -23,21 +24,24 @@ from postwarden.config import ListenerConfig
 from postwarden.observe.log import get_logger
 from postwarden.smtp.connection import SessionIO
 from postwarden.smtp.session import ServerContext, Session
-from postwarden.smtp.steering import MainLoad, WorkerAcceptor
+from postwarden.smtp.steering import Acceptor, ProcessLoad
 
 log = get_logger("listener")
+
+LISTEN_BACKLOG = 1024
 
 
 class Listener:
     """``sockets``: listening sockets bound by another process (a worker's,
-    see :mod:`postwarden.workers`) to accept on, through ``acceptor``,
-    instead of binding.  ``load``: the main process's, when it has workers
-    (its sessions count; see :mod:`postwarden.smtp.steering`)."""
+    see :mod:`postwarden.workers`) to accept on instead of binding.
+    ``acceptor`` and ``load``: with several processes, this process's
+    accept loop and load (see :mod:`postwarden.smtp.steering`); without,
+    asyncio's server accepts."""
 
     def __init__(self, config: ListenerConfig, ctx: ServerContext,
                  sockets: list[socket.socket] | None = None, *,
-                 acceptor: WorkerAcceptor | None = None,
-                 load: MainLoad | None = None) -> None:
+                 acceptor: Acceptor | None = None,
+                 load: ProcessLoad | None = None) -> None:
         self.config = config
         self.ctx = ctx
         self.inherited = sockets
@@ -79,26 +83,50 @@ class Listener:
         def factory() -> SessionIO:
             return SessionIO(self._connected)
 
-        if self.inherited is not None and self.acceptor is not None:
-            for sock in self.inherited:
+        if self.acceptor is not None:
+            socks = self.inherited
+            if socks is None:  # the main process binds them for all
+                socks = await self._bind(loop, host)
+            for sock in socks:
                 self.acceptor.attach(sock, functools.partial(
                     self._accepted, factory, tls_context, handshake_timeout))
                 self.attached.append(sock)
         elif self.inherited is not None:
             for sock in self.inherited:
                 self.servers.append(await loop.create_server(
-                    factory, sock=sock, backlog=1024, ssl=tls_context,
+                    factory, sock=sock, backlog=LISTEN_BACKLOG, ssl=tls_context,
                     ssl_handshake_timeout=handshake_timeout))
         else:
             self.servers.append(await loop.create_server(
-                factory, host, self.config.port, reuse_address=True, backlog=1024,
+                factory, host, self.config.port, reuse_address=True, backlog=LISTEN_BACKLOG,
                 ssl=tls_context, ssl_handshake_timeout=handshake_timeout))
         log.info("listening", listener=self.config.name, mode=self.config.mode,
                  addresses=[f"{h}:{p}" for h, p in self.bound])
 
+    async def _bind(self, loop: asyncio.AbstractEventLoop, host: str | None
+                    ) -> list[socket.socket]:
+        """Listening sockets bound as asyncio's server binds them (every
+        address of ``host``, SO_REUSEADDR, IPV6_V6ONLY), without its accept
+        loop: copies of its sockets, listening, and the server closed."""
+        server = await loop.create_server(asyncio.Protocol, host, self.config.port,
+                                          reuse_address=True, start_serving=False)
+        socks: list[socket.socket] = []
+        try:
+            for s in server.sockets:
+                sock = socket.socket(fileno=os.dup(s.fileno()))
+                socks.append(sock)
+                sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            for sock in socks:
+                sock.close()
+            raise
+        finally:
+            server.close()
+        return socks
+
     def _accepted(self, factory: Callable[[], SessionIO], tls_context: ssl.SSLContext | None,
                   handshake_timeout: float | None, conn: socket.socket) -> None:
-        """A connection the worker's acceptor took: make its transport (and
+        """A connection the acceptor took: make its transport (and
         TLS, for implicit TLS) as asyncio's server would."""
         loop = asyncio.get_running_loop()
         task: asyncio.Task[object] = loop.create_task(loop.connect_accepted_socket(

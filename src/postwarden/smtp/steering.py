@@ -9,22 +9,31 @@ its own caches cold.  Measured at one session, one message per connection:
 one process accepted 18-28% more messages than two, with a quarter to a
 third less CPU per message (docs/performance.md, "Which process accepts").
 
-So the main process takes new connections alone while it is not busy:
+So each process decides, for each new connection, whether it is the one
+to take it:
 
-* The main process publishes its load (sessions in progress plus
-  deliveries in flight) and a count of the connections it accepted, in a
-  few bytes of shared memory (:class:`MainLoad`).
-* A worker waits for new connections on its own epoll descriptor,
-  edge-triggered (:class:`WorkerAcceptor`): the kernel wakes it once per
-  new connection, and it accepts only while the main process's load is at
-  least :data:`BUSY_AT`.  Otherwise it leaves the connection to the main
-  process, and looks again :data:`STALL_AFTER` seconds later: if the main
-  process has accepted nothing meanwhile and a connection still waits, the
-  main process is stuck (a long pause, a SIGSTOP) and the worker accepts
-  until the main process's count moves again.  No connection waits on a
-  main process that does not accept.
-* Under load every process accepts, as before.  The main process is the
-  one that delivers: while a delivery is in flight it counts as busy.
+* Every process publishes its load (sessions in progress, plus
+  :data:`DELIVERY_WEIGHT` for each delivery in flight) in a few bytes of shared
+  memory, with a count of the connections accepted by all and the slot of
+  the process that accepted the last one (:class:`ProcessLoad`).
+* Every process, the main one included, waits for new connections on its
+  own epoll descriptor, edge-triggered (:class:`Acceptor`): the kernel
+  wakes each once per new connection.  The least loaded process takes it;
+  the one that took the last connection counts :data:`STAY_BONUS` less, so
+  that one client's sessions one after another stay in one process.
+* The others look again :data:`RECHECK` later (the loads may have changed
+  between their looks), and if no process has accepted anything for
+  :data:`STALL_AFTER` while a connection waits, the chosen one is stuck (a
+  long pause, a SIGSTOP): they accept until the count moves again.  No
+  connection waits on a process that does not accept.
+
+The main process is the one that delivers, so while it delivers, new
+sessions go to the workers.  Relaying at 10 sessions this took 26% more
+messages a second than the main process accepting whenever it was idle
+for a moment, with 24% less CPU each (docs/performance.md, "Every process
+chooses").  The price: the main process accepts through this loop too,
+not through asyncio's server, which costs a task and a few system calls
+per connection (one session, delivery paused: 6% fewer messages).
 
 Security exposure: none beyond the listeners'.  The shared memory is a
 memfd passed only to the server's own workers; a wrong value in it can
@@ -46,68 +55,137 @@ from postwarden.observe.log import get_logger
 
 log = get_logger("steering")
 
-# The main process counts as busy from this load on (sessions + deliveries):
-# one session alone is served best where the last one was.  Two, because a
+# The process that took the last connection counts this much less (as if
+# it had fewer sessions): one session alone is served best where the last
+# one was.  Two, because a
 # session that has sent its 221 may still be closing when the same client's
 # next connection arrives.
-BUSY_AT = 2
-# Seconds a worker leaves a waiting connection to a main process that is
-# not busy before it takes the connection itself.
+STAY_BONUS = 2
+# A delivery in flight weighs this many sessions.  Relaying 2 KB messages
+# at 10 / 50 sessions: 2 gave 1,403 / 1,720 msg/s, 4 gave 1,544 / 1,720,
+# 8 gave 1,625 / 1,672 (medians of three, alternated).
+DELIVERY_WEIGHT = 4
+# Seconds between looks at a connection left to another process.
+RECHECK = 0.002
+# Seconds a process leaves a waiting connection to another that accepts
+# nothing meanwhile before it takes the connection itself.
 STALL_AFTER = 0.05
-# Connections a worker accepts in one go before it lets other work run.
+# Connections a process accepts in one go before it lets other work run.
 ACCEPT_BATCH = 64
-# Seconds a worker stops accepting after running out of descriptors or
+# Seconds a process stops accepting after running out of descriptors or
 # memory (as asyncio's own accept loop does).
 ACCEPT_PAUSE = 1.0
 _PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-_LOAD, _ACCEPTED = 0, 1  # uint32 words of the shared block
-_SIZE = 8
+# The shared block: uint32 words.  The connections accepted by all the
+# processes (wrapping), the slot of the process that accepted the last one,
+# then each process's load by slot (the main process is slot 0).
+_ACCEPTED, _LAST, _FIRST_LOAD = 0, 1, 2
+_WORD = 4
+# The load of a slot whose process does not accept (not started yet,
+# stopping, dead): never the least.
+UNAVAILABLE = 0x7FFFFFFF
 
 
-class MainLoad:
-    """The main process's side: its load and accept count, in a memfd
-    (``fd``, passed to the workers)."""
+def create_block(processes: int) -> int:
+    """The shared block for ``processes`` processes, in a memfd (passed to
+    the workers): the main process available, the workers not yet."""
+    fd = os.memfd_create("postwarden-steering", 0)  # not inherited unless passed
+    size = _WORD * (_FIRST_LOAD + processes)
+    os.ftruncate(fd, size)
+    mem = memoryview(mmap.mmap(fd, size)).cast("I")
+    for slot in range(1, processes):
+        mem[_FIRST_LOAD + slot] = UNAVAILABLE
+    mem.release()
+    return fd
 
-    def __init__(self) -> None:
-        self.fd = os.memfd_create("postwarden-steering", 0)  # not inherited unless passed
-        os.ftruncate(self.fd, _SIZE)
-        self._mem = memoryview(mmap.mmap(self.fd, _SIZE)).cast("I")
+
+class ProcessLoad:
+    """One process's load in the shared block (sessions in progress, plus
+    DELIVERY_WEIGHT for each delivery in flight), and the choice of the process
+    that takes the next connection."""
+
+    def __init__(self, fd: int, slot: int) -> None:
+        size = os.fstat(fd).st_size
+        self._mem = memoryview(mmap.mmap(fd, size)).cast("I")
+        self.slots = size // _WORD - _FIRST_LOAD
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"steering: slot {slot} of {self.slots}")
+        self.slot = slot
         self.load = 0
+        self.joined = False
+
+    def join(self) -> None:
+        """This process accepts from now on."""
+        self.joined = True
+        self._mem[_FIRST_LOAD + self.slot] = self.load
+
+    def leave(self, slot: int | None = None) -> None:
+        """This process (or the one in ``slot``, which ended) takes no more."""
+        if slot is None:
+            self.joined = False
+            slot = self.slot
+        self._mem[_FIRST_LOAD + slot] = UNAVAILABLE
 
     def change(self, n: int) -> None:
         self.load = max(0, self.load + n)
-        self._mem[_LOAD] = self.load
+        if self.joined:
+            self._mem[_FIRST_LOAD + self.slot] = self.load
 
     def accepted(self) -> None:
         """A connection was accepted here (a session begins)."""
-        self._mem[_ACCEPTED] = (self._mem[_ACCEPTED] + 1) & 0xFFFFFFFF
+        mem = self._mem
+        mem[_ACCEPTED] = (mem[_ACCEPTED] + 1) & 0xFFFFFFFF
+        mem[_LAST] = self.slot
         self.change(1)
 
     def session_ended(self) -> None:
         self.change(-1)
 
     def delivering(self, n: int) -> None:
-        """A delivery began (+1) or ended (-1).  One delivery in flight makes
-        the main process busy by itself: the sessions it would take share
-        its core with the deliveries, while a worker's core is free (at one
-        session relaying, the worker taking the sessions is the fastest
-        split; docs/performance.md)."""
-        self.change(n * BUSY_AT)
+        """A delivery began (+1) or ended (-1).  A delivery counts as
+        DELIVERY_WEIGHT sessions: the sessions a process would take share its core
+        with its deliveries, while another core may be free (relaying, a
+        worker taking the sessions while the main process delivers was
+        the fastest split; docs/performance.md)."""
+        self.change(n * DELIVERY_WEIGHT)
+
+    @property
+    def accepted_count(self) -> int:
+        return int(self._mem[_ACCEPTED])
+
+    def taker(self) -> int:
+        """The slot that takes the next connection: the least loaded, where
+        the one that took the last connection counts STAY_BONUS less (a client's
+        next session is served best where its last one was, which may
+        still be closing); on a tie the lower slot."""
+        mem = self._mem
+        last = mem[_LAST]
+        best_slot, best = 0, UNAVAILABLE
+        for slot in range(self.slots):
+            load = mem[_FIRST_LOAD + slot]
+            if load >= UNAVAILABLE:
+                continue
+            if slot == last:
+                load -= STAY_BONUS
+            if load < best:
+                best_slot, best = slot, load
+        return best_slot
 
 
-class WorkerAcceptor:
-    """A worker's accept loop over the inherited listening sockets (see the
-    module docstring).  ``attach`` a socket with what to do with each
-    connection accepted on it; ``close`` before the loop ends."""
+class Acceptor:
+    """A process's accept loop over the listening sockets (see the module
+    docstring).  ``attach`` a socket with what to do with each connection
+    accepted on it; ``close`` before the loop ends."""
 
-    def __init__(self, fd: int) -> None:
-        self._mem = memoryview(mmap.mmap(fd, _SIZE, prot=mmap.PROT_READ)).cast("I")
+    def __init__(self, load: ProcessLoad) -> None:
+        self.load = load
         self._ep = select.epoll()
         self._listening: dict[int, tuple[socket.socket, Callable[[socket.socket], None]]] = {}
         self._check: asyncio.TimerHandle | None = None
-        self._seen = 0  # the main process's accept count when a connection was left to it
-        self._stuck_at: int | None = None  # its count when it was found not accepting
+        self._seen = 0  # the accept count when a connection was left to another
+        self._left_at = 0.0  # and when
+        self._stuck_at: int | None = None  # the count when nobody was found accepting
         self._paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -117,6 +195,7 @@ class WorkerAcceptor:
         sock.setblocking(False)
         if not self._listening:
             loop.add_reader(self._ep.fileno(), self._ready)
+            self.load.join()
         self._listening[sock.fileno()] = (sock, on_connection)
         self._ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLET)
         # Connections that arrived before the registration raised no edge.
@@ -132,6 +211,7 @@ class WorkerAcceptor:
             self.close()
 
     def close(self) -> None:
+        self.load.leave()
         if self._loop is not None and not self._ep.closed:
             with contextlib.suppress(RuntimeError):  # the loop is closed already
                 self._loop.remove_reader(self._ep.fileno())
@@ -145,8 +225,9 @@ class WorkerAcceptor:
         self._arrived([fd for fd, _ in self._ep.poll(0)])
 
     def _takes(self) -> bool:
-        return (self._mem[_LOAD] >= BUSY_AT
-                or (self._stuck_at is not None and self._stuck_at == self._mem[_ACCEPTED]))
+        load = self.load
+        return (load.taker() == load.slot
+                or (self._stuck_at is not None and self._stuck_at == load.accepted_count))
 
     def _arrived(self, fds: list[int]) -> None:
         if not fds or self._paused:
@@ -156,26 +237,38 @@ class WorkerAcceptor:
                 self._accept(fd)
         elif self._check is None and self._loop is not None:
             self._stuck_at = None
-            self._seen = self._mem[_ACCEPTED]
-            self._check = self._loop.call_later(STALL_AFTER, self._look_again)
+            self._seen = self.load.accepted_count
+            self._left_at = self._loop.time()
+            self._check = self._loop.call_later(RECHECK, self._look_again)
 
     def _look_again(self) -> None:
-        """STALL_AFTER after a connection was left to the main process."""
+        """RECHECK after a connection was left to another process: taken now
+        if the loads changed meanwhile (each process reads them when the
+        kernel wakes it, so two can both leave a connection to the other),
+        or if no process has accepted anything for STALL_AFTER while it
+        waits; else looked at again."""
         self._check = None
+        if self._loop is None:
+            return
         socks = [sock for sock, _ in self._listening.values()]
         try:
             waiting = [s.fileno() for s in select.select(socks, [], [], 0)[0]]
         except (OSError, ValueError):  # closing
             return
-        if not waiting:
+        if not waiting or self._paused:
             return
-        accepted = self._mem[_ACCEPTED]
-        if accepted == self._seen:
-            log.debug("main_process_not_accepting", after=STALL_AFTER)
+        accepted = self.load.accepted_count
+        now = self._loop.time()
+        if accepted != self._seen:  # others accept: a new wait begins
+            self._seen, self._left_at = accepted, now
+        elif now - self._left_at >= STALL_AFTER and self._stuck_at != accepted:
+            log.debug("process_not_accepting", slot=self.load.taker(), after=STALL_AFTER)
             self._stuck_at = accepted
-        # Taken now if the main process is stuck or busy; else looked at
-        # again after another STALL_AFTER.
-        self._arrived(waiting)
+        if self._takes():
+            for fd in waiting:
+                self._accept(fd)
+        else:
+            self._check = self._loop.call_later(RECHECK, self._look_again)
 
     def _accept(self, fd: int) -> None:
         """Accept what waits on ``fd``; edge-triggered, so up to EAGAIN."""
