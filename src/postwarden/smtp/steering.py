@@ -13,9 +13,9 @@ So each process decides, for each new connection, whether it is the one
 to take it:
 
 * Every process publishes its load (sessions in progress, plus
-  :data:`DELIVERY_WEIGHT` for each delivery in flight) in a few bytes of shared
-  memory, with a count of the connections accepted by all and the slot of
-  the process that accepted the last one (:class:`ProcessLoad`).
+  :data:`DELIVERY_WEIGHT` for each delivery in flight) in a few bytes of
+  shared memory, with a count of the connections accepted by all and the
+  slot of the process that accepted the last one (:class:`ProcessLoad`).
 * Every process, the main one included, waits for new connections on its
   own epoll descriptor, edge-triggered (:class:`Acceptor`): the kernel
   wakes each once per new connection.  The least loaded process takes it;
@@ -57,9 +57,8 @@ log = get_logger("steering")
 
 # The process that took the last connection counts this much less (as if
 # it had fewer sessions): one session alone is served best where the last
-# one was.  Two, because a
-# session that has sent its 221 may still be closing when the same client's
-# next connection arrives.
+# one was.  Two, because a session that has sent its 221 may still be
+# closing when the same client's next connection arrives.
 STAY_BONUS = 2
 # A delivery in flight weighs this many sessions.  Relaying 2 KB messages
 # at 10 / 50 sessions: 2 gave 1,403 / 1,720 msg/s, 4 gave 1,544 / 1,720,
