@@ -456,7 +456,7 @@ async def _run(config: Config, worker: WorkerArgs | None) -> int:
                               server.wake, grace=SHUTDOWN_GRACE, table=table,
                               table_fd=table_fd,
                               steering_fd=server.steering_fd,
-                              on_vacated=server.load.leave if server.load else None,
+                              on_vacated=server.load.vacate if server.load else None,
                               on_exit=metrics_mod.process_dead,
                               on_message=server.hand_over)
             await pool.start()

@@ -119,11 +119,14 @@ class ProcessLoad:
         self.joined = True
         self._mem[_FIRST_LOAD + self.slot] = self.load
 
-    def leave(self, slot: int | None = None) -> None:
-        """This process (or the one in ``slot``, which ended) takes no more."""
-        if slot is None:
-            self.joined = False
-            slot = self.slot
+    def leave(self) -> None:
+        """This process takes no more connections (it is stopping)."""
+        self.joined = False
+        self.vacate(self.slot)
+
+    def vacate(self, slot: int) -> None:
+        """The process in ``slot`` takes no more connections (the main
+        process marks a worker that ended)."""
         self._mem[_FIRST_LOAD + slot] = UNAVAILABLE
 
     def change(self, n: int) -> None:
