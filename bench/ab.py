@@ -138,12 +138,17 @@ def main() -> int:
     try:
         with disk.workspace("tmp", "ab") as root:
             root.chmod(0o711)
-            template = servers.make_postwarden_template(root / "template")
             trees = {rev: source_tree(rev, root / "trees")
                      for rev in dict.fromkeys(v.rev for v in variants)}
+            # Each version makes its own template, so that the database files
+            # are created by the code measured (a page size, a schema).
+            templates = {rev: servers.make_postwarden_template(
+                root / f"template-{i}", env={**os.environ, "PYTHONPATH": str(src)})
+                for i, (rev, src) in enumerate(trees.items())}
             for n in range(args.runs):
                 for i, v in enumerate(variants):
-                    rate, cpu_ms = one_run(args, tools, template, dns.port, v, trees[v.rev],
+                    rate, cpu_ms = one_run(args, tools, templates[v.rev], dns.port, v,
+                                           trees[v.rev],
                                            root / f"run-{i}-{n}", f"{i + 1}-{n + 1}")
                     v.rates.append(rate)
                     v.cpu_ms.append(cpu_ms)

@@ -457,14 +457,16 @@ def postwarden_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "postwarden"]
 
 
-def make_postwarden_template(directory: Path) -> Path:
+def make_postwarden_template(directory: Path, env: Mapping[str, str] | None = None) -> Path:
     """``postwarden init`` once, plus the bench's domain and accounts;
-    every run starts from a copy of this directory (a fresh, empty queue)."""
+    every run starts from a copy of this directory (a fresh, empty queue).
+    ``env``: the commands' environment (``PYTHONPATH`` of another version
+    of the code, which then creates the database files itself)."""
     pw = postwarden_cmd()
 
     def run(*args: str, stdin: bytes | None = None) -> None:
         r = subprocess.run([*pw, *args], input=stdin, capture_output=True, timeout=120,
-                           check=False)
+                           check=False, env=env)
         if r.returncode != 0:
             raise BenchError(f"postwarden {' '.join(args)} failed: "
                              f"{r.stderr.decode(errors='replace')}")
