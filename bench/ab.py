@@ -5,7 +5,9 @@ with itself, to decide whether a change is worth keeping.  A variant is a
 git revision (``.``: the working tree) and settings, e.g. ``HEAD~1
 processes=2`` against ``. processes=2``.  Each run starts a fresh server
 (bench/servers.py, the loopback DNS stub, delivery paused in ``hold``
-mode), sends ``--count`` messages with smtp-source from ``--sessions``
+mode) from a copy of its revision's own ``postwarden init`` directory (so
+that a revision that changes the schema or the page size creates its
+database files itself), sends ``--count`` messages with smtp-source from ``--sessions``
 sessions, waits until they are queued (``hold``) or delivered (``relay``
 to smtp-sink, ``maildir``), and records messages/s and the CPU seconds of
 the server's processes.  Runs alternate so that the machine's drift hits
