@@ -10,7 +10,8 @@ that a revision that changes the schema or the page size creates its
 database files itself), sends ``--count`` messages with smtp-source from ``--sessions``
 sessions, waits until they are queued (``hold``) or delivered (``relay``
 to smtp-sink, ``maildir``), and records messages/s and the CPU seconds of
-the server's processes.  Runs alternate so that the machine's drift hits
+the server's processes, and of its main process alone (with ``processes =
+2`` at one session it delivers while the worker runs the sessions).  Runs alternate so that the machine's drift hits
 every variant alike; on these machines runs of the same code differ by
 10-30%, so read the medians and the ranges, and use
 ``python -m bench.instructions`` for changes of a few percent.
@@ -47,6 +48,7 @@ class Variant:
     settings: list[tuple[str, str, str]]
     rates: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
+    main_ms: list[float] = field(default_factory=list)  # the main process's share
 
     @staticmethod
     def parse(text: str) -> Variant:
@@ -77,8 +79,11 @@ def start_profile(output: Path, pid: int, native: bool) -> subprocess.Popen[byte
 
 
 def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns_port: int,
-            variant: Variant, src: Path, workdir: Path, tag: str) -> tuple[float, float]:
-    """messages/s and CPU milliseconds per message of one run."""
+            variant: Variant, src: Path, workdir: Path, tag: str
+            ) -> tuple[float, float, float]:
+    """messages/s, and CPU milliseconds per message of one run: all the
+    server's processes, and the main process alone (it delivers, and with
+    ``processes = 2`` the worker runs most sessions while it does)."""
     spy: subprocess.Popen[bytes] | None = None
     sink = servers.Sink(workdir / "sink", tools["smtp-sink"]).start() \
         if args.mode == "relay" else None
@@ -91,7 +96,7 @@ def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns
         assert server.pgid is not None
         if args.profile:
             spy = start_profile(args.profile / f"{tag}.txt", server.pgid, args.native)
-        cpu = procs.group_cpu(server.pgid)
+        cpu, main_cpu = procs.group_cpu(server.pgid), procs.own_cpu(server.pgid)
         start = time.monotonic()
         smtp_source(tools, server.port, servers.RCPT[args.mode], args.count, args.sessions,
                     args.size)
@@ -101,7 +106,9 @@ def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns
                 raise servers.BenchError(f"only {count()} of {args.count} messages arrived")
         seconds = time.monotonic() - start
         cpu = procs.group_cpu(server.pgid) - cpu
-        return args.count / seconds, cpu / args.count * 1000
+        main_cpu = procs.own_cpu(server.pgid) - main_cpu
+        return (args.count / seconds, cpu / args.count * 1000,
+                main_cpu / args.count * 1000)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
@@ -149,13 +156,15 @@ def main() -> int:
                 for i, (rev, src) in enumerate(trees.items())}
             for n in range(args.runs):
                 for i, v in enumerate(variants):
-                    rate, cpu_ms = one_run(args, tools, templates[v.rev], dns.port, v,
-                                           trees[v.rev],
-                                           root / f"run-{i}-{n}", f"{i + 1}-{n + 1}")
+                    rate, cpu_ms, main_ms = one_run(
+                        args, tools, templates[v.rev], dns.port, v, trees[v.rev],
+                        root / f"run-{i}-{n}", f"{i + 1}-{n + 1}")
                     v.rates.append(rate)
                     v.cpu_ms.append(cpu_ms)
+                    v.main_ms.append(main_ms)
                     print(f"run {n + 1} {v.label}: {rate:,.0f} msg/s, "
-                          f"{cpu_ms:.3f} ms CPU per message", flush=True)
+                          f"{cpu_ms:.3f} ms CPU per message "
+                          f"(main process {main_ms:.3f})", flush=True)
     except (servers.BenchError, disk.DiskError, OSError,
             subprocess.SubprocessError) as exc:
         print(f"bench.ab: {exc}", file=sys.stderr)
@@ -168,7 +177,8 @@ def main() -> int:
     for v in variants:
         print(f"  {v.label:32s} {statistics.median(v.rates):8,.0f} msg/s "
               f"({min(v.rates):,.0f}-{max(v.rates):,.0f})  "
-              f"{statistics.median(v.cpu_ms):.3f} ms CPU per message")
+              f"{statistics.median(v.cpu_ms):.3f} ms CPU per message "
+              f"(main process {statistics.median(v.main_ms):.3f})")
     return 0
 
 

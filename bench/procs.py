@@ -81,6 +81,15 @@ def group_cpu_split(pgid: int) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def own_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` itself (its threads, not
+    its reaped children); 0 once it is gone."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def _rss(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
