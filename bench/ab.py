@@ -3,7 +3,7 @@
 ``make bench`` compares postwarden with Postfix; this compares postwarden
 with itself, to decide whether a change is worth keeping.  A variant is a
 git revision (``.``: the working tree) and settings, e.g. ``HEAD~1
-processes=2`` against ``.  processes=2``.  Each run starts a fresh server
+processes=2`` against ``. processes=2``.  Each run starts a fresh server
 (bench/servers.py, the loopback DNS stub, delivery paused in ``hold`` mode)
 from a copy of its revision's own ``postwarden init`` directory (so that a
 revision that changes the schema or the page size creates its database
@@ -12,7 +12,7 @@ files itself), sends ``--count`` messages with smtp-source from
 delivered (``relay`` to smtp-sink, ``maildir``), and records messages/s and
 the CPU seconds of the server's processes, and of its main process alone
 (with ``processes = 2`` at one session it delivers while the worker runs
-the sessions).   Runs alternate so that the machine's drift hits every
+the sessions).  Runs alternate so that the machine's drift hits every
 variant alike; on these machines runs of the same code differ by 10-30%, so
 read the medians and the ranges, and use ``python -m bench.instructions``
 for changes of a few percent.  ``--profile DIR`` records each run with
