@@ -78,6 +78,11 @@ def start_profile(output: Path, pid: int, native: bool) -> subprocess.Popen[byte
     return proc
 
 
+def code_env(src: Path) -> dict[str, str]:
+    """The environment that runs ``postwarden`` from the source tree ``src``."""
+    return {**os.environ, "PYTHONPATH": str(src)}
+
+
 def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns_port: int,
             variant: Variant, src: Path, workdir: Path, tag: str
             ) -> tuple[float, float, float]:
@@ -89,7 +94,7 @@ def one_run(args: argparse.Namespace, tools: dict[str, str], template: Path, dns
         if args.mode == "relay" else None
     server = servers.PostwardenServer(
         workdir / "postwarden", args.mode, template, dns_port,
-        sink_port=sink.port if sink else None, env={**os.environ, "PYTHONPATH": str(src)},
+        sink_port=sink.port if sink else None, env=code_env(src),
         settings=variant.settings)
     try:
         server.start()
@@ -152,7 +157,7 @@ def main() -> int:
             # Each version makes its own template, so that the database files
             # are created by the code measured (a page size, a schema).
             templates = {rev: servers.make_postwarden_template(
-                root / f"template-{i}", env={**os.environ, "PYTHONPATH": str(src)})
+                root / f"template-{i}", env=code_env(src))
                 for i, (rev, src) in enumerate(trees.items())}
             for n in range(args.runs):
                 for i, v in enumerate(variants):
