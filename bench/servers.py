@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import pwd
+import random
 import re
 import resource
 import shutil
@@ -118,10 +119,35 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, for a server started later, and not handed
+    out before by this process.  Taken below the kernel's ephemeral range:
+    a port the kernel picks for a bind to port 0 can be picked again
+    before the server binds it (a postwarden whose mx and submission
+    listeners got the same port), or become the local port of a client
+    connection (smtp-source's, the sink's)."""
+    low = _ephemeral_low()
+    while True:
+        want = random.randrange(10000, low) if low > 11000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, want))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def greeting(port: int, timeout: float = 2.0) -> bytes | None:
