@@ -15,7 +15,10 @@ the CPU seconds of the server's processes, and of its main process alone
 the sessions).  Runs alternate so that the machine's drift hits every
 variant alike; on these machines runs of the same code differ by 10-30%, so
 read the medians and the ranges, and use ``python -m bench.instructions``
-for changes of a few percent.  ``--profile DIR`` records each run with
+for changes of a few percent.  The servers write in ``$TMPDIR`` unless
+``--disk image`` puts them on the loop-mounted ext4 image that ``make
+bench`` uses, where an fsync costs more (for changes to what is synced
+and when).  ``--profile DIR`` records each run with
 py-spy (``python -m bench.stacks`` sums the samples by function).
 
     python -m bench.ab --variant "HEAD~1 processes=2" --variant ". processes=2" \\
@@ -138,6 +141,9 @@ def main() -> int:
                     help="record each run with py-spy into DIR/variant-run.txt (collapsed "
                          "stacks; its own sampling slows the server)")
     ap.add_argument("--native", action="store_true", help="--profile with C frames too")
+    ap.add_argument("--disk", choices=("tmp", "image"), default="tmp",
+                    help="where the servers write: $TMPDIR (default), or the ext4 image "
+                         "of make bench (bench/disk.py), whose fsyncs cost more")
     args = ap.parse_args()
     try:
         variants = [Variant.parse(v) for v in args.variant]
@@ -150,7 +156,7 @@ def main() -> int:
     tools = servers.ensure_postfix(install=False)
     dns = dnsstub.DnsStub().start()
     try:
-        with disk.workspace("tmp", "ab") as root:
+        with disk.workspace(args.disk, "ab") as root:
             root.chmod(0o711)
             trees = {rev: source_tree(rev, root / "trees")
                      for rev in dict.fromkeys(v.rev for v in variants)}
