@@ -15,13 +15,19 @@ one fsync'ed write per message) and how much is the server's own work
   250 is sent only after that sync.  ``--no-journal`` answers 250 at once.
 
 It accepts any sender and recipient and keeps nothing: it is a yardstick,
-not a mail server.  One process, so its figures are for one core.
+not a mail server.  One process, so its figures are for one core, unless
+``--processes N`` starts N of them on the same port (``SO_REUSEPORT``), each
+with a journal of its own.
 
     python -m bench.floor --sessions 10 --count 6000 --size 2048
     python -m bench.floor --sessions 1 --count 2000 --no-journal
 
-It prints messages/s and the responder's CPU per 1,000 messages, split
-into user and system time, as the bench's report does.  Loopback only:
+The journal is written where ``make bench`` has its servers write (``--disk
+image``, the loop-mounted ext4 image of bench/disk.py), so that its rate
+can be set beside Postfix's in a bench report; ``--disk tmp`` writes in
+``$TMPDIR``, as runs before 2026-11-28 07:00 UTC did.  It prints
+messages/s and the responder's CPU per 1,000 messages, split into user and
+system time, as the bench's report does.  Loopback only:
 the responder binds 127.0.0.1 on a port the kernel picks.
 """
 
@@ -30,17 +36,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import cast
 
-from bench import procs, servers
+from bench import disk, procs, servers
 
 HOST = "127.0.0.1"
 END = b"\r\n.\r\n"
@@ -128,23 +132,38 @@ async def serve(port: int, journal: Path | None) -> None:
     loop = asyncio.get_running_loop()
     if journal is not None:
         Responder.journal = Journal(journal, loop)
-    server = await loop.create_server(Responder, HOST, port, backlog=1024)
+    # reuse_port: with --processes, each process listens on the same port
+    # and the kernel spreads the connections.
+    server = await loop.create_server(Responder, HOST, port, backlog=1024, reuse_port=True)
     await server.serve_forever()
 
 
 def measure(args: argparse.Namespace) -> int:
     tools = servers.ensure_postfix(install=False)
     port = servers.free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="postwarden-floor-"))
-    cmd = [sys.executable, "-m", "bench.floor", "--serve", str(port)]
-    if args.journal:
-        cmd += ["--journal-file", str(workdir / "journal")]
-    child = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                             cwd=Path(__file__).resolve().parent.parent)
+    with disk.workspace(args.disk, "floor") as workdir:
+        return run(args, tools, port, workdir)
+
+
+def run(args: argparse.Namespace, tools: dict[str, str], port: int, workdir: Path) -> int:
+    children = []
+    for n in range(args.processes):
+        cmd = [sys.executable, "-m", "bench.floor", "--serve", str(port)]
+        if args.journal:
+            cmd += ["--journal-file", str(workdir / f"journal-{n}")]
+        children.append(subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                         cwd=Path(__file__).resolve().parent.parent))
+
+    def cpu() -> tuple[float, float]:
+        split = [procs.group_cpu_split(c.pid) for c in children]
+        return sum(u for u, _ in split), sum(s for _, s in split)
+
     try:
         if not servers.wait_until(lambda: servers.greeting(port) is not None, 10):
             raise servers.BenchError("the responder does not greet")
-        user0, sys0 = procs.group_cpu_split(child.pid)
+        # Every process listens before the load starts.
+        time.sleep(1.0 if args.processes > 1 else 0.0)
+        user0, sys0 = cpu()
         start = time.monotonic()
         load = subprocess.run([tools["smtp-source"], "-M", "bench.test", "-f",
                                "bench@client.test", "-t", "sink@sink.test", "-s",
@@ -154,13 +173,14 @@ def measure(args: argparse.Namespace) -> int:
         if load.returncode != 0:
             raise servers.BenchError(f"smtp-source exited with {load.returncode}")
         elapsed = time.monotonic() - start
-        user1, sys1 = procs.group_cpu_split(child.pid)
+        user1, sys1 = cpu()
     finally:
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        for child in children:
+            os.killpg(child.pid, signal.SIGTERM)
+            child.wait(10)
     per_k = 1000 / args.count
-    print(f"floor responder ({'journal, fdatasync per batch' if args.journal else 'no journal'}), "
+    print(f"floor responder ({'journal, fdatasync per batch' if args.journal else 'no journal'}"
+          f"{f', {args.processes} processes' if args.processes > 1 else ''}), "
           f"{args.size} B x {args.count}, {args.sessions} sessions: "
           f"{args.count / elapsed:.0f} msg/s; CPU per 1,000 messages "
           f"{(user1 - user0) * per_k:.2f} s user + {(sys1 - sys0) * per_k:.2f} s system")
@@ -174,6 +194,10 @@ def main() -> int:
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--no-journal", dest="journal", action="store_false",
                    help="answer 250 at once (no file, no fsync)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="responders on the same port (SO_REUSEPORT), each with its own journal")
+    p.add_argument("--disk", choices=("image", "tmp"), default="image",
+                   help="where the journal is written (as bench.compare --disk)")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--journal-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
