@@ -25,10 +25,9 @@ with a journal of its own.
 The journal is written where ``make bench`` has its servers write (``--disk
 image``, the loop-mounted ext4 image of bench/disk.py), so that its rate
 can be set beside Postfix's in a bench report; ``--disk tmp`` writes in
-``$TMPDIR``, as runs before 2026-11-28 07:00 UTC did.  It prints
-messages/s and the responder's CPU per 1,000 messages, split into user and
-system time, as the bench's report does.  Loopback only:
-the responder binds 127.0.0.1 on a port the kernel picks.
+``$TMPDIR``, as earlier runs did.  It prints messages/s and the
+responder's CPU per 1,000 messages, split into user and system time, as
+the bench's report does.  Loopback only: the responder binds 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -128,13 +127,15 @@ class Responder(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
 
-async def serve(port: int, journal: Path | None) -> None:
+async def serve(port: int, journal: Path | None, ready: Path | None) -> None:
     loop = asyncio.get_running_loop()
     if journal is not None:
         Responder.journal = Journal(journal, loop)
     # reuse_port: with --processes, each process listens on the same port
     # and the kernel spreads the connections.
     server = await loop.create_server(Responder, HOST, port, backlog=1024, reuse_port=True)
+    if ready is not None:
+        ready.touch()
     await server.serve_forever()
 
 
@@ -147,8 +148,10 @@ def measure(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace, tools: dict[str, str], port: int, workdir: Path) -> int:
     children = []
+    ready = [workdir / f"ready-{n}" for n in range(args.processes)]
     for n in range(args.processes):
-        cmd = [sys.executable, "-m", "bench.floor", "--serve", str(port)]
+        cmd = [sys.executable, "-m", "bench.floor", "--serve", str(port),
+               "--ready-file", str(ready[n])]
         if args.journal:
             cmd += ["--journal-file", str(workdir / f"journal-{n}")]
         children.append(subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
@@ -159,10 +162,9 @@ def run(args: argparse.Namespace, tools: dict[str, str], port: int, workdir: Pat
         return sum(u for u, _ in split), sum(s for _, s in split)
 
     try:
-        if not servers.wait_until(lambda: servers.greeting(port) is not None, 10):
-            raise servers.BenchError("the responder does not greet")
         # Every process listens before the load starts.
-        time.sleep(1.0 if args.processes > 1 else 0.0)
+        if not servers.wait_until(lambda: all(r.exists() for r in ready), 10):
+            raise servers.BenchError("the responder does not listen")
         user0, sys0 = cpu()
         start = time.monotonic()
         load = subprocess.run([tools["smtp-source"], "-M", "bench.test", "-f",
@@ -200,11 +202,12 @@ def main() -> int:
                    help="where the journal is written (as bench.compare --disk)")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--journal-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve is not None:
         import uvloop
 
-        uvloop.run(serve(args.serve, args.journal_file))
+        uvloop.run(serve(args.serve, args.journal_file, args.ready_file))
         return 0
     try:
         return measure(args)
